@@ -1,0 +1,372 @@
+"""Language models with a scalar value head: the policy and critic that PPO trains together.
+
+:class:`AutoModelForCausalLMWithValueHead` and :class:`AutoModelForSeq2SeqLMWithValueHead` wrap a
+Hugging Face language model and add :class:`ValueHead`, a dropout + linear map from the last hidden
+state to one value per token. ``save_pretrained`` writes the language model as a plain Hugging Face
+directory (``AutoModelForCausalLM.from_pretrained`` loads it) plus ``value_head.safetensors``;
+``from_pretrained`` reads that layout and TRL's, where the ``v_head.summary.*`` tensors sit inside the
+model's own weight files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
+from transformers.utils import cached_file
+
+from rlhf_cli.errors import ModelLoadError
+from rlhf_cli.hub import check_loadable, hub_failure_message
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_WEIGHT = "v_head.summary.weight"
+VALUE_HEAD_BIAS = "v_head.summary.bias"
+_VALUE_HEAD_KEYS = (VALUE_HEAD_WEIGHT, VALUE_HEAD_BIAS)
+# Keyword arguments of from_pretrained that configure the value head, not the language model.
+_HEAD_KWARGS = ("summary_dropout_prob", "v_head_init_strategy", "v_head_initializer_range")
+# Keyword arguments of from_pretrained that also say where to find the value head file.
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+# TRL-format checkpoints keep the value head inside the model's weight files; searched in this order
+# (transformers prefers safetensors, so that is the file whose tensors were loaded).
+_WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_seq2seq_config(config: PretrainedConfig) -> bool:
+    """Whether ``config`` describes an encoder-decoder model (T5, BART) rather than a decoder-only one."""
+    return bool(config.is_encoder_decoder)
+
+
+def hidden_size_of(config: PretrainedConfig) -> int:
+    """Width of the decoder's last hidden state: ``hidden_size``, GPT-2's ``n_embd`` or T5's ``d_model``.
+
+    Composite (multimodal) configs are read through their text config.
+    """
+    text_config = config.get_text_config(decoder=True)
+    # Configs share no common field for this width; most map ``hidden_size`` onto their own name.
+    for name in ("hidden_size", "n_embd", "d_model"):
+        size = getattr(text_config, name, None)
+        if isinstance(size, int):
+            return size
+    raise ValueError(
+        f"Cannot tell the hidden size of a {type(config).__name__}: it has none of the fields "
+        f"hidden_size, n_embd, d_model, so the value head cannot be sized."
+    )
+
+
+def _peft_model_class() -> type | None:
+    """peft's ``PeftModel`` if peft is installed (it is an optional dependency), else None."""
+    if importlib.util.find_spec("peft") is None:
+        return None
+    from peft import PeftModel
+
+    return PeftModel
+
+
+def _is_peft_model(model: object) -> bool:
+    peft_class = _peft_model_class()
+    return peft_class is not None and isinstance(model, peft_class)
+
+
+def keep_positions(tensor: Tensor, logits_to_keep: int | Tensor) -> Tensor:
+    """The positions of ``tensor`` [B, L, ...] that ``logits_to_keep`` selects, as transformers reads it.
+
+    An int k keeps the last k positions (0 keeps all); a 1-D tensor holds positions shared by the batch;
+    a 2-D integer tensor [B, K] holds positions per row; a 2-D bool mask [B, L] keeps its True
+    positions, flattened to [N, ...].
+    """
+    if isinstance(logits_to_keep, int):
+        return tensor[:, -logits_to_keep:] if logits_to_keep else tensor
+    if logits_to_keep.ndim == 1:
+        return tensor[:, logits_to_keep]
+    if logits_to_keep.dtype == torch.bool:
+        return tensor[logits_to_keep]
+    index = logits_to_keep.reshape(*logits_to_keep.shape, *([1] * (tensor.ndim - 2)))
+    return torch.take_along_dim(tensor, index, dim=1)
+
+
+def check_model_source(name: str, *, what: str, config_key: str, subfolder: str = "") -> None:
+    """Fail with one paragraph if ``name`` is neither a loadable Hub id nor a directory holding a model.
+
+    Adds to ``rlhf_cli.hub.check_loadable`` the case of an existing directory without ``config.json``,
+    which transformers reports as an unrecognised model type.
+    """
+    check_loadable(name, what=what, config_key=config_key)
+    directory = Path(name).expanduser() / subfolder
+    if directory.is_dir() and not (directory / "config.json").is_file():
+        raise ModelLoadError(
+            f"The {what} directory '{directory}' holds no config.json, so it is not a model saved with "
+            f"save_pretrained. Point {config_key}=... at the directory that contains config.json and the weights."
+        )
+
+
+class ValueHead(nn.Module):
+    """Dropout then ``Linear(hidden_size, 1)``: one scalar value per position of the last hidden state."""
+
+    def __init__(self, config: PretrainedConfig, summary_dropout_prob: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(summary_dropout_prob)
+        # Float32 whatever the language model's dtype: values are regressed onto returns and clipped to
+        # +-cliprange_value around the old values, and bfloat16 keeps only 2-3 significant digits.
+        self.summary = nn.Linear(hidden_size_of(config), 1, dtype=torch.float32)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """Hidden states [B, L, H] in any float dtype -> values [B, L] float32."""
+        # Autocast would run the matmul in half precision again; the head is tiny, so keep it exact.
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            hidden = hidden_states.to(self.summary.weight.dtype)
+            values = self.summary(self.dropout(hidden)).squeeze(-1)
+        return values.to(torch.float32)
+
+
+def init_value_head(head: ValueHead, strategy: str | None, initializer_range: float) -> None:
+    """Re-initialise ``head``: None keeps ``nn.Linear``'s default init; "normal" draws the weight from
+    N(0, initializer_range^2) and zeroes the bias."""
+    if strategy is None:
+        return
+    if strategy != "normal":
+        raise ValueError(f"v_head_init_strategy must be None or 'normal', got {strategy!r}.")
+    with torch.no_grad():
+        head.summary.weight.normal_(mean=0.0, std=initializer_range)
+        head.summary.bias.zero_()
+
+
+class PreTrainedModelWrapper(nn.Module):
+    """A Hugging Face language model (``pretrained_model``) plus a value head (``v_head``).
+
+    Subclasses fix which transformers auto class loads the model and how ``forward`` reads the last
+    hidden state. ``config`` is the language model's config.
+    """
+
+    transformers_parent_class: type = AutoModelForCausalLM
+    is_encoder_decoder: bool = False
+
+    def __init__(
+        self,
+        pretrained_model: nn.Module,
+        *,
+        summary_dropout_prob: float = 0.1,
+        v_head_init_strategy: str | None = None,
+        v_head_initializer_range: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if is_seq2seq_config(pretrained_model.config) != self.is_encoder_decoder:
+            kind, wanted, config_kind = (
+                ("a decoder-only", "AutoModelForCausalLMWithValueHead", "causal")
+                if self.is_encoder_decoder
+                else ("an encoder-decoder", "AutoModelForSeq2SeqLMWithValueHead", "seq2seq")
+            )
+            raise ValueError(
+                f"{type(self).__name__} cannot wrap {type(pretrained_model).__name__}, which is {kind} model; "
+                f"use {wanted} (model.kind={config_kind})."
+            )
+        self.pretrained_model = pretrained_model
+        self.config = pretrained_model.config
+        self.is_peft_model = _is_peft_model(pretrained_model)
+        self.v_head = ValueHead(self.config, summary_dropout_prob)
+        init_value_head(self.v_head, v_head_init_strategy, v_head_initializer_range)
+        # Beside the language model's (first) parameters, so a model loaded onto a GPU runs as is.
+        self.v_head.to(next(pretrained_model.parameters()).device)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> "PreTrainedModelWrapper":
+        """Load (or wrap) a language model and attach its saved value head, or a fresh one.
+
+        ``pretrained_model_name_or_path`` is a Hub id or local directory (str or Path), or an already
+        built ``PreTrainedModel`` / peft ``PeftModel``. ``summary_dropout_prob``, ``v_head_init_strategy``
+        and ``v_head_initializer_range`` configure the head; every other argument goes to the
+        transformers auto class's ``from_pretrained`` (``dtype``, ``trust_remote_code``, ``revision``...).
+        """
+        head_kwargs = {key: kwargs.pop(key) for key in _HEAD_KWARGS if key in kwargs}
+        source = pretrained_model_name_or_path
+        if isinstance(source, (str, os.PathLike)):
+            name = os.fspath(source)
+            model = cls(cls._load_language_model(name, model_args, kwargs), **head_kwargs)
+            head_state = read_value_head(name, **{key: kwargs[key] for key in _HUB_KWARGS if key in kwargs})
+            if head_state is not None:
+                model.v_head.load_state_dict(head_state)
+            return model
+        if isinstance(source, PreTrainedModel) or _is_peft_model(source):
+            if model_args or kwargs:
+                raise TypeError(
+                    f"from_pretrained got loading arguments {sorted(kwargs) or list(model_args)} with an already "
+                    f"built model; they only apply when loading from a name or path."
+                )
+            return cls(source, **head_kwargs)
+        raise TypeError(
+            f"pretrained_model_name_or_path must be a Hub id, a local path or a transformers PreTrainedModel, "
+            f"got {type(source).__name__}."
+        )
+
+    @classmethod
+    def _load_language_model(cls, name: str, model_args: tuple, kwargs: dict[str, Any]) -> PreTrainedModel:
+        check_model_source(name, what="policy model", config_key="model.name_or_path", subfolder=kwargs.get("subfolder", ""))
+        try:
+            return cls.transformers_parent_class.from_pretrained(name, *model_args, **kwargs)
+        except OSError as err:  # missing files, unknown repo, no network
+            raise ModelLoadError(hub_failure_message(name, what="policy model", config_key="model.name_or_path", error=err)) from err
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the language model in plain Hugging Face format and the head as ``value_head.safetensors``.
+
+        A ``state_dict`` keyword (e.g. gathered by Accelerate from a sharded model) may hold this
+        wrapper's keys (``pretrained_model.*``, ``v_head.*``); it is split between the two files.
+        """
+        state_dict = kwargs.pop("state_dict", None)
+        if state_dict is None:
+            head_state = {f"v_head.{key}": value for key, value in self.v_head.state_dict().items()}
+        else:
+            head_state = {key: value for key, value in state_dict.items() if key.startswith("v_head.")}
+            prefix = "pretrained_model."
+            kwargs["state_dict"] = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        self.pretrained_model.save_pretrained(save_directory, **kwargs)
+        if kwargs.get("is_main_process", True):
+            tensors = {key: value.detach().to("cpu").contiguous() for key, value in head_state.items()}
+            save_file(tensors, str(Path(save_directory) / VALUE_HEAD_FILE), metadata={"format": "pt"})
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The language model's ``generate`` (the value head plays no part in sampling)."""
+        return self.pretrained_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """The language model's ``gradient_checkpointing_enable``."""
+        self.pretrained_model.gradient_checkpointing_enable(**kwargs)
+
+
+class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
+    """A decoder-only language model (GPT-2, Llama, ...) with a value head on its last hidden state."""
+
+    transformers_parent_class = AutoModelForCausalLM
+    is_encoder_decoder = False
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Returns (lm_logits [B, L, V], loss or None, values [B, L] float32).
+
+        The logits keep the model's dtype: upcasting a [B, L, V] tensor costs memory the caller may
+        not need. ``logits_to_keep=k`` is passed to the model (its LM head then skips the other
+        positions) and the values cover the same last k positions.
+        """
+        outputs = self.pretrained_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            output_hidden_states=True,
+            **kwargs,
+        )
+        hidden = outputs.hidden_states[-1]
+        if "logits_to_keep" in kwargs:
+            hidden = keep_positions(hidden, kwargs["logits_to_keep"])
+        return outputs.logits, outputs.loss, self.v_head(hidden)
+
+
+class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
+    """An encoder-decoder language model (T5, BART, ...) with a value head on the decoder's last hidden state."""
+
+    transformers_parent_class = AutoModelForSeq2SeqLM
+    is_encoder_decoder = True
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: Any = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Returns (lm_logits [B, Ld, V], loss or None, values [B, Ld] float32) over decoder positions.
+
+        Seq2seq heads take no ``logits_to_keep``; if given, both outputs are sliced afterwards (the
+        full logits are still computed).
+        """
+        logits_to_keep = kwargs.pop("logits_to_keep", None)
+        outputs = self.pretrained_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            output_hidden_states=True,
+            **kwargs,
+        )
+        logits, hidden = outputs.logits, outputs.decoder_hidden_states[-1]
+        if logits_to_keep is not None:
+            logits, hidden = keep_positions(logits, logits_to_keep), keep_positions(hidden, logits_to_keep)
+        return logits, outputs.loss, self.v_head(hidden)
+
+
+def read_value_head(name: str, **hub_kwargs: Any) -> dict[str, Tensor] | None:
+    """The value head saved with model ``name`` as a ``ValueHead`` state dict, or None if it has none.
+
+    Looks for ``value_head.safetensors`` first, then for ``v_head.summary.*`` tensors inside the model's
+    weight files (TRL's layout; sharded or not, safetensors or ``.bin``). ``hub_kwargs`` (revision,
+    cache_dir, token, ...) locate files of a Hub id.
+    """
+
+    def locate(filename: str) -> str | None:
+        # Offline, a file missing from the cache counts as absent: the model itself did load from it.
+        return cached_file(
+            name,
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+
+    head_file = locate(VALUE_HEAD_FILE)
+    if head_file is not None:
+        found = _read_tensors(head_file, _VALUE_HEAD_KEYS)
+        return _as_head_state(found, head_file, required=True)
+    for index_name in _WEIGHT_INDEX_FILES:
+        index_file = locate(index_name)
+        if index_file is None:
+            continue
+        weight_map = json.loads(Path(index_file).read_text())["weight_map"]
+        found = {}
+        for shard in sorted({weight_map[key] for key in _VALUE_HEAD_KEYS if key in weight_map}):
+            shard_file = locate(shard)
+            if shard_file is None:
+                raise ModelLoadError(f"The weight index {index_file} names the shard '{shard}', which is missing.")
+            found.update(_read_tensors(shard_file, _VALUE_HEAD_KEYS))
+        return _as_head_state(found, index_file, required=False)
+    for weights_name in _WEIGHT_FILES:
+        weights_file = locate(weights_name)
+        if weights_file is not None:
+            return _as_head_state(_read_tensors(weights_file, _VALUE_HEAD_KEYS), weights_file, required=False)
+    return None
+
+
+def _read_tensors(path: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """Those of ``keys`` present in a safetensors or torch weight file (``.bin`` via weights_only loading)."""
+    if path.endswith(".safetensors"):
+        # Reads only the header and the requested tensors, not the whole model.
+        with safe_open(path, framework="pt") as weights:
+            return {key: weights.get_tensor(key) for key in keys if key in weights.keys()}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: state[key] for key in keys if key in state}
+
+
+def _as_head_state(found: dict[str, Tensor], source: str, *, required: bool) -> dict[str, Tensor] | None:
+    if not found and not required:
+        return None
+    missing = [key for key in _VALUE_HEAD_KEYS if key not in found]
+    if missing:
+        raise ModelLoadError(
+            f"The value head in {source} is incomplete: {', '.join(missing)} is missing. Re-save the model "
+            f"with save_pretrained, or delete the value head tensors to start from a fresh head."
+        )
+    return {"summary.weight": found[VALUE_HEAD_WEIGHT], "summary.bias": found[VALUE_HEAD_BIAS]}

@@ -1,0 +1,93 @@
+"""Running a (value-head) model over a packed batch and reading the response-aligned outputs.
+
+The model is any module that takes the packed inputs and returns ``(logits, loss, values)``
+like the value-head wrappers. Outputs are sliced to response-aligned [B, T] (logits [B, T, V]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rlhf_cli.ppo.functional import full_kl, logprobs_from_logits
+from rlhf_cli.rollout.packing import PackedBatch
+
+
+class ResponseOutputs(NamedTuple):
+    """Model outputs at the positions that predict each response token.
+
+    logits [B, T, V] (None once reduced), logprobs [B, T] of the response tokens, values [B, T].
+    """
+
+    logits: Tensor
+    logprobs: Tensor
+    values: Tensor
+
+
+def response_outputs(model: nn.Module, batch: PackedBatch) -> ResponseOutputs:
+    """One forward pass of ``model`` over ``batch``, sliced to the response positions."""
+    width_t = batch.response_width
+    if batch.is_encoder_decoder:
+        logits, _, values = model(**batch.model_inputs())
+    else:
+        # Only the last T + 1 positions predict response tokens (or the token after the last
+        # one, dropped below): skipping the LM head over the query saves a [B, Lq, V] matmul.
+        logits, _, values = model(**batch.model_inputs(), logits_to_keep=width_t + 1)
+        logits, values = logits[:, :-1], values[:, :-1]
+    logprobs = logprobs_from_logits(logits, batch.response_ids)
+    return ResponseOutputs(logits=logits, logprobs=logprobs, values=values.float())
+
+
+def _as_context(reference: nn.Module | Callable[[], ContextManager[nn.Module]]) -> ContextManager[nn.Module]:
+    return contextlib.nullcontext(reference) if isinstance(reference, nn.Module) else reference()
+
+
+class RolloutScores(NamedTuple):
+    """No-gradient quantities of a whole batch, response-aligned [B, T]."""
+
+    logprobs: Tensor
+    values: Tensor
+    ref_logprobs: Tensor
+    full_kl: Tensor | None
+
+
+@torch.no_grad()
+def score_rollout(
+    policy: nn.Module,
+    reference: nn.Module | Callable[[], ContextManager[nn.Module]],
+    batch: PackedBatch,
+    *,
+    chunk_size: int,
+    need_full_kl: bool,
+) -> RolloutScores:
+    """Old logprobs and values from the policy and logprobs from the reference, in chunks.
+
+    ``reference`` is a module, or a function returning a context that yields one (a PEFT policy
+    with its adapter disabled: the policy pass must run outside that context).
+    One forward pass each per chunk. The full-vocabulary KL (``kl_penalty="full"``) needs both
+    models' logits at once; computing it per chunk keeps only [chunk, T, V] alive at a time.
+    """
+    parts: list[RolloutScores] = []
+    for start in range(0, batch.batch_size, chunk_size):
+        rows = list(range(start, min(start + chunk_size, batch.batch_size)))
+        chunk = batch if len(rows) == batch.batch_size else batch.select(rows)
+        pol = response_outputs(policy, chunk)
+        with _as_context(reference) as ref_model:
+            ref = response_outputs(ref_model, chunk)
+        kl = full_kl(pol.logits, ref.logits) if need_full_kl else None
+        parts.append(RolloutScores(pol.logprobs, pol.values, ref.logprobs, kl))
+    width = batch.response_width
+
+    def cat(tensors: list[Tensor]) -> Tensor:
+        # Chunks are trimmed to their own longest response: pad back to the batch width.
+        return torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors], dim=0)
+
+    return RolloutScores(
+        logprobs=cat([p.logprobs for p in parts]),
+        values=cat([p.values for p in parts]),
+        ref_logprobs=cat([p.ref_logprobs for p in parts]),
+        full_kl=cat([p.full_kl for p in parts]) if need_full_kl else None,
+    )

@@ -1,0 +1,131 @@
+"""Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (DESIGN §7).
+
+Inside the trainer everything stays a tensor on the device; :func:`flatten_step_stats` makes the
+one host transfer per step and returns plain floats (and a few numpy arrays for histograms).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class MiniBatchStats(NamedTuple):
+    """0-d tensors of one optimisation mini-batch (detached)."""
+
+    policy_loss: Tensor
+    value_loss: Tensor
+    total_loss: Tensor
+    entropy: Tensor
+    approxkl: Tensor
+    policykl: Tensor
+    clipfrac: Tensor
+    advantages_mean: Tensor
+    ratio: Tensor
+    returns_mean: Tensor
+    returns_var: Tensor
+    vpred: Tensor
+    val_error: Tensor
+    val_clipfrac: Tensor
+    val_mean: Tensor
+    val_var: Tensor
+    skipped: Tensor  # 1.0 when the ratio threshold zeroed this mini-batch's loss
+
+
+_TRAIN_NAMES = {
+    "policy_loss": "ppo/loss/policy",
+    "value_loss": "ppo/loss/value",
+    "total_loss": "ppo/loss/total",
+    "entropy": "ppo/policy/entropy",
+    "approxkl": "ppo/policy/approxkl",
+    "policykl": "ppo/policy/policykl",
+    "clipfrac": "ppo/policy/clipfrac",
+    "advantages_mean": "ppo/policy/advantages_mean",
+    "ratio": "ppo/policy/ratio",
+    "returns_mean": "ppo/returns/mean",
+    "returns_var": "ppo/returns/var",
+    "vpred": "ppo/val/vpred",
+    "val_error": "ppo/val/error",
+    "val_clipfrac": "ppo/val/clipfrac",
+    "val_mean": "ppo/val/mean",
+    "val_var": "ppo/val/var",
+}
+
+
+class RolloutStats(NamedTuple):
+    """Per-step quantities of the whole (global) batch."""
+
+    kl_per_sample: Tensor  # [B] summed per-token KL of each sample
+    neg_logprob_sum: Tensor  # [B] summed -logprob of each sample (sampled-token entropy estimate)
+    mean_non_score_reward: Tensor  # 0-d
+    scores: Tensor  # [B] processed scores, as used in the reward
+    query_lengths: Tensor  # [B]
+    response_lengths: Tensor  # [B]
+    logprobs: Tensor  # [b, T] this process's logprobs (for histograms)
+    ref_logprobs: Tensor  # [b, T]
+
+
+def flatten_step_stats(
+    rollout: RolloutStats,
+    minibatches: Sequence[MiniBatchStats],
+    *,
+    kl_coef: float,
+    learning_rate: float,
+    timings: dict[str, float],
+) -> dict[str, float | np.ndarray]:
+    """Legacy TRL's stats dict: objective/*, ppo/*, tokens/*, time/ppo/*."""
+    # One host transfer for all mini-batch scalars: [num_minibatches, num_fields].
+    table = torch.stack([torch.stack([t.float() for t in mb]) for mb in minibatches]).cpu()
+    means = table.mean(dim=0)
+    fields = MiniBatchStats._fields
+    stats: dict[str, float | np.ndarray] = {}
+
+    kl = rollout.kl_per_sample.float().cpu()
+    scores = rollout.scores.float().cpu()
+    qlen = rollout.query_lengths.float().cpu()
+    rlen = rollout.response_lengths.float().cpu()
+    stats["objective/kl"] = float(kl.mean())
+    stats["objective/kl_dist"] = kl.numpy()
+    stats["objective/logprobs"] = rollout.logprobs.float().cpu().numpy()
+    stats["objective/ref_logprobs"] = rollout.ref_logprobs.float().cpu().numpy()
+    stats["objective/kl_coef"] = float(kl_coef)
+    stats["objective/entropy"] = float(rollout.neg_logprob_sum.float().cpu().mean())
+    stats["ppo/mean_non_score_reward"] = float(rollout.mean_non_score_reward.cpu())
+    stats["ppo/mean_scores"] = float(scores.mean())
+    stats["ppo/std_scores"] = float(scores.std()) if scores.numel() > 1 else 0.0
+    stats["tokens/queries_len_mean"] = float(qlen.mean())
+    stats["tokens/queries_len_std"] = float(qlen.std()) if qlen.numel() > 1 else 0.0
+    stats["tokens/responses_len_mean"] = float(rlen.mean())
+    stats["tokens/responses_len_std"] = float(rlen.std()) if rlen.numel() > 1 else 0.0
+    for index, field in enumerate(fields):
+        if field in _TRAIN_NAMES:
+            stats[_TRAIN_NAMES[field]] = float(means[index])
+    returns_var = stats["ppo/returns/var"]
+    stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / returns_var if returns_var > 0 else 0.0
+    stats["ppo/skipped_minibatches"] = float(table[:, fields.index("skipped")].sum())
+    stats["ppo/minibatches"] = float(table.shape[0])
+    stats["ppo/learning_rate"] = float(learning_rate)
+    for name, seconds in timings.items():
+        stats[f"time/ppo/{name}"] = float(seconds)
+    return stats
+
+
+def scalar_stats(stats: dict[str, object]) -> dict[str, float]:
+    """The scalar entries of a stats dict (what trackers and metrics.jsonl take)."""
+    return {
+        key: float(value)
+        for key, value in stats.items()
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    }
+
+
+def reward_stats(rewards: Tensor) -> dict[str, float]:
+    """``env/reward_mean`` and ``env/reward_std`` of the (gathered) rewards of a step."""
+    rewards = rewards.float().cpu()
+    return {
+        "env/reward_mean": float(rewards.mean()),
+        "env/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+    }

@@ -1,0 +1,437 @@
+"""PPOTrainer: legacy TRL's ``step(queries, responses, scores)`` API on Accelerate.
+
+The trainer orchestrates; the math lives in :mod:`rlhf_cli.ppo.functional`. One ``step`` runs
+DESIGN §4 stage 4: (a) score processing, (b) packing, (c) one no-gradient pass each of policy and
+reference, (d) per-token rewards and GAE, (e) PPO epochs over shuffled mini-batches, (f) stats and
+the KL controller update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from torch import Tensor, nn
+
+from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model, disable_dropout
+from rlhf_cli.ppo.config import PPOConfig
+from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
+from rlhf_cli.ppo.functional import (
+    Advantages,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    per_token_rewards,
+    policy_loss,
+    process_scores,
+    ratio_guard,
+    value_loss,
+)
+from rlhf_cli.ppo.inputs import check_step_inputs
+from rlhf_cli.ppo.kl_control import make_kl_controller
+from rlhf_cli.ppo.running_moments import RunningMoments
+from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats, reward_stats, scalar_stats
+from rlhf_cli.rollout.generation import generate_responses
+from rlhf_cli.rollout.packing import PackedBatch, pack_batch
+from rlhf_cli.seeding import set_seed
+
+
+def _default_collator(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Keep each column as a list (queries have different lengths)."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+class _Timer:
+    """Wall-clock seconds per named phase of a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class PPOTrainer:
+    """PPO for a language model with a value head, kept near a frozen reference by a KL penalty.
+
+    ``config.batch_size`` (query, response, score) triplets go into each :meth:`step` on each
+    process. ``ref_model=None`` makes a frozen copy of ``model`` (sharing its first
+    ``num_shared_layers`` layers), or, for a PEFT model, uses the policy with its adapter disabled.
+    """
+
+    def __init__(
+        self,
+        config: Optional[PPOConfig] = None,
+        model: Optional[PreTrainedModelWrapper] = None,
+        ref_model: Optional[PreTrainedModelWrapper] = None,
+        tokenizer: Any = None,
+        dataset: Any = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        data_collator: Optional[Callable] = None,
+        num_shared_layers: Optional[int] = None,
+        lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    ) -> None:
+        self.config = config if config is not None else PPOConfig()
+        if not isinstance(self.config, PPOConfig):
+            raise TypeError(f"config must be a PPOConfig, got {type(self.config).__name__}.")
+        if not isinstance(model, PreTrainedModelWrapper):
+            raise TypeError(
+                "model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead "
+                f"(got {type(model).__name__}); wrap a transformers model with "
+                "AutoModelForCausalLMWithValueHead.from_pretrained(model)."
+            )
+        if ref_model is not None and not isinstance(ref_model, PreTrainedModelWrapper):
+            raise TypeError(f"ref_model must be a value-head model like model, or None; got {type(ref_model).__name__}.")
+        if ref_model is not None and num_shared_layers is not None:
+            raise ValueError("Pass either ref_model or num_shared_layers (which builds the reference), not both.")
+
+        self.accelerator = Accelerator(
+            log_with=self.config.log_with,
+            gradient_accumulation_steps=self.config.gradient_accumulation_steps,
+            project_config=ProjectConfiguration(**self.config.project_kwargs),
+            **self.config.accelerator_kwargs,
+        )
+        set_seed(self.config.seed)
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = model.is_encoder_decoder
+        self.is_peft_model = model.is_peft_model
+
+        # The reference: an explicit model, the adapter-less policy (PEFT), or a frozen copy.
+        if ref_model is None and not self.is_peft_model:
+            ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
+        if self.config.disable_dropout:
+            disable_dropout(model)
+            if ref_model is not None:
+                disable_dropout(ref_model)
+
+        if optimizer is None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.Adam(
+                trainable, lr=self.config.learning_rate, eps=self.config.adam_eps, weight_decay=self.config.weight_decay
+            )
+        self.dataloader = None
+        if dataset is not None:
+            generator = torch.Generator().manual_seed(self.config.seed)
+            self.dataloader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=self.config.batch_size,
+                shuffle=True,
+                drop_last=True,
+                generator=generator,
+                collate_fn=data_collator or _default_collator,
+            )
+        prepared = self.accelerator.prepare(model, optimizer, *( [self.dataloader] if self.dataloader else []))
+        self.model, self.optimizer = prepared[0], prepared[1]
+        if self.dataloader is not None:
+            self.dataloader = prepared[2]
+        self.lr_scheduler = lr_scheduler
+        self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
+
+        self.kl_ctl = make_kl_controller(
+            self.config.adap_kl_ctrl, self.config.init_kl_coef, self.config.target, self.config.horizon
+        )
+        self.running = RunningMoments() if self.config.use_score_scaling else None
+        # Mini-batch order comes from the trainer's own seeded generator, not the global RNG, so
+        # generation sampling and shuffling do not perturb each other.
+        self.shuffle_generator = torch.Generator().manual_seed(self.config.seed)
+        self.current_step = 0
+        if self.accelerator.is_main_process and self.config.log_with is not None:
+            self.accelerator.init_trackers(
+                self.config.tracker_project_name, config=self.config.to_dict(), init_kwargs=self.config.tracker_kwargs
+            )
+
+    # Token ids ---------------------------------------------------------------------------------
+    @property
+    def _unwrapped(self) -> PreTrainedModelWrapper:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def pad_token_id(self) -> int:
+        """Padding id: the tokenizer's pad, else its EOS, else the model config's; any id is safe
+        because padded positions are masked out of attention and of every loss."""
+        for source in (self.tokenizer, self._unwrapped.config):
+            for name in ("pad_token_id", "eos_token_id"):
+                value = getattr(source, name, None) if source is not None else None
+                if isinstance(value, int):
+                    return value
+        return 0
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        return getattr(self._unwrapped.config, "eos_token_id", None)
+
+    # Reference model ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reference_context(self) -> Iterator[nn.Module]:
+        """The module that computes reference logprobs: the frozen model, or the policy with its
+        PEFT adapter disabled (no second copy of the weights)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        with self._unwrapped.pretrained_model.disable_adapter():
+            yield self.model
+
+    # Generation --------------------------------------------------------------------------------
+    def generate(
+        self,
+        query_tensor: Tensor | list[Tensor],
+        length_sampler: Optional[Callable[[], int]] = None,
+        batch_size: int = 4,
+        return_prompt: bool = True,
+        remove_padding: bool = True,
+        **generation_kwargs: Any,
+    ) -> Tensor | list[Tensor]:
+        """Generate from one query (1-D tensor -> 2-D [1, L] tensor) or a list of queries (-> list).
+
+        A list is generated in left-padded batches of ``batch_size``; each response is cut after
+        its first EOS when ``remove_padding``. ``length_sampler`` draws ``max_new_tokens`` per query.
+        """
+        generation_kwargs = dict(generation_kwargs)
+        single = isinstance(query_tensor, Tensor)
+        queries = [query_tensor] if single else list(query_tensor)
+        if single and query_tensor.dim() != 1:
+            raise ValueError(f"query_tensor must be 1-D token ids (or a list of them), got shape {tuple(query_tensor.shape)}.")
+        default_budget = generation_kwargs.pop("max_new_tokens", None) or 20
+        budgets = [length_sampler() for _ in queries] if length_sampler is not None else default_budget
+        responses = generate_responses(
+            self._unwrapped,
+            queries,
+            max_new_tokens=budgets,
+            pad_token_id=generation_kwargs.pop("pad_token_id", self.pad_token_id),
+            eos_token_id=self.eos_token_id,
+            is_encoder_decoder=self.is_encoder_decoder,
+            batch_size=1 if single else batch_size,
+            device=self.accelerator.device,
+            stop_at_eos=remove_padding,
+            **generation_kwargs,
+        )
+        if return_prompt and not self.is_encoder_decoder:
+            responses = [torch.cat([q.cpu(), r]) for q, r in zip(queries, responses)]
+        return responses[0].unsqueeze(0) if single else responses
+
+    # The step ----------------------------------------------------------------------------------
+    def step(
+        self,
+        queries: list[Tensor],
+        responses: list[Tensor],
+        scores: list[Tensor] | list[float] | Tensor,
+        response_masks: Optional[list[Tensor]] = None,
+    ) -> dict[str, Any]:
+        """One PPO step on ``config.batch_size`` samples; returns legacy TRL's stats dict (DESIGN §7)."""
+        timer = _Timer()
+        step_start = time.perf_counter()
+        queries, responses, scores, response_masks = check_step_inputs(
+            queries, responses, scores, response_masks, self.config.batch_size
+        )
+        device = self.accelerator.device
+
+        # (a) Score scaling/normalisation/clipping; the running moments see every process's scores.
+        scores = scores.to(device)
+        gathered = self.accelerator.gather(scores) if self.running is not None else None
+        scores = process_scores(
+            scores,
+            running=self.running,
+            gathered=gathered,
+            use_score_norm=self.config.use_score_norm,
+            score_clip=self.config.score_clip,
+        )
+
+        # (b) Pack into response-aligned model inputs.
+        decoder_start = getattr(self._unwrapped.config, "decoder_start_token_id", None) if self.is_encoder_decoder else None
+        batch = pack_batch(
+            queries,
+            responses,
+            pad_token_id=self.pad_token_id,
+            is_encoder_decoder=self.is_encoder_decoder,
+            decoder_start_token_id=decoder_start,
+            response_masks=response_masks,
+            device=device,
+        )
+        mask = batch.response_mask
+
+        # (c) Old logprobs and values (policy) and reference logprobs: one no-gradient pass each.
+        with timer("forward_pass"):
+            rollout = score_rollout(
+                self.model,
+                self.reference_context,
+                batch,
+                chunk_size=self.config.forward_batch_size or batch.batch_size,
+                need_full_kl=self.config.kl_penalty == "full",
+            )
+
+        # (d) Per-token rewards (−β·KL, score on the last token) and GAE advantages.
+        kl_coef = self.kl_ctl.value
+        with timer("compute_rewards"):
+            kl = rollout.full_kl if rollout.full_kl is not None else kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.config.kl_penalty)
+            reward_terms = per_token_rewards(scores, kl, mask, kl_coef)
+        with timer("compute_advantages"):
+            advantages = gae(
+                rollout.values, reward_terms.rewards, mask, self.config.gamma, self.config.lam, self.config.whiten_rewards
+            )
+
+        # (e) PPO epochs over shuffled mini-batches.
+        with timer("optimize_step"):
+            minibatch_stats = self._optimise(batch, rollout, advantages)
+
+        # (f) Stats over the global batch, then the KL controller and scheduler.
+        with timer("calc_stats"):
+            rollout_stats = self._rollout_stats(batch, rollout, kl, reward_terms.non_score_rewards, scores)
+            timer.seconds["total"] = time.perf_counter() - step_start
+            stats = flatten_step_stats(
+                rollout_stats,
+                minibatch_stats,
+                kl_coef=kl_coef,
+                learning_rate=self.optimizer.param_groups[0]["lr"],
+                timings=timer.seconds,
+            )
+            stats = self._average_across_processes(stats)
+        if stats["ppo/skipped_minibatches"] > 0:
+            warnings.warn(
+                f"The mean probability ratio exceeded ratio_threshold={self.config.ratio_threshold} in "
+                f"{int(stats['ppo/skipped_minibatches'])} mini-batch(es) of step {self.current_step}; their loss was zeroed.",
+                stacklevel=2,
+            )
+        self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.accelerator.num_processes)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.current_step += 1
+        return stats
+
+    def _optimise(self, batch: PackedBatch, rollout: RolloutScores, advantages: Advantages) -> list[MiniBatchStats]:
+        cfg = self.config
+        self.model.train()
+        collected: list[MiniBatchStats] = []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(batch.batch_size, generator=self.shuffle_generator)
+            epoch_policykl = []
+            for start in range(0, batch.batch_size, cfg.mini_batch_size):
+                rows = order[start : start + cfg.mini_batch_size]
+                stats = self._train_minibatch(batch, rows, rollout, advantages)
+                collected.append(stats)
+                epoch_policykl.append(stats.policykl)
+            if cfg.early_stopping and self._should_stop_early(torch.stack(epoch_policykl).mean()):
+                break
+        return collected
+
+    def _train_minibatch(
+        self, batch: PackedBatch, rows: Tensor, rollout: RolloutScores, advantages: Advantages
+    ) -> MiniBatchStats:
+        cfg = self.config
+        mb = batch.select(rows)
+        width = mb.response_width
+        index = rows.to(mb.response_ids.device)
+
+        def take(t: Tensor) -> Tensor:
+            return t[index, :width]
+
+        mask = mb.response_mask
+        old_logprobs, old_values = take(rollout.logprobs), take(rollout.values)
+        mb_advantages, mb_returns = take(advantages.advantages), take(advantages.returns)
+        with self.accelerator.accumulate(self.model):
+            out = response_outputs(self.model, mb)
+            pl = policy_loss(out.logprobs, old_logprobs, mb_advantages, mask, cfg.cliprange)
+            vl = value_loss(out.values, old_values, mb_returns, mask, cfg.cliprange_value)
+            ratio_mean = self._mean_across_processes(pl.ratio_mean.detach())
+            loss = ratio_guard(pl.loss + cfg.vf_coef * vl.loss, ratio_mean, cfg.ratio_threshold)
+            self.accelerator.backward(loss)
+            if cfg.max_grad_norm is not None and self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        skipped = (ratio_mean > cfg.ratio_threshold).float()
+        keep = 1.0 - skipped  # legacy TRL reports zero losses for a skipped mini-batch
+        with torch.no_grad():
+            return MiniBatchStats(
+                policy_loss=pl.loss.detach() * keep,
+                value_loss=vl.loss.detach() * keep,
+                total_loss=loss.detach(),
+                entropy=masked_mean(entropy_from_logits(out.logits.detach()), mask),
+                approxkl=pl.approxkl,
+                policykl=pl.policykl,
+                clipfrac=pl.clipfrac,
+                advantages_mean=masked_mean(mb_advantages, mask),
+                ratio=pl.ratio_mean,
+                returns_mean=masked_mean(mb_returns, mask),
+                returns_var=masked_var(mb_returns, mask),
+                vpred=vl.vpred_mean,
+                val_error=vl.error,
+                val_clipfrac=vl.clipfrac,
+                val_mean=masked_mean(old_values, mask),
+                val_var=masked_var(old_values, mask),
+                skipped=skipped,
+            )
+
+    def _should_stop_early(self, policykl: Tensor) -> bool:
+        """Stop the epochs when the policy moved too far (agreed across processes: one host sync)."""
+        policykl = self._mean_across_processes(policykl)
+        return bool(policykl > 1.5 * self.config.target_kl)
+
+    # Multi-process helpers ---------------------------------------------------------------------
+    def _mean_across_processes(self, value: Tensor) -> Tensor:
+        if self.accelerator.num_processes == 1:
+            return value
+        return self.accelerator.reduce(value, reduction="mean")
+
+    def _average_across_processes(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Mini-batch scalars are per-process means: average them so every rank logs the same."""
+        if self.accelerator.num_processes == 1:
+            return stats
+        keys = [k for k, v in scalar_stats(stats).items() if k.startswith(("ppo/loss", "ppo/policy", "ppo/returns", "ppo/val"))]
+        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean").cpu()
+        stats.update({k: float(v) for k, v in zip(keys, values)})
+        return stats
+
+    def _rollout_stats(
+        self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor
+    ) -> RolloutStats:
+        mask = batch.response_mask
+        gather = self.accelerator.gather
+        device = mask.device
+        non_score_sum = torch.stack([(non_score * mask).sum(), mask.sum()])
+        if self.accelerator.num_processes > 1:
+            non_score_sum = self.accelerator.reduce(non_score_sum, reduction="sum")
+        return RolloutStats(
+            kl_per_sample=gather((kl * mask).sum(dim=-1)),
+            neg_logprob_sum=gather((-rollout.logprobs * mask).sum(dim=-1)),
+            mean_non_score_reward=non_score_sum[0] / non_score_sum[1],
+            scores=gather(scores),
+            query_lengths=gather(torch.tensor(batch.query_lengths, device=device, dtype=torch.float32)),
+            response_lengths=gather(torch.tensor(batch.response_lengths, device=device, dtype=torch.float32)),
+            logprobs=rollout.logprobs,
+            ref_logprobs=rollout.ref_logprobs,
+        )
+
+    # Logging -----------------------------------------------------------------------------------
+    def log_stats(
+        self,
+        stats: dict[str, Any],
+        batch: dict[str, Any],
+        rewards: Sequence[float] | Tensor,
+        columns_to_log: Sequence[str] = ("query", "response"),
+    ) -> None:
+        """Send the step's scalar stats, reward mean/std and a sample table to the trackers."""
+        rewards = torch.as_tensor([float(r) for r in rewards], dtype=torch.float32, device=self.accelerator.device)
+        rewards = self.accelerator.gather(rewards).cpu()
+        logs = {**scalar_stats(stats), **reward_stats(rewards)}
+        if self.config.log_with is None or not self.accelerator.is_main_process:
+            return
+        columns = [c for c in columns_to_log if c in batch]
+        if columns:
+            header = "| " + " | ".join([*columns, "reward"]) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
+            rows = zip(*[batch[c] for c in columns], rewards.tolist())
+            body = "".join("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |\n" for row in rows)
+            logs["game_log"] = header + body
+        self.accelerator.log(logs, step=self.current_step)

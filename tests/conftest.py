@@ -1,0 +1,33 @@
+"""Test-wide settings: never touch the network, keep caches in a throwaway directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Set before anything imports huggingface_hub/transformers/datasets.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("RLHF_CLI_CACHE", tempfile.mkdtemp(prefix="rlhf-cli-test-cache-"))
+
+import pytest  # noqa: E402
+
+from tests.tiny import make_tiny_gpt2, make_word_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A small word-level tokenizer (no download): <pad>=0, <eos>=1, <unk>=2, then words."""
+    return make_word_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, word_tokenizer):
+    """A directory holding a tiny random GPT-2 and its tokenizer, as save_pretrained writes them."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    model = make_tiny_gpt2(word_tokenizer)
+    model.save_pretrained(path)
+    word_tokenizer.save_pretrained(path)
+    return path
