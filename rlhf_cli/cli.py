@@ -1,0 +1,277 @@
+"""The ``rlhf`` command: subcommand dispatch, ``rlhf train`` (a Hydra app) and ``rlhf recipes``.
+
+Nothing heavy is imported at module level: ``rlhf --help`` and ``rlhf recipes`` never import torch,
+and Hydra is imported only by ``rlhf train``. The training engine is imported inside the Hydra task.
+
+``rlhf train`` first composes and validates the config of every job itself (cheap), so that a user
+mistake prints one paragraph of ours (exit code 2) instead of Hydra's report, and only then hands the
+command line to a ``hydra.main`` app, which keeps every Hydra flag working (--cfg, --help, -m, --info,
+hydra.run.dir=...).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import argparse
+
+    from omegaconf import DictConfig
+
+PROG = "rlhf"
+
+
+def print_error(message: object, *, prefix: str = "Error:") -> None:
+    """One paragraph on stderr, with a red prefix; rich must not hard-wrap it or read it as markup."""
+    from rich.console import Console
+    from rich.text import Text
+
+    text = Text(f"{prefix} ", style="bold red")
+    text.append(" ".join(str(message).split()))
+    Console(stderr=True).print(text, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rlhf train
+# ---------------------------------------------------------------------------------------------------
+
+# Flags of Hydra's argument parser, in the form they are given back to hydra.main.
+_SWITCHES = {"help": "--help", "hydra_help": "--hydra-help", "resolve": "--resolve", "run": "--run",
+             "multirun": "--multirun", "shell_completion": "--shell-completion"}
+_VALUED = {"cfg": "--cfg", "package": "--package", "config_name": "--config-name", "config_dir": "--config-dir",
+           "experimental_rerun": "--experimental-rerun", "info": "--info"}
+
+
+def _hydra_argv(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
+    """The command line hydra.main will parse (``--config-path`` is passed to hydra.main instead)."""
+    argv = [flag for name, flag in _SWITCHES.items() if getattr(args, name)]
+    argv += [f"{flag}={getattr(args, name)}" for name, flag in _VALUED.items() if getattr(args, name) is not None]
+    return argv + list(overrides)
+
+
+def _hydra_only(args: argparse.Namespace) -> bool:
+    """Modes that print Hydra's own information and never run a job: no pre-validation."""
+    return bool(args.hydra_help or args.shell_completion or args.info or args.experimental_rerun)
+
+
+@contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    """hydra.main reads sys.argv; give it ours for the duration of the call."""
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _job_label() -> str:
+    """'Job 1 (seed=2): ' inside a multirun job, '' otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return ""
+    return f"Job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): "
+
+
+def _make_task(failures: list[int]) -> Callable[[DictConfig], None]:
+    """The Hydra task of ``rlhf train``. User errors are printed and recorded in ``failures``, so a
+    sweep goes on with its other jobs and the command still exits non-zero; other exceptions propagate
+    to Hydra, which prints their traceback."""
+    from rlhf_cli.config.compose import finalize
+    from rlhf_cli.errors import RlhfError
+
+    def train(cfg: DictConfig) -> None:
+        try:
+            cfg = finalize(cfg)
+            from rlhf_cli.engine.train import run_training
+
+            run_training(cfg)
+        except RlhfError as err:
+            failures.append(err.exit_code)
+            print_error(_job_label() + str(err))
+
+    return train
+
+
+def _print_job_configs(args: argparse.Namespace, jobs: list[tuple[list[str], Any]]) -> None:
+    """``--cfg job|hydra|all`` (also with ``-m``, which Hydra refuses): print each job's composed config.
+
+    Done here rather than by Hydra so that ``--resolve`` works: a job's output_dir is Hydra's runtime
+    directory, which Hydra only sets when the job runs; here it is set to the directory the job would get.
+    """
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    sweep_dir = str(jobs[0][1].hydra.sweep.dir)  # evaluated once, like Hydra does for a whole sweep
+    for number, (overrides, cfg) in enumerate(jobs):
+        if args.resolve:
+            OmegaConf.set_readonly(cfg.hydra, False)  # Hydra composes its node read-only; this copy is ours
+            with open_dict(cfg):
+                cfg.hydra.job.num = number
+                run_dir = (os.path.join(sweep_dir, str(cfg.hydra.sweep.subdir)) if args.multirun
+                           else str(cfg.hydra.run.dir))
+                cfg.hydra.runtime.output_dir = os.path.abspath(run_dir)
+            HydraConfig.instance().set_config(cfg)  # what ${hydra:...} interpolations read
+        if args.cfg == "job":
+            with open_dict(cfg):
+                del cfg["hydra"]
+        elif args.cfg == "hydra":
+            cfg = OmegaConf.create({"hydra": cfg.hydra})
+        header = f"# job {number}: {' '.join(overrides)}\n" if args.multirun else ""
+        if args.package:
+            cfg = OmegaConf.select(cfg, args.package)
+            header += f"# @package {args.package}\n"
+        text = OmegaConf.to_yaml(cfg, resolve=args.resolve) if OmegaConf.is_config(cfg) else f"{cfg}\n"
+        sys.stdout.write(header + text + ("\n" if args.multirun else ""))
+
+
+def train_command(argv: list[str]) -> int:
+    """``rlhf train [overrides] [hydra flags]``; returns the exit code."""
+    import os
+    import tempfile
+
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    from rlhf_cli.config.compose import compose_jobs, process_rank, rank_overrides, rewrite_output_dir
+    from rlhf_cli.config.paths import config_dir
+    from rlhf_cli.config.store import register_configs
+    from rlhf_cli.errors import ConfigError
+
+    parser = get_args_parser()
+    parser.prog = f"{PROG} train"
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+    rank = process_rank()
+    primary_dir = os.path.abspath(args.config_path) if args.config_path else str(config_dir())
+    with ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"rlhf-rank{rank}-")) if rank else ""
+        try:
+            overrides = rewrite_output_dir(args.overrides, multirun=args.multirun) + rank_overrides(rank, scratch)
+            if not _hydra_only(args):
+                jobs = compose_jobs(
+                    overrides,
+                    multirun=args.multirun,
+                    require_complete=not (args.cfg or args.help),
+                    config_name=args.config_name,
+                    extra_config_dir=args.config_dir,
+                    primary_dir=primary_dir,
+                )
+                if args.cfg and not args.help:
+                    _print_job_configs(args, jobs)
+                    return 0
+        except ConfigError as err:
+            if rank == 0:  # every rank finds the same mistake; say it once
+                print_error(err)
+            return err.exit_code
+        register_configs()
+        failures: list[int] = []
+        app = hydra.main(config_path=primary_dir, config_name="train", version_base="1.3")(_make_task(failures))
+        try:
+            with _argv([f"{PROG} train", *_hydra_argv(args, overrides)]):
+                app()
+        except SystemExit as stop:  # Hydra exits after --help and after reporting an error itself
+            return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return max(failures, default=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rlhf recipes
+# ---------------------------------------------------------------------------------------------------
+
+
+def recipes_command(argv: list[str]) -> int:
+    """``rlhf recipes``: a table of recipe names and their one-line descriptions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlhf_cli.config.paths import recipe_description, recipe_files
+    from rlhf_cli.errors import ConfigError
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: {PROG} recipes\n\nList the recipes usable as `{PROG} train +recipe=NAME`.")
+        return 0
+    if argv:
+        raise ConfigError(f"`{PROG} recipes` takes no arguments (got: {' '.join(argv)}).")
+    table = Table(title="Recipes: rlhf train +recipe=NAME [overrides...]", title_justify="left")
+    table.add_column("Recipe", style="bold cyan", no_wrap=True)
+    table.add_column("Description")
+    for name, path in recipe_files().items():
+        table.add_row(name, recipe_description(path))
+    Console().print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (train_command, "fine-tune a model with PPO (Hydra overrides: key=value, group=option, +recipe=NAME)"),
+    "recipes": (recipes_command, "list the recipes with a one-line description each"),
+}
+
+
+def _help_text() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        f"{PROG}: fine-tune transformer language models with PPO from a reward signal.",
+        "",
+        f"usage: {PROG} <command> [arguments...]",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()),
+        "",
+        "options:",
+        "  -h, --help  show this message",
+        "  --version   show the version",
+        "",
+        f"`{PROG} train --help` lists the config groups and every key; `{PROG} train --cfg job` prints the composed config.",
+        f"examples: {PROG} train | {PROG} train +recipe=imdb_sentiment | {PROG} train -m ppo.init_kl_coef=0.1,0.2",
+    ]
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from rlhf_cli import __version__
+
+    return f"{PROG} (rlhf-cli) {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rlhf`` console script and of ``python -m rlhf_cli``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_help_text())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(_version())
+        return 0
+    from rlhf_cli.errors import RlhfError
+
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        print_error(
+            f"Unknown command '{name}'." + (f" Did you mean '{close[0]}'?" if close else "")
+            + f" Commands: {', '.join(COMMANDS)}. Run `{PROG} --help` for details."
+        )
+        return 2
+    command, _ = COMMANDS[name]
+    try:
+        return command(rest)
+    except RlhfError as err:
+        print_error(err)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print_error("interrupted.", prefix="Stopped:")
+        return 130

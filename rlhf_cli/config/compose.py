@@ -1,0 +1,196 @@
+"""Composing the training config outside of a running Hydra app, and the overrides the CLI adds.
+
+:func:`compose_train_config` is what tests and library code use. The ``rlhf train`` command uses
+:func:`compose_jobs` to validate every job of a run or sweep before handing the command line to
+``hydra.main``, so that user mistakes print as one paragraph of ours rather than Hydra's report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from rlhf_cli.config.messages import explain, parse_error
+from rlhf_cli.config.paths import config_dir
+from rlhf_cli.config.store import register_configs
+from rlhf_cli.config.validate import validate
+from rlhf_cli.errors import ConfigError
+
+PRIMARY_CONFIG = "train"
+OUTPUT_DIR_KEY = "output_dir"
+
+
+@contextmanager
+def hydra_session(primary_dir: str | None = None) -> Iterator[None]:
+    """Hydra initialised on the packaged configs (or on ``primary_dir``, like ``--config-path``).
+
+    Also usable inside a running Hydra app (or another compose session): Hydra's global state is set
+    aside and restored afterwards.
+    """
+    register_configs()
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=primary_dir or str(config_dir()), version_base="1.3", job_name="train"):
+            yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def _search_path_override(extra_config_dir: str | None) -> list[str]:
+    if extra_config_dir is None:
+        return []
+    path = Path(extra_config_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"The extra config directory '{extra_config_dir}' (--config-dir) does not exist.")
+    return [f"hydra.searchpath=[file://{path}]"]
+
+
+def rewrite_output_dir(overrides: Sequence[str], *, multirun: bool) -> list[str]:
+    """Turn ``output_dir=PATH`` into ``hydra.run.dir=PATH`` (``hydra.sweep.dir`` with ``-m``).
+
+    ``output_dir`` itself stays ``${hydra:runtime.output_dir}``, so the whole run, Hydra's ``.hydra/``
+    folder included, lands in PATH and ``output_dir`` resolves to its absolute form. (Interpolating
+    hydra.run.dir from output_dir is not possible: output_dir is defined from Hydra's run directory.)
+    """
+    parser = OverridesParser.create()
+    out: list[str] = []
+    for line in overrides:
+        try:
+            override = parser.parse_override(line)
+        except HydraException as err:
+            raise parse_error(err, line) from err
+        if override.key_or_group != OUTPUT_DIR_KEY or override.package is not None:
+            out.append(line)
+            continue
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"'{line}' sweeps the output directory, which Hydra cannot do: with -m every job already gets "
+                f"its own directory under output_dir. Give one path (output_dir=PATH) or set hydra.sweep.subdir."
+            )
+        if override.is_delete():
+            raise ConfigError(f"'{line}' removes output_dir, which every run needs. Give output_dir=PATH instead.")
+        value = override.get_value_element_as_str()
+        out.append(f"hydra.{'sweep' if multirun else 'run'}.dir={value}")
+    return out
+
+
+def rank_overrides(rank: int, scratch_dir: str) -> list[str]:
+    """Overrides for ranks other than 0 under a multi-process launch.
+
+    They must not create anything in the user's output tree (rank 0 owns it and broadcasts its resolved
+    output_dir): their Hydra run directory is a throw-away ``scratch_dir``, without ``.hydra/`` and without
+    a log file.
+    """
+    if rank == 0:
+        return []
+    return [
+        f"hydra.run.dir={scratch_dir}",
+        f"hydra.sweep.dir={scratch_dir}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=none",
+    ]
+
+
+def process_rank() -> int:
+    """This process's global rank under a launcher (RANK, else LOCAL_RANK), 0 when not launched."""
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"The environment variable {name}='{value}' is not an integer rank.") from None
+    return 0
+
+
+def compose_train_config(overrides: Sequence[str] = (), *, require_complete: bool = True) -> DictConfig:
+    """Compose configs/train.yaml with ``overrides`` and validate it, without running a Hydra app.
+
+    The result has no ``hydra`` node and is fully resolved. ``output_dir`` is the absolute directory a
+    run with these overrides would use: ``output_dir=PATH`` if given, else Hydra's ``hydra.run.dir``
+    (``outputs/<date>/<time>``, evaluated now). Nothing is created on disk. Raises ConfigError with one
+    paragraph for any user mistake (unknown key or option, wrong type, invalid value).
+    """
+    overrides = rewrite_output_dir(list(overrides), multirun=False)
+    with hydra_session():
+        try:
+            cfg = compose(PRIMARY_CONFIG, overrides=overrides, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise explain(err, overrides) from err
+    run_dir = os.path.abspath(str(cfg.hydra.run.dir))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg[OUTPUT_DIR_KEY] = run_dir
+    return finalize(cfg, require_complete=require_complete, overrides=overrides)
+
+
+def finalize(cfg: DictConfig, *, require_complete: bool = True, overrides: Sequence[str] = ()) -> DictConfig:
+    """Validate, then resolve every interpolation in place (the config is resolved once, here).
+
+    ``output_dir`` is made absolute. Raises ConfigError for invalid values or unresolvable interpolations.
+    """
+    try:
+        validate(cfg, require_complete=require_complete)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
+        raise explain(err, overrides) from err
+    cfg[OUTPUT_DIR_KEY] = os.path.abspath(str(cfg[OUTPUT_DIR_KEY]))
+    return cfg
+
+
+def compose_jobs(
+    overrides: Sequence[str],
+    *,
+    multirun: bool,
+    require_complete: bool,
+    config_name: str | None = None,
+    extra_config_dir: str | None = None,
+    primary_dir: str | None = None,
+) -> list[tuple[list[str], DictConfig]]:
+    """Compose and validate the config of every job the command line describes (one without ``-m``).
+
+    Returns (job overrides, config with its ``hydra`` node) per job. Sweeps are expanded the way
+    Hydra's basic sweeper does; sweep kinds it cannot expand (intervals for optimiser sweepers) are
+    validated with that override left out.
+    """
+    base = list(overrides) + _search_path_override(extra_config_dir)
+    dirs = [d for d in (primary_dir or config_dir(), extra_config_dir) if d]
+    with hydra_session(primary_dir=primary_dir):
+        jobs = _expand_sweeps(base, dirs) if multirun else [base]
+        out = []
+        for number, job in enumerate(jobs):
+            try:
+                cfg = compose(config_name or PRIMARY_CONFIG, overrides=job, return_hydra_config=True)
+                validate(cfg, require_complete=require_complete)
+            except (HydraException, OmegaConfBaseException, ConfigError) as err:
+                error = err if isinstance(err, ConfigError) else explain(err, job, dirs)
+                if len(jobs) > 1:
+                    error = ConfigError(f"In sweep job {number} ({' '.join(job)}): {error}")
+                raise error from err
+            out.append((job, cfg))
+    return out
+
+
+def _expand_sweeps(overrides: list[str], config_dirs: list[str | Path]) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper forms them (cartesian product of the sweeps)."""
+    loader = GlobalHydra.instance().config_loader()
+    parser = OverridesParser.create(config_loader=loader)
+    try:
+        parsed = parser.parse_overrides(overrides)
+        expandable = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
+        (batch,) = BasicSweeper.split_arguments(expandable, max_batch_size=None)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise explain(err, overrides, config_dirs) from err
+    return [list(job) for job in batch]

@@ -1,0 +1,189 @@
+"""The structured schema of the training config (the pinned field names every module consumes).
+
+Hydra merges configs/train.yaml and its groups into these dataclasses, so a misspelt key or a value of
+the wrong type fails at composition. OmegaConf never instantiates the dataclasses (it only reads their
+fields), so ``__post_init__`` would not run: enumerations and ranges are declared here as field metadata
+(``choices``, ``ge``, ``gt``, ``le``, ``pattern``) and checked by :func:`rlhf_cli.config.validate.validate`
+right after composition.
+
+The YAML files under configs/ carry the user-facing defaults and their comments; the defaults here
+match the group defaults (legacy TRL's values) so the schema also composes on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+def _field(
+    default: Any = None,
+    *,
+    factory: Any = None,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    pattern: str | None = None,
+    pattern_doc: str | None = None,
+) -> Any:
+    """A dataclass field whose allowed values are recorded in its metadata for ``validate``."""
+    meta = {
+        key: value
+        for key, value in dict(choices=choices, ge=ge, gt=gt, le=le, pattern=pattern, pattern_doc=pattern_doc).items()
+        if value is not None
+    }
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+MODEL_SOURCES = ("pretrained", "tiny_gpt2")
+MODEL_KINDS = ("causal", "seq2seq")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+PADDING_SIDES = ("left", "right")
+REWARD_SOURCE_TYPES = ("vader", "classifier", "callable")
+REWARD_TYPES = REWARD_SOURCE_TYPES + ("weighted_sum",)
+REWARD_TEXTS = ("response", "full")
+REWARD_OUTPUTS = ("logit", "probability")
+DATASET_SOURCES = ("imdb_local", "hub", "files")
+KL_PENALTIES = ("kl", "abs", "mse", "full")
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class TinyGPT2Config:
+    """A GPT-2 built from scratch (random init) with a word-level tokenizer trained on local IMDb reviews."""
+
+    n_layer: int = _field(2, ge=1)
+    n_head: int = _field(4, ge=1)
+    n_embd: int = _field(128, ge=1)
+    n_positions: int = _field(128, ge=8)
+    vocab_size: int = _field(4000, ge=16)
+    init_seed: int = _field(0, ge=0)
+
+
+@dataclass
+class ModelConfig:
+    source: str = _field("pretrained", choices=MODEL_SOURCES)
+    name_or_path: Optional[str] = None
+    kind: str = _field("causal", choices=MODEL_KINDS)
+    dtype: str = _field("float32", choices=DTYPES)
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    gradient_checkpointing: bool = False
+    tokenizer_name_or_path: Optional[str] = None
+    pad_token: Optional[str] = None
+    padding_side: str = _field("left", choices=PADDING_SIDES)
+    tiny: TinyGPT2Config = _field(factory=TinyGPT2Config)
+
+
+@dataclass
+class RewardSourceConfig:
+    type: str = _field("vader", choices=REWARD_SOURCE_TYPES)
+    text: str = _field("response", choices=REWARD_TEXTS)
+    model: Optional[str] = None
+    label: str = "POSITIVE"
+    output: str = _field("logit", choices=REWARD_OUTPUTS)
+    batch_size: int = _field(16, ge=1)
+    device: str = _field("auto", pattern=r"auto|cpu|mps|cuda(:\d+)?", pattern_doc="auto, cpu, mps, cuda or cuda:N")
+    max_length: int = _field(512, ge=1)
+    function: Optional[str] = None
+    kwargs: Dict[str, Any] = _field(factory=dict)
+
+
+@dataclass
+class RewardComponentConfig(RewardSourceConfig):
+    weight: float = 1.0
+
+
+@dataclass
+class RewardConfig(RewardSourceConfig):
+    # Redeclared (same position in the field order) to allow weighted_sum at the top level only.
+    type: str = _field("vader", choices=REWARD_TYPES)
+    components: List[RewardComponentConfig] = _field(factory=list)
+
+
+@dataclass
+class DatasetConfig:
+    source: str = _field("imdb_local", choices=DATASET_SOURCES)
+    path: Optional[str] = None
+    name: Optional[str] = None
+    data_files: List[str] = _field(factory=list)
+    split: str = "train"
+    eval_split: Optional[str] = None
+    eval_size: int = _field(16, ge=0)
+    text_column: str = "text"
+    min_text_chars: int = _field(200, ge=0)
+    clean_html: bool = True
+    prompt_min_tokens: int = _field(2, ge=1)
+    prompt_max_tokens: int = _field(8, ge=1)
+    shuffle_seed: Optional[int] = None
+    max_samples: Optional[int] = _field(None, ge=1)
+
+
+@dataclass
+class PPOSection:
+    learning_rate: float = _field(1.41e-5, gt=0)
+    batch_size: int = _field(128, ge=1)
+    mini_batch_size: Optional[int] = _field(None, ge=1)
+    gradient_accumulation_steps: int = _field(1, ge=1)
+    ppo_epochs: int = _field(4, ge=1)
+    adap_kl_ctrl: bool = True
+    init_kl_coef: float = _field(0.2, ge=0)
+    kl_penalty: str = _field("kl", choices=KL_PENALTIES)
+    target: float = _field(6.0, gt=0)
+    horizon: float = _field(10000.0, gt=0)
+    gamma: float = _field(1.0, ge=0, le=1)
+    lam: float = _field(0.95, ge=0, le=1)
+    cliprange: float = _field(0.2, gt=0)
+    cliprange_value: float = _field(0.2, gt=0)
+    vf_coef: float = _field(0.1, ge=0)
+    max_grad_norm: Optional[float] = _field(None, gt=0)
+    early_stopping: bool = False
+    target_kl: float = _field(1.0, gt=0)
+    ratio_threshold: float = _field(10.0, gt=0)
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: Optional[float] = _field(None, gt=0)
+    whiten_rewards: bool = False
+    disable_dropout: bool = True
+    weight_decay: float = _field(0.0, ge=0)
+    adam_eps: float = _field(1e-8, gt=0)
+
+
+@dataclass
+class GenerationSection:
+    response_min_tokens: int = _field(4, ge=1)
+    response_max_tokens: int = _field(16, ge=1)
+    top_k: int = _field(0, ge=0)
+    top_p: float = _field(1.0, gt=0, le=1)
+    temperature: float = _field(1.0, gt=0)
+    do_sample: bool = True
+    batch_size: Optional[int] = _field(None, ge=1)
+
+
+@dataclass
+class LoggingSection:
+    log_every: int = _field(1, ge=1)
+    sample_every: int = _field(10, ge=0)
+    sample_rows: int = _field(4, ge=1)
+    trackers: List[str] = _field(factory=list, choices=TRACKERS)
+    project: str = "rlhf_cli"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = _field(factory=ModelConfig)
+    reward: RewardConfig = _field(factory=RewardConfig)
+    dataset: DatasetConfig = _field(factory=DatasetConfig)
+    ppo: PPOSection = _field(factory=PPOSection)
+    generation: GenerationSection = _field(factory=GenerationSection)
+    logging: LoggingSection = _field(factory=LoggingSection)
+    seed: int = _field(0, ge=0)
+    steps: int = _field(100, ge=1)
+    epochs: Optional[int] = _field(None, ge=1)
+    output_dir: str = "${hydra:runtime.output_dir}"
+    eval_prompts: int = _field(4, ge=0)
+    threads: Optional[int] = _field(None, ge=1)

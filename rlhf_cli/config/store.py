@@ -1,0 +1,34 @@
+"""Registering the schema and the recipes in Hydra's ConfigStore.
+
+train.yaml lists ``rlhf_train_schema`` first in its defaults list, so everything merged after it (group
+options, recipes, command-line overrides) is checked against :class:`TrainConfig`.
+
+Recipes are registered from their YAML files under group ``recipe`` with package ``_global_``. This
+makes ``+recipe=NAME`` work from any working directory and in both layouts (wheel and checkout),
+without putting the recipes folder on Hydra's search path, which would need a ``recipe/`` subfolder.
+"""
+
+from __future__ import annotations
+
+import yaml
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from rlhf_cli.config.paths import recipe_files
+from rlhf_cli.config.schema import TrainConfig
+from rlhf_cli.errors import ConfigError
+
+SCHEMA_NAME = "rlhf_train_schema"
+RECIPE_GROUP = "recipe"
+
+
+def register_configs() -> None:
+    """Store the schema and every recipe (idempotent: storing again replaces the same entries)."""
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=TrainConfig)
+    for name, path in recipe_files().items():
+        try:
+            node = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"The recipe file {path} is not valid YAML: {' '.join(str(err).split())}") from err
+        store.store(group=RECIPE_GROUP, name=name, node=node, package="_global_")

@@ -1,0 +1,192 @@
+"""Loading the raw text dataset named by ``dataset.source``: imdb_local | hub | files.
+
+Every loader returns a ``datasets.Dataset`` that has a string column ``cfg.text_column``; cleaning,
+filtering and tokenising happen later, in :mod:`rlhf_cli.data.prompts`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from rlhf_cli.errors import DataError
+from rlhf_cli.hub import hub_offline
+
+if TYPE_CHECKING:
+    import datasets
+
+# File extension -> datasets builder; ".gz" and friends are read through transparently.
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+_FORMAT_HINTS = {"json": " (one JSON object per line, or one JSON list of objects)", "csv": " (with a header row)"}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+_GLOB_CHARS = ("*", "?", "[")
+
+
+def load_text_dataset(cfg: Any, split: str | None = None) -> "datasets.Dataset":
+    """The dataset described by ``cfg`` (a DatasetConfig), checked to have the text column.
+
+    ``split`` overrides ``cfg.split`` (used for ``cfg.eval_split``).
+    """
+    split = cfg.split if split is None else split
+    loaders: dict[str, Callable[[Any, str], "datasets.Dataset"]] = {
+        "imdb_local": _load_imdb_local,
+        "hub": _load_hub,
+        "files": _load_files,
+    }
+    if cfg.source not in loaders:
+        raise DataError(
+            f"Unknown dataset.source '{cfg.source}'; valid sources are {', '.join(loaders)}. "
+            f"Use imdb_local for the packaged IMDb reviews, hub with dataset.path=<Hub id>, or files with "
+            f"dataset.data_files=[...]."
+        )
+    dataset = loaders[cfg.source](cfg, split)
+    check_text_column(dataset, cfg.text_column, describe_source(cfg, split))
+    return dataset
+
+
+def describe_source(cfg: Any, split: str | None = None) -> str:
+    """A short human description of the dataset for messages ("hub dataset 'imdb' (split train)")."""
+    split = cfg.split if split is None else split
+    if cfg.source == "files":
+        return f"files {list(cfg.data_files)}"
+    if cfg.source == "hub":
+        subset = f", subset {cfg.name}" if cfg.name else ""
+        return f"hub dataset '{cfg.path}' (split {split}{subset})"
+    return f"{cfg.source} dataset (split {split})"
+
+
+def check_text_column(dataset: "datasets.Dataset", column: str, where: str) -> None:
+    """Raise DataError unless ``column`` exists in ``dataset`` and holds strings."""
+    import datasets
+
+    string_columns = [
+        name
+        for name, feature in dataset.features.items()
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    ]
+    if column not in dataset.column_names:
+        candidates = string_columns or list(dataset.column_names)
+        closest = difflib.get_close_matches(column, candidates, n=1, cutoff=0.0)
+        hint = f" Set dataset.text_column={closest[0]}." if closest else ""
+        raise DataError(
+            f"The {where} has no column '{column}' (dataset.text_column); its columns are "
+            f"{', '.join(dataset.column_names) or '(none)'}.{hint}"
+        )
+    if column not in string_columns:
+        raise DataError(
+            f"Column '{column}' of the {where} holds {dataset.features[column]}, not text. Set "
+            f"dataset.text_column to a text column"
+            + (f" (text columns: {', '.join(string_columns)})." if string_columns else ".")
+        )
+
+
+def _load_imdb_local(cfg: Any, split: str) -> "datasets.Dataset":
+    from rlhf_cli.data.imdb_local import load_imdb_reviews
+
+    # Cleaning is left to the prompt pipeline, which applies dataset.clean_html to every source alike.
+    return load_imdb_reviews(split, clean_html=False)
+
+
+def _datasets_offline() -> bool:
+    flag = os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower()
+    return hub_offline() or flag in {"1", "true", "yes", "on"}
+
+
+def _hub_dataset_cached(path: str) -> bool:
+    """Whether ``path`` (a Hub dataset id) left files in the Hub cache or the datasets cache."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    hub_dir = Path(constants.HF_HUB_CACHE) / ("datasets--" + path.replace("/", "--"))
+    prepared_dir = Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")
+    return hub_dir.is_dir() or prepared_dir.is_dir()
+
+
+def _load_hub(cfg: Any, split: str) -> "datasets.Dataset":
+    import datasets
+
+    if not cfg.path:
+        raise DataError(
+            "dataset.source=hub needs dataset.path=<Hub dataset id> (e.g. stanfordnlp/imdb), or use "
+            "dataset.source=imdb_local for the packaged IMDb reviews."
+        )
+    is_local_dir = Path(os.path.expanduser(cfg.path)).is_dir()
+    if not is_local_dir and _datasets_offline() and not _hub_dataset_cached(cfg.path):
+        raise DataError(
+            f"dataset.path={cfg.path} is a Hugging Face Hub dataset, but the Hub is offline "
+            f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and it is not in the local cache. Use local "
+            f"files instead (dataset.source=files dataset.data_files=[reviews.jsonl]), or the packaged "
+            f"IMDb reviews (dataset.source=imdb_local), or unset the offline flag on a machine with network."
+        )
+    try:
+        return datasets.load_dataset(cfg.path, cfg.name, split=split)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
+        raise DataError(
+            f"Could not load the {describe_source(cfg, split)}: {type(err).__name__}: {err}. Check "
+            f"dataset.path, dataset.name and dataset.split, or use dataset.source=files with local files."
+        ) from err
+
+
+def _expand_data_files(patterns: list[str]) -> list[str]:
+    """Absolute paths of ``dataset.data_files``; globs expanded (sorted); missing files are an error."""
+    if not patterns:
+        raise DataError("dataset.source=files needs dataset.data_files=[path, ...] (json, jsonl, csv, parquet or txt files).")
+    paths: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(str(pattern))
+        if any(char in pattern for char in _GLOB_CHARS):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise DataError(f"dataset.data_files pattern '{pattern}' matches no file (looked from {os.getcwd()}).")
+            paths.extend(os.path.abspath(match) for match in matches)
+        elif not os.path.isfile(pattern):
+            raise DataError(
+                f"dataset.data_files names '{pattern}', which is not a file (resolved to "
+                f"{os.path.abspath(pattern)}). Fix the path; relative paths are relative to {os.getcwd()}."
+            )
+        else:
+            paths.append(os.path.abspath(pattern))
+    return paths
+
+
+def _builder_for(path: str) -> str:
+    name = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    extension = os.path.splitext(name)[1]
+    if extension not in FILE_BUILDERS:
+        raise DataError(
+            f"dataset.data_files has '{path}' with extension '{extension or '(none)'}'; supported "
+            f"extensions are {', '.join(FILE_BUILDERS)} (optionally compressed)."
+        )
+    return FILE_BUILDERS[extension]
+
+
+def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
+    import datasets
+
+    if split != "train":
+        raise DataError(
+            f"dataset.source=files reads all dataset.data_files as one table, so it has no split "
+            f"'{split}'. Leave dataset.split=train and dataset.eval_split=null; held-out prompts are "
+            f"then split off with dataset.eval_size."
+        )
+    paths = _expand_data_files(list(cfg.data_files))
+    builders = {path: _builder_for(path) for path in paths}
+    if len(set(builders.values())) > 1:
+        listing = "; ".join(f"{path} -> {builder}" for path, builder in builders.items())
+        raise DataError(
+            f"dataset.data_files mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
+        )
+    builder = next(iter(builders.values()))
+    try:
+        return datasets.load_dataset(builder, data_files=paths, split="train")
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+        raise DataError(
+            f"Could not read dataset.data_files {paths} as {builder}: {type(err).__name__}: {err}. "
+            f"Check that the files are valid {builder}{_FORMAT_HINTS.get(builder, '')}."
+        ) from err

@@ -1,0 +1,109 @@
+"""What a run reports: the rank-0 console (rich), metrics.jsonl, and Accelerate trackers.
+
+Only the main process writes; every other rank gets a reporter that does nothing, so callers
+never branch on the rank themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+# The few numbers worth a glance on every line; the rest goes to metrics.jsonl and trackers.
+HEADLINE = (
+    ("env/reward_mean", "reward"),
+    ("objective/kl", "kl"),
+    ("objective/kl_coef", "β"),
+    ("ppo/loss/total", "loss"),
+    ("ppo/policy/clipfrac", "clip"),
+    ("time/step", "s/step"),
+)
+
+
+def _fmt(value: float) -> str:
+    if value == 0 or (1e-3 <= abs(value) < 1e4):
+        return f"{value:.3f}"
+    return f"{value:.2e}"
+
+
+def json_safe(stats: dict[str, Any]) -> dict[str, Any]:
+    """Scalars only; NaN/inf become null so every line is strict JSON."""
+    out = {}
+    for key, value in stats.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[key] = value if math.isfinite(value) else None
+    return out
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per step, appended and flushed as the run goes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, step: int, stats: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **json_safe(stats)}, sort_keys=False) + "\n")
+
+
+class Reporter:
+    """Rank-0 console output: a progress bar with live reward/KL, stats lines and sample tables."""
+
+    def __init__(self, *, total_steps: int, enabled: bool, progress: bool, console: Optional[Console] = None) -> None:
+        self.enabled = enabled
+        self.console = console or Console(stderr=False, highlight=False)
+        self._progress: Optional[Progress] = None
+        self._task = None
+        if enabled and progress:
+            self._progress = Progress(
+                TextColumn("[bold]PPO[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[live]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, live="")
+
+    def __enter__(self) -> "Reporter":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def print(self, *objects: Any) -> None:
+        if self.enabled:
+            self.console.print(*objects)
+
+    def advance(self, step: int, stats: dict[str, Any]) -> None:
+        """Move the bar to ``step`` (1-based count of finished steps) and refresh the live numbers."""
+        if self._progress is None:
+            return
+        live = f"reward {_fmt(stats.get('env/reward_mean', float('nan')))}  kl {_fmt(stats.get('objective/kl', float('nan')))}"
+        self._progress.update(self._task, completed=step, live=live)
+
+    def stats_line(self, step: int, stats: dict[str, Any]) -> None:
+        parts = [f"{label} {_fmt(float(stats[key]))}" for key, label in HEADLINE if key in stats]
+        self.print(f"[dim]step {step:>5}[/] │ " + " │ ".join(parts))
+
+    def sample_table(self, title: str, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float]) -> None:
+        table = Table(title=title, show_lines=False, expand=True)
+        table.add_column("prompt", ratio=2, overflow="fold")
+        table.add_column("response", ratio=3, overflow="fold")
+        table.add_column("reward", justify="right", no_wrap=True)
+        for prompt, response, reward in zip(prompts, responses, rewards):
+            table.add_row(prompt, response, f"{reward:+.3f}")
+        self.print(table)
