@@ -15,14 +15,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-# The few numbers worth a glance on every line; the rest goes to metrics.jsonl and trackers.
+# The few numbers worth a glance on every line (key, label, format); the rest goes to
+# metrics.jsonl and trackers. Kept under 80 columns so a plain terminal does not wrap it.
 HEADLINE = (
-    ("env/reward_mean", "reward"),
-    ("objective/kl", "kl"),
-    ("objective/kl_coef", "β"),
-    ("ppo/loss/total", "loss"),
-    ("ppo/policy/clipfrac", "clip"),
-    ("time/step", "s/step"),
+    ("env/reward_mean", "reward", "{:+.3f}"),
+    ("objective/kl", "kl", "{:.3f}"),
+    ("objective/kl_coef", "β", "{:.3f}"),
+    ("ppo/loss/total", "loss", "{:+.3f}"),
+    ("ppo/policy/clipfrac", "clip", "{:.2f}"),
 )
 
 
@@ -96,8 +96,10 @@ class Reporter:
         self._progress.update(self._task, completed=step, live=live)
 
     def stats_line(self, step: int, stats: dict[str, Any]) -> None:
-        parts = [f"{label} {_fmt(float(stats[key]))}" for key, label in HEADLINE if key in stats]
-        self.print(f"[dim]step {step:>5}[/] │ " + " │ ".join(parts))
+        parts = [f"{label} {fmt.format(float(stats[key]))}" for key, label, fmt in HEADLINE if key in stats]
+        if "time/step" in stats:
+            parts.append(f"{float(stats['time/step']):.2f} s")
+        self.print(f"[dim]step {step:>4}[/]  " + "  ".join(parts))
 
     def sample_table(self, title: str, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float]) -> None:
         table = Table(title=title, show_lines=False, expand=True)

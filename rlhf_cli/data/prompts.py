@@ -181,15 +181,16 @@ def _tokenized(
 
     # A batched map may return fewer rows than it got: dropping short texts needs no second pass.
     # Explicit features keep the columns even when there are no rows (eval_size=0).
-    return texts.map(
-        to_prompts,
-        batched=True,
-        with_indices=True,
-        remove_columns=texts.column_names,
-        features=features,
-        keep_in_memory=True,
-        new_fingerprint=_fingerprint(),
-    )
+    with _datasets_quiet():
+        return texts.map(
+            to_prompts,
+            batched=True,
+            with_indices=True,
+            remove_columns=texts.column_names,
+            features=features,
+            keep_in_memory=True,
+            new_fingerprint=_fingerprint(),
+        )
 
 
 def _leading_token_ids(tokenizer: "PreTrainedTokenizerBase", texts: list[Optional[str]], lengths: list[int]) -> list[list[int]]:

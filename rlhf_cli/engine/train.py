@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from accelerate import PartialState
 from omegaconf import DictConfig
 from rich.table import Table
@@ -60,6 +61,8 @@ class TrainingRun:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.state = PartialState()
+        # Our own console shows progress; transformers' per-save tqdm bars would interleave with it.
+        transformers.utils.logging.disable_progress_bar()
         self.cfg = shared_resolved_config(cfg, self.state)
         cfg = self.cfg
         if cfg.threads:

@@ -414,6 +414,33 @@ class PPOTrainer:
             ref_logprobs=rollout.ref_logprobs,
         )
 
+    # State for checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything of the trainer that an exact continuation needs besides the model weights:
+        optimizer and scheduler state, KL coefficient, running score moments, the mini-batch
+        shuffling generator and the step counter."""
+        return {
+            "current_step": self.current_step,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "running": self.running.state_dict() if self.running is not None else None,
+            "shuffle_generator": self.shuffle_generator.get_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (model weights are loaded separately)."""
+        self.current_step = int(state["current_step"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if (state["running"] is None) != (self.running is None):
+            raise ValueError("The saved trainer state and this config disagree on use_score_scaling.")
+        if self.running is not None:
+            self.running.load_state_dict(state["running"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
     # Logging -----------------------------------------------------------------------------------
     def log_stats(
         self,
