@@ -48,6 +48,7 @@ REWARD_TEXTS = ("response", "full")
 REWARD_OUTPUTS = ("logit", "probability")
 DATASET_SOURCES = ("imdb_local", "hub", "files")
 KL_PENALTIES = ("kl", "abs", "mse", "full")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb")
 
 
@@ -64,6 +65,18 @@ class TinyGPT2Config:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters through PEFT: only the adapters (and the value head) train, and the reference is
+    the policy with its adapters disabled, so no second copy of the weights exists."""
+
+    enabled: bool = False
+    r: int = _field(8, ge=1)
+    alpha: int = _field(16, ge=1)
+    dropout: float = _field(0.0, ge=0, le=1)
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
 class ModelConfig:
     source: str = _field("pretrained", choices=MODEL_SOURCES)
     name_or_path: Optional[str] = None
@@ -76,6 +89,7 @@ class ModelConfig:
     pad_token: Optional[str] = None
     padding_side: str = _field("left", choices=PADDING_SIDES)
     tiny: TinyGPT2Config = _field(factory=TinyGPT2Config)
+    lora: LoraSection = _field(factory=LoraSection)
 
 
 @dataclass
@@ -150,6 +164,7 @@ class PPOSection:
     disable_dropout: bool = True
     weight_decay: float = _field(0.0, ge=0)
     adam_eps: float = _field(1e-8, gt=0)
+    mixed_precision: Optional[str] = _field(None, choices=MIXED_PRECISIONS)
 
 
 @dataclass
@@ -174,6 +189,13 @@ class LoggingSection:
 
 
 @dataclass
+class CheckpointSection:
+    every: int = _field(0, ge=0)
+    keep: int = _field(2, ge=1)
+    resume: Optional[str] = None
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = _field(factory=ModelConfig)
     reward: RewardConfig = _field(factory=RewardConfig)
@@ -181,6 +203,7 @@ class TrainConfig:
     ppo: PPOSection = _field(factory=PPOSection)
     generation: GenerationSection = _field(factory=GenerationSection)
     logging: LoggingSection = _field(factory=LoggingSection)
+    checkpoint: CheckpointSection = _field(factory=CheckpointSection)
     seed: int = _field(0, ge=0)
     steps: int = _field(100, ge=1)
     epochs: Optional[int] = _field(None, ge=1)

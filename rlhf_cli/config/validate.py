@@ -132,6 +132,12 @@ def _check_consistency(cfg: DictConfig) -> None:
             f"'ppo.mini_batch_size' ({mini}) is larger than 'ppo.batch_size' ({batch}): a mini-batch is a "
             f"slice of the batch. Lower ppo.mini_batch_size or raise ppo.batch_size."
         )
+    target_modules = OmegaConf.select(cfg, "model.lora.target_modules")
+    if target_modules is not None and len(target_modules) == 0:
+        raise ConfigError(
+            "'model.lora.target_modules' is an empty list, so LoRA would adapt nothing. Name the modules, e.g. "
+            "model.lora.target_modules=[c_attn] for GPT-2, or set it to null for PEFT's default for the architecture."
+        )
     source, kind = OmegaConf.select(cfg, "model.source"), OmegaConf.select(cfg, "model.kind")
     if source == "tiny_gpt2":
         if kind not in (None, "causal"):

@@ -1,18 +1,23 @@
-"""Turning the composed run config into the engine's parts: PPOConfig, trackers, step count.
+"""Turning the composed run config into the engine's parts: process state, PPOConfig, trackers, step count.
 
 The run config speaks in global sizes (all processes together); PPOConfig, like legacy TRL,
 in per-process sizes. The division happens here, once, with errors that name the numbers.
+:func:`check_launch` checks everything about the launch that can be known before a model loads.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+import os
+from typing import Any, Optional
 
+from accelerate import PartialState
+from accelerate.utils import is_bf16_available, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.ppo.config import DEFAULT_MINI_BATCH_SIZE, PPOConfig
+from rlhf_cli.ppo.distributed import cpu_process_group_needed
 
 # Keys of the ppo group that are passed to PPOConfig under the same name.
 _PPO_KEYS = (
@@ -52,6 +57,84 @@ def check_trackers(trackers: list[str]) -> list[str]:
     return list(trackers)
 
 
+def launch_state() -> PartialState:
+    """This launch's process state (rank, number of processes, device): create it before anything else
+    touches Accelerate. Processes launched on a machine without a GPU are joined over gloo on the CPU
+    (Accelerate alone would leave each one running by itself; see ``ppo.distributed``)."""
+    return PartialState(cpu=cpu_process_group_needed())
+
+
+def mixed_precision_of(cfg: DictConfig) -> tuple[str, str]:
+    """The run's mixed-precision mode and where it was set: ``ppo.mixed_precision`` if given, else
+    the launcher's (``accelerate launch --mixed_precision`` or its config file), else ``no``."""
+    if cfg.ppo.mixed_precision is not None:
+        return str(cfg.ppo.mixed_precision), f"ppo.mixed_precision={cfg.ppo.mixed_precision}"
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher:
+        return launcher.lower(), f"accelerate launch's mixed_precision={launcher.lower()}"
+    return "no", "the default (no mixed precision)"
+
+
+def check_mixed_precision(cfg: DictConfig, device_type: str) -> None:
+    """A ConfigError if the run's mixed-precision mode cannot run on ``device_type`` (cpu, cuda, ...)."""
+    mode, source = mixed_precision_of(cfg)
+    if mode == "fp16" and device_type == "cpu":
+        raise ConfigError(
+            f"{source} needs a GPU, but this run is on the CPU: PyTorch has no float16 autocast for CPU "
+            "training, and Accelerate would silently train in float32. Use ppo.mixed_precision=bf16 (CPU "
+            "autocast supports bfloat16) or ppo.mixed_precision=no."
+        )
+    if mode == "bf16" and device_type != "cpu" and not is_bf16_available(True):
+        raise ConfigError(
+            f"{source} needs bfloat16 support, which this {device_type} device lacks (on NVIDIA: Ampere or newer). "
+            "Use ppo.mixed_precision=fp16 or ppo.mixed_precision=no."
+        )
+    if mode == "fp16" and cfg.model.dtype == "float16":
+        raise ConfigError(
+            f"{source} with model.dtype=float16: fp16 mixed precision keeps float32 master weights and scales "
+            "the loss, and its gradient scaler cannot unscale float16 gradients. Set model.dtype=float32 (the "
+            "forward pass still runs in float16)."
+        )
+
+
+def _launcher_zero_stage() -> Optional[int]:
+    """The DeepSpeed ZeRO stage `accelerate launch` was given, when it was given as a stage."""
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    return int(stage) if stage.isdigit() else None
+
+
+def check_launch(cfg: DictConfig, state: PartialState) -> None:
+    """Everything about this launch that must hold before a model loads; ConfigError otherwise.
+
+    Sizes divide by the number of processes (and agree with gradient accumulation), trackers are
+    installed, the mixed-precision mode suits the device, peft is installed for LoRA, and the
+    sharding the launcher asked for (DeepSpeed ZeRO-3, FSDP2) is one rlhf_cli supports.
+    """
+    ppo_config_from(cfg, num_processes=state.num_processes, tracker_dir=os.devnull)
+    check_mixed_precision(cfg, state.device.type)
+    lora = cfg.model.lora.enabled
+    if lora and importlib.util.find_spec("peft") is None:
+        raise ConfigError(
+            "model.lora.enabled=true needs the 'peft' package, which is not installed. Run `pip install peft` "
+            "(or `pip install 'rlhf-cli[peft]'`), or set model.lora.enabled=false to train all weights."
+        )
+    if _launcher_zero_stage() == 3 and not lora:
+        raise ConfigError(
+            "This launch uses DeepSpeed ZeRO-3, which shards the policy over the processes, but without LoRA the "
+            "reference model is a separate full copy that ZeRO-3 would not shard (and rlhf_cli builds no DeepSpeed "
+            "engine for it). Set model.lora.enabled=true (the reference is then the policy with its adapters "
+            "disabled), or launch with configs/accelerate/deepspeed_zero2.yaml."
+        )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "2":
+        raise ConfigError(
+            "This launch uses FSDP2 (fsdp_version: 2), under which rlhf_cli cannot generate: generate() bypasses "
+            "the root module's forward, which is what gathers FSDP2's sharded parameters. Launch with "
+            "configs/accelerate/fsdp.yaml (fsdp_version: 1) or a DeepSpeed config."
+        )
+
+
 def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) -> PPOConfig:
     """The per-process PPOConfig of a run."""
     ppo = cfg.ppo
@@ -60,6 +143,8 @@ def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) ->
     mini = per_process(int(global_mini), num_processes, "ppo.mini_batch_size")
     trackers = check_trackers(list(cfg.logging.trackers))
     kwargs: dict[str, Any] = {key: OmegaConf.to_object(ppo[key]) if OmegaConf.is_config(ppo[key]) else ppo[key] for key in _PPO_KEYS}
+    # Unset: Accelerate reads the launcher's choice itself.
+    accelerator_kwargs = {"mixed_precision": str(ppo.mixed_precision)} if ppo.mixed_precision is not None else {}
     try:
         return PPOConfig(
             seed=int(cfg.seed),
@@ -68,6 +153,7 @@ def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) ->
             log_with=trackers or None,
             tracker_project_name=cfg.logging.project,
             project_kwargs={"project_dir": tracker_dir, "logging_dir": tracker_dir},
+            accelerator_kwargs=accelerator_kwargs,
             **kwargs,
         )
     except ValueError as err:

@@ -2,11 +2,12 @@
 
 ``source: pretrained`` loads a Hub id or a local directory; ``source: tiny_gpt2`` builds a small
 randomly initialised GPT-2 over the word-level tokenizer trained on the local IMDb reviews, so the
-default run needs no download.
+default run needs no download. ``lora.enabled`` puts PEFT LoRA adapters on the language model.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,6 +53,8 @@ def load_policy_and_tokenizer(
         policy = _build_tiny_gpt2(model_cfg, tokenizer)
     else:
         policy = _load_pretrained_policy(model_cfg)
+    if model_cfg.lora.enabled:
+        policy = _with_lora(policy, model_cfg)
     # Generation reads the pad id from the generation config; checkpoints without one would warn
     # on every generate() call and pad with eos silently.
     generation_config = policy.pretrained_model.generation_config
@@ -64,6 +67,45 @@ def load_policy_and_tokenizer(
     if disable_dropout:
         disable_dropout_in(policy)
     return policy, tokenizer
+
+
+def _with_lora(policy: PreTrainedModelWrapper, model_cfg: "ModelConfig") -> PreTrainedModelWrapper:
+    """``policy`` with LoRA adapters (``model.lora``) on its language model, and the same value head.
+
+    PEFT freezes the language model's own weights; only the adapters and the value head train.
+    """
+    lora = model_cfg.lora
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError(
+            "model.lora.enabled=true needs the 'peft' package, which is not installed. Run `pip install peft` "
+            "(or `pip install 'rlhf-cli[peft]'`), or set model.lora.enabled=false to train all weights."
+        )
+    import peft
+
+    language_model = policy.pretrained_model
+    config = peft.LoraConfig(
+        task_type="SEQ_2_SEQ_LM" if policy.is_encoder_decoder else "CAUSAL_LM",
+        r=int(lora.r),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=list(lora.target_modules) if lora.target_modules is not None else None,
+    )
+    # The adapters' random A matrices (B starts at zero, so the initial policy is the base model) and
+    # the new wrapper's head init draw from a fixed seed: the same in every run and on every rank,
+    # and the run's global generator is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            adapted = peft.get_peft_model(language_model, config)
+        except ValueError as err:  # no default target modules for the architecture, or names not found
+            raise ConfigError(
+                f"LoRA cannot be applied to this {type(language_model).__name__}: {err} Set "
+                "model.lora.target_modules to the names of its linear layers (e.g. [c_attn] for GPT-2, "
+                "[q_proj, v_proj] for Llama)."
+            ) from err
+        wrapped = type(policy)(adapted)
+    wrapped.v_head.load_state_dict(policy.v_head.state_dict())
+    return wrapped
 
 
 def load_tokenizer(model_cfg: "ModelConfig") -> PreTrainedTokenizerBase:
@@ -96,14 +138,17 @@ def _pretrained_name(model_cfg: "ModelConfig") -> str:
 def _load_pretrained_tokenizer(model_cfg: "ModelConfig") -> PreTrainedTokenizerBase:
     if model_cfg.tokenizer_name_or_path:
         name, config_key, revision = str(model_cfg.tokenizer_name_or_path), "model.tokenizer_name_or_path", None
+        what, loading = "tokenizer", "tokenizer"
     else:
         # The model's revision pins its tokenizer too when both come from the same repository.
         name, config_key, revision = _pretrained_name(model_cfg), "model.name_or_path", model_cfg.revision
-    check_loadable(name, what="tokenizer", config_key=config_key, filename="tokenizer_config.json")
+        # The user named a model; that its tokenizer is read first is a detail.
+        what, loading = "policy model", "policy model's tokenizer"
+    check_loadable(name, what=what, config_key=config_key, filename="tokenizer_config.json")
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as err:  # missing files, unknown repo, no network, no tokenizer files in a directory
-        raise ModelLoadError(hub_failure_message(name, what="tokenizer", config_key=config_key, error=err)) from err
+        raise ModelLoadError(hub_failure_message(name, what=loading, config_key=config_key, error=err)) from err
 
 
 def _set_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token: str | None) -> None:

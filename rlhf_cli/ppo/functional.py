@@ -91,14 +91,23 @@ def _bool_mask(values: Tensor, mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def masked_mean(values: Tensor, mask: Tensor, axis: int | None = None) -> Tensor:
+def masked_mean(
+    values: Tensor, mask: Tensor, axis: int | None = None, *, count: Tensor | float | None = None
+) -> Tensor:
     """Mean of ``values`` over positions where ``mask`` is set: [...], [...] -> [] (or reduced ``axis``).
 
+    ``count`` (only with ``axis=None``) replaces the number of selected positions as the divisor.
+    When the positions of one mean are split over processes, each process divides its own sum by
+    the count of all of them, and the processes' results add up to the mean of the whole.
     An empty mask (or an empty row along ``axis``) gives NaN (0/0); checking would cost a sync.
     """
     selected = _bool_mask(values, mask)
     total = torch.where(selected, values, torch.zeros_like(values)).sum(dim=axis)
-    return total / selected.sum(dim=axis)
+    if count is None:
+        return total / selected.sum(dim=axis)
+    if axis is not None:
+        raise ValueError("masked_mean: count applies to the mean over all positions (axis=None) only.")
+    return total / count
 
 
 def _masked_mean_var(values: Tensor, mask: Tensor, unbiased: bool) -> tuple[Tensor, Tensor]:
@@ -321,13 +330,20 @@ class PolicyLoss(NamedTuple):
 
 
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+    *,
+    token_count: Tensor | float | None = None,
 ) -> PolicyLoss:
     """PPO clipped surrogate: mean_m max(−A·ρ, −A·clip(ρ, 1−c, 1+c)), ρ = exp(logπ − logπ_old).
 
     [B, T] x4 -> PolicyLoss of 0-d tensors. clipfrac is the share of tokens where the clipped
     term is strictly larger; approxkl = ½·mean_m (logπ − logπ_old)²; policykl = mean_m
-    (logπ_old − logπ); ratio_mean = mean_m ρ.
+    (logπ_old − logπ); ratio_mean = mean_m ρ. Every mean divides by ``token_count`` when given
+    (a mini-batch split over processes: see :func:`masked_mean`), else by the mask's count.
     """
     selected = _bool_mask(logprobs, mask)
     # Mask the log-ratio before exp: an overflowing ratio at a padding position would turn the
@@ -336,12 +352,12 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), selected)
+    loss = masked_mean(torch.maximum(unclipped, clipped), selected, count=token_count)
     with torch.no_grad():
-        clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), selected)
-        approxkl = 0.5 * masked_mean(log_ratio.square(), selected)
-        policykl = masked_mean(-log_ratio, selected)
-        ratio_mean = masked_mean(ratio, selected)
+        clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), selected, count=token_count)
+        approxkl = 0.5 * masked_mean(log_ratio.square(), selected, count=token_count)
+        policykl = masked_mean(-log_ratio, selected, count=token_count)
+        ratio_mean = masked_mean(ratio, selected, count=token_count)
     return PolicyLoss(loss=loss, clipfrac=clipfrac, approxkl=approxkl, policykl=policykl, ratio_mean=ratio_mean)
 
 
@@ -355,22 +371,29 @@ class ValueLoss(NamedTuple):
 
 
 def value_loss(
-    vpreds: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+    vpreds: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float,
+    *,
+    token_count: Tensor | float | None = None,
 ) -> ValueLoss:
     """Clipped value loss: ½·mean_m max((V̂−R)², (V̂ᶜ−R)²), V̂ᶜ = clip(V̂, V_old − c, V_old + c).
 
     [B, T] x4 -> ValueLoss of 0-d tensors. clipfrac is the share of tokens where the clipped
-    error is strictly larger; vpred_mean = mean_m V̂; error = mean_m (V̂ − R)².
+    error is strictly larger; vpred_mean = mean_m V̂; error = mean_m (V̂ − R)². Every mean
+    divides by ``token_count`` when given (see :func:`policy_loss`), else by the mask's count.
     """
     selected = _bool_mask(vpreds, mask)
     vclipped = clip_by_value(vpreds, old_values - cliprange_value, old_values + cliprange_value)
     unclipped_error = (vpreds - returns).square()
     clipped_error = (vclipped - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), selected)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), selected, count=token_count)
     with torch.no_grad():
-        clipfrac = masked_mean((clipped_error > unclipped_error).to(vpreds.dtype), selected)
-        vpred_mean = masked_mean(vpreds, selected)
-        error = masked_mean(unclipped_error, selected)
+        clipfrac = masked_mean((clipped_error > unclipped_error).to(vpreds.dtype), selected, count=token_count)
+        vpred_mean = masked_mean(vpreds, selected, count=token_count)
+        error = masked_mean(unclipped_error, selected, count=token_count)
     return ValueLoss(loss=loss, clipfrac=clipfrac, vpred_mean=vpred_mean, error=error)
 
 

@@ -18,8 +18,10 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from torch import Tensor, nn
 
+from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model, disable_dropout
 from rlhf_cli.ppo.config import PPOConfig
+from rlhf_cli.ppo.distributed import cpu_process_group_needed, gather_rows, gather_samples, own_share
 from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
 from rlhf_cli.ppo.functional import (
     Advantages,
@@ -40,7 +42,16 @@ from rlhf_cli.ppo.running_moments import RunningMoments
 from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats, reward_stats, scalar_stats
 from rlhf_cli.rollout.generation import generate_responses
 from rlhf_cli.rollout.packing import PackedBatch, pack_batch
+from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs, zero_stage
 from rlhf_cli.seeding import set_seed
+
+
+# MiniBatchStats fields that each process computes as its share of a mean over the global mini-batch
+# (they depend on its own forward pass); the others are computed from the whole mini-batch's rollout.
+_SHARE_FIELDS = (
+    "policy_loss", "value_loss", "total_loss", "entropy", "approxkl", "policykl", "clipfrac",
+    "vpred", "val_error", "val_clipfrac",
+)
 
 
 def _default_collator(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -67,6 +78,9 @@ class PPOTrainer:
     ``config.batch_size`` (query, response, score) triplets go into each :meth:`step` on each
     process. ``ref_model=None`` makes a frozen copy of ``model`` (sharing its first
     ``num_shared_layers`` layers), or, for a PEFT model, uses the policy with its adapter disabled.
+
+    On P processes a step computes what one process computes on the P·b samples concatenated in
+    rank order (to float rounding): see :mod:`rlhf_cli.ppo.distributed` for the convention.
     """
 
     def __init__(
@@ -95,12 +109,24 @@ class PPOTrainer:
         if ref_model is not None and num_shared_layers is not None:
             raise ValueError("Pass either ref_model or num_shared_layers (which builds the reference), not both.")
 
+        accelerator_kwargs = dict(self.config.accelerator_kwargs)
+        # Processes launched on a CPU-only machine must be told to join over gloo (see distributed.py).
+        accelerator_kwargs.setdefault("cpu", cpu_process_group_needed())
         self.accelerator = Accelerator(
             log_with=self.config.log_with,
             gradient_accumulation_steps=self.config.gradient_accumulation_steps,
             project_config=ProjectConfiguration(**self.config.project_kwargs),
-            **self.config.accelerator_kwargs,
+            **accelerator_kwargs,
         )
+        if zero_stage(self.accelerator) == 3 and not (ref_model is None and model.is_peft_model):
+            raise ConfigError(
+                "DeepSpeed ZeRO-3 shards the policy's parameters over the processes, but a separate reference "
+                "model (a frozen copy, or the ref_model given) would be a full unsharded copy on every device, "
+                "copied from parameters ZeRO-3 may already have partitioned; running it would need its own "
+                "DeepSpeed inference engine, which rlhf_cli does not build. Use LoRA (model.lora.enabled=true, or a "
+                "PEFT model with ref_model=None: the reference is then the policy with its adapter disabled), or "
+                "launch with ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
+            )
         set_seed(self.config.seed)
         self.tokenizer = tokenizer
         self.is_encoder_decoder = model.is_encoder_decoder
@@ -176,9 +202,15 @@ class PPOTrainer:
     @contextlib.contextmanager
     def reference_context(self) -> Iterator[nn.Module]:
         """The module that computes reference logprobs: the frozen model, or the policy with its
-        PEFT adapter disabled (no second copy of the weights)."""
+        PEFT adapter disabled (no second copy of the weights).
+
+        The frozen model is not prepared by Accelerate, so it runs under the accelerator's autocast
+        here: with mixed precision, reference and policy logprobs then come from the same precision
+        and the KL of the untrained policy is zero, not rounding noise.
+        """
         if self.ref_model is not None:
-            yield self.ref_model
+            with self.accelerator.autocast():
+                yield self.ref_model
             return
         with self._unwrapped.pretrained_model.disable_adapter():
             yield self.model
@@ -198,25 +230,26 @@ class PPOTrainer:
         A list is generated in left-padded batches of ``batch_size``; each response is cut after
         its first EOS when ``remove_padding``. ``length_sampler`` draws ``max_new_tokens`` per query.
         """
-        generation_kwargs = dict(generation_kwargs)
         single = isinstance(query_tensor, Tensor)
         queries = [query_tensor] if single else list(query_tensor)
         if single and query_tensor.dim() != 1:
             raise ValueError(f"query_tensor must be 1-D token ids (or a list of them), got shape {tuple(query_tensor.shape)}.")
+        generation_kwargs = {**synced_generation_kwargs(self.accelerator), **generation_kwargs}
         default_budget = generation_kwargs.pop("max_new_tokens", None) or 20
         budgets = [length_sampler() for _ in queries] if length_sampler is not None else default_budget
-        responses = generate_responses(
-            self._unwrapped,
-            queries,
-            max_new_tokens=budgets,
-            pad_token_id=generation_kwargs.pop("pad_token_id", self.pad_token_id),
-            eos_token_id=self.eos_token_id,
-            is_encoder_decoder=self.is_encoder_decoder,
-            batch_size=1 if single else batch_size,
-            device=self.accelerator.device,
-            stop_at_eos=remove_padding,
-            **generation_kwargs,
-        )
+        with generation_model(self.accelerator, self.model) as model:
+            responses = generate_responses(
+                model,
+                queries,
+                max_new_tokens=budgets,
+                pad_token_id=generation_kwargs.pop("pad_token_id", self.pad_token_id),
+                eos_token_id=self.eos_token_id,
+                is_encoder_decoder=self.is_encoder_decoder,
+                batch_size=1 if single else batch_size,
+                device=self.accelerator.device,
+                stop_at_eos=remove_padding,
+                **generation_kwargs,
+            )
         if return_prompt and not self.is_encoder_decoder:
             responses = [torch.cat([q.cpu(), r]) for q, r in zip(queries, responses)]
         return responses[0].unsqueeze(0) if single else responses
@@ -229,7 +262,8 @@ class PPOTrainer:
         scores: list[Tensor] | list[float] | Tensor,
         response_masks: Optional[list[Tensor]] = None,
     ) -> dict[str, Any]:
-        """One PPO step on ``config.batch_size`` samples; returns legacy TRL's stats dict (DESIGN §7)."""
+        """One PPO step on ``config.batch_size`` samples per process; returns legacy TRL's stats dict
+        (DESIGN §7), computed over the global batch of all processes and the same on every process."""
         timer = _Timer()
         step_start = time.perf_counter()
         queries, responses, scores, response_masks = check_step_inputs(
@@ -237,13 +271,14 @@ class PPOTrainer:
         )
         device = self.accelerator.device
 
-        # (a) Score scaling/normalisation/clipping; the running moments see every process's scores.
+        # (a) The global batch, on every process; then score scaling/normalisation/clipping.
         scores = scores.to(device)
-        gathered = self.accelerator.gather(scores) if self.running is not None else None
+        if self.accelerator.num_processes > 1:
+            queries, responses, response_masks = gather_samples(queries, responses, response_masks)
+            scores = self.accelerator.gather(scores)
         scores = process_scores(
             scores,
             running=self.running,
-            gathered=gathered,
             use_score_norm=self.config.use_score_norm,
             score_clip=self.config.score_clip,
         )
@@ -263,15 +298,10 @@ class PPOTrainer:
 
         # (c) Old logprobs and values (policy) and reference logprobs: one no-gradient pass each.
         with timer("forward_pass"):
-            rollout = score_rollout(
-                self.model,
-                self.reference_context,
-                batch,
-                chunk_size=self.config.forward_batch_size or batch.batch_size,
-                need_full_kl=self.config.kl_penalty == "full",
-            )
+            rollout = self._score_global_batch(batch)
 
-        # (d) Per-token rewards (−β·KL, score on the last token) and GAE advantages.
+        # (d) Per-token rewards (−β·KL, score on the last token) and GAE advantages. Every process
+        # holds the whole batch, so whitening uses the statistics of the global batch.
         kl_coef = self.kl_ctl.value
         with timer("compute_rewards"):
             kl = rollout.full_kl if rollout.full_kl is not None else kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.config.kl_penalty)
@@ -296,120 +326,150 @@ class PPOTrainer:
                 learning_rate=self.optimizer.param_groups[0]["lr"],
                 timings=timer.seconds,
             )
-            stats = self._average_across_processes(stats)
         if stats["ppo/skipped_minibatches"] > 0:
             warnings.warn(
                 f"The mean probability ratio exceeded ratio_threshold={self.config.ratio_threshold} in "
                 f"{int(stats['ppo/skipped_minibatches'])} mini-batch(es) of step {self.current_step}; their loss was zeroed.",
                 stacklevel=2,
             )
-        self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.accelerator.num_processes)
+        self.kl_ctl.update(stats["objective/kl"], batch.batch_size)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.current_step += 1
         return stats
 
+    def _score_global_batch(self, batch: PackedBatch) -> RolloutScores:
+        """Rollout scores [B, T] of the global batch: each process scores its own samples (rows
+        r·b … (r+1)·b − 1), then the results are gathered."""
+        processes = self.accelerator.num_processes
+        own = batch
+        if processes > 1:
+            own = batch.select(own_share(torch.arange(batch.batch_size), self.accelerator.process_index, processes))
+        rollout = score_rollout(
+            self.model,
+            self.reference_context,
+            own,
+            chunk_size=self.config.forward_batch_size or own.batch_size,
+            need_full_kl=self.config.kl_penalty == "full",
+        )
+        if processes == 1:
+            return rollout
+        width = batch.response_width
+        return RolloutScores(*(None if t is None else gather_rows(self.accelerator, t, width) for t in rollout))
+
     def _optimise(self, batch: PackedBatch, rollout: RolloutScores, advantages: Advantages) -> list[MiniBatchStats]:
         cfg = self.config
+        global_mini_batch = cfg.mini_batch_size * self.accelerator.num_processes
         self.model.train()
         collected: list[MiniBatchStats] = []
         for _ in range(cfg.ppo_epochs):
+            # The generator advances identically on every process: one permutation of the global rows.
             order = torch.randperm(batch.batch_size, generator=self.shuffle_generator)
             epoch_policykl = []
-            for start in range(0, batch.batch_size, cfg.mini_batch_size):
-                rows = order[start : start + cfg.mini_batch_size]
-                stats = self._train_minibatch(batch, rows, rollout, advantages)
+            for start in range(0, batch.batch_size, global_mini_batch):
+                stats = self._train_minibatch(batch, order[start : start + global_mini_batch], rollout, advantages)
                 collected.append(stats)
                 epoch_policykl.append(stats.policykl)
             if cfg.early_stopping and self._should_stop_early(torch.stack(epoch_policykl).mean()):
                 break
-        return collected
+        return self._sum_shares(collected)
 
     def _train_minibatch(
         self, batch: PackedBatch, rows: Tensor, rollout: RolloutScores, advantages: Advantages
     ) -> MiniBatchStats:
+        """One optimisation mini-batch: ``rows`` are its global rows; this process trains on its share.
+
+        Fields named in ``_SHARE_FIELDS`` are this process's share of a mean over the global
+        mini-batch (summed over processes in :meth:`_sum_shares`); the others are already global.
+        """
         cfg = self.config
-        mb = batch.select(rows)
-        width = mb.response_width
-        index = rows.to(mb.response_ids.device)
+        processes = self.accelerator.num_processes
+        whole = batch.select(rows)
+        mb = whole if processes == 1 else batch.select(own_share(rows, self.accelerator.process_index, processes))
+        token_count = whole.response_mask.sum()
+        device = mb.response_ids.device
+        own_index = (rows if processes == 1 else own_share(rows, self.accelerator.process_index, processes)).to(device)
+        whole_index = rows.to(device)
 
         def take(t: Tensor) -> Tensor:
-            return t[index, :width]
+            return t[own_index, : mb.response_width]
+
+        def take_whole(t: Tensor) -> Tensor:
+            return t[whole_index, : whole.response_width]
 
         mask = mb.response_mask
         old_logprobs, old_values = take(rollout.logprobs), take(rollout.values)
         mb_advantages, mb_returns = take(advantages.advantages), take(advantages.returns)
         with self.accelerator.accumulate(self.model):
             out = response_outputs(self.model, mb)
-            pl = policy_loss(out.logprobs, old_logprobs, mb_advantages, mask, cfg.cliprange)
-            vl = value_loss(out.values, old_values, mb_returns, mask, cfg.cliprange_value)
-            ratio_mean = self._mean_across_processes(pl.ratio_mean.detach())
+            pl = policy_loss(out.logprobs, old_logprobs, mb_advantages, mask, cfg.cliprange, token_count=token_count)
+            vl = value_loss(out.values, old_values, mb_returns, mask, cfg.cliprange_value, token_count=token_count)
+            ratio_mean = self._sum_across_processes(pl.ratio_mean.detach())
             loss = ratio_guard(pl.loss + cfg.vf_coef * vl.loss, ratio_mean, cfg.ratio_threshold)
-            self.accelerator.backward(loss)
+            # The loss is this process's share of the global mini-batch mean; DDP averages the
+            # gradients over the processes, so scaling by their number gives the mean's gradient.
+            self.accelerator.backward(loss * processes)
             if cfg.max_grad_norm is not None and self.accelerator.sync_gradients:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad()
         skipped = (ratio_mean > cfg.ratio_threshold).float()
         keep = 1.0 - skipped  # legacy TRL reports zero losses for a skipped mini-batch
+        whole_mask = whole.response_mask
         with torch.no_grad():
+            old_values_whole, returns_whole = take_whole(rollout.values), take_whole(advantages.returns)
             return MiniBatchStats(
                 policy_loss=pl.loss.detach() * keep,
                 value_loss=vl.loss.detach() * keep,
                 total_loss=loss.detach(),
-                entropy=masked_mean(entropy_from_logits(out.logits.detach()), mask),
+                entropy=masked_mean(entropy_from_logits(out.logits.detach()), mask, count=token_count),
                 approxkl=pl.approxkl,
                 policykl=pl.policykl,
                 clipfrac=pl.clipfrac,
-                advantages_mean=masked_mean(mb_advantages, mask),
-                ratio=pl.ratio_mean,
-                returns_mean=masked_mean(mb_returns, mask),
-                returns_var=masked_var(mb_returns, mask),
+                advantages_mean=masked_mean(take_whole(advantages.advantages), whole_mask),
+                ratio=ratio_mean,
+                returns_mean=masked_mean(returns_whole, whole_mask),
+                returns_var=masked_var(returns_whole, whole_mask),
                 vpred=vl.vpred_mean,
                 val_error=vl.error,
                 val_clipfrac=vl.clipfrac,
-                val_mean=masked_mean(old_values, mask),
-                val_var=masked_var(old_values, mask),
+                val_mean=masked_mean(old_values_whole, whole_mask),
+                val_var=masked_var(old_values_whole, whole_mask),
                 skipped=skipped,
             )
 
     def _should_stop_early(self, policykl: Tensor) -> bool:
         """Stop the epochs when the policy moved too far (agreed across processes: one host sync)."""
-        policykl = self._mean_across_processes(policykl)
+        policykl = self._sum_across_processes(policykl)
         return bool(policykl > 1.5 * self.config.target_kl)
 
     # Multi-process helpers ---------------------------------------------------------------------
-    def _mean_across_processes(self, value: Tensor) -> Tensor:
+    def _sum_across_processes(self, value: Tensor) -> Tensor:
         if self.accelerator.num_processes == 1:
             return value
-        return self.accelerator.reduce(value, reduction="mean")
+        return self.accelerator.reduce(value, reduction="sum")
 
-    def _average_across_processes(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """Mini-batch scalars are per-process means: average them so every rank logs the same."""
+    def _sum_shares(self, collected: list[MiniBatchStats]) -> list[MiniBatchStats]:
+        """Add up the processes' shares of every mini-batch's means (one collective per step)."""
         if self.accelerator.num_processes == 1:
-            return stats
-        keys = [k for k, v in scalar_stats(stats).items() if k.startswith(("ppo/loss", "ppo/policy", "ppo/returns", "ppo/val"))]
-        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        values = self.accelerator.reduce(values, reduction="mean").cpu()
-        stats.update({k: float(v) for k, v in zip(keys, values)})
-        return stats
+            return collected
+        columns = [MiniBatchStats._fields.index(name) for name in _SHARE_FIELDS]
+        table = torch.stack([torch.stack([t.float() for t in mb]) for mb in collected])
+        table[:, columns] = self.accelerator.reduce(table[:, columns].contiguous(), reduction="sum")
+        return [MiniBatchStats(*row.unbind()) for row in table]
 
     def _rollout_stats(
         self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor
     ) -> RolloutStats:
         mask = batch.response_mask
-        gather = self.accelerator.gather
         device = mask.device
-        non_score_sum = torch.stack([(non_score * mask).sum(), mask.sum()])
-        if self.accelerator.num_processes > 1:
-            non_score_sum = self.accelerator.reduce(non_score_sum, reduction="sum")
         return RolloutStats(
-            kl_per_sample=gather((kl * mask).sum(dim=-1)),
-            neg_logprob_sum=gather((-rollout.logprobs * mask).sum(dim=-1)),
-            mean_non_score_reward=non_score_sum[0] / non_score_sum[1],
-            scores=gather(scores),
-            query_lengths=gather(torch.tensor(batch.query_lengths, device=device, dtype=torch.float32)),
-            response_lengths=gather(torch.tensor(batch.response_lengths, device=device, dtype=torch.float32)),
+            kl_per_sample=(kl * mask).sum(dim=-1),
+            neg_logprob_sum=(-rollout.logprobs * mask).sum(dim=-1),
+            mean_non_score_reward=(non_score * mask).sum() / mask.sum(),
+            scores=scores,
+            query_lengths=torch.tensor(batch.query_lengths, device=device, dtype=torch.float32),
+            response_lengths=torch.tensor(batch.response_lengths, device=device, dtype=torch.float32),
             logprobs=rollout.logprobs,
             ref_logprobs=rollout.ref_logprobs,
         )

@@ -1,0 +1,45 @@
+"""What each process of the 2-process test launch runs (``python -m tests.distributed.harness OUT``).
+
+1. A whole ``rlhf train +recipe=smoke`` run through the engine's :class:`TrainingRun`, then a
+   checksum of this rank's policy weights.
+2. The fixed-rollout scenarios of :mod:`tests.distributed.scenarios` on this rank's half of each
+   batch: weights and stats after every step.
+
+Everything goes to ``OUT/rank{r}.pt`` for the test to compare.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    from rlhf_cli.config.compose import compose_train_config
+    from rlhf_cli.engine.components import launch_state
+    from rlhf_cli.engine.train import TrainingRun
+    from tests.distributed.scenarios import SCENARIOS, checksum, run_steps
+
+    # The process state must exist before anything else touches Accelerate, as at the engine's entry.
+    state = launch_state()
+    cfg = compose_train_config(["+recipe=smoke", f"output_dir={out_dir / 'run'}", "eval_prompts=0", "logging.progress=false"])
+    run = TrainingRun(cfg)
+    for _ in range(run.steps):
+        run.train_step()
+    policy = run.trainer.accelerator.unwrap_model(run.trainer.model)
+    train = {
+        "num_processes": run.state.num_processes,
+        "process_index": run.state.process_index,
+        "checksum": checksum(policy.state_dict()),
+    }
+    run.finish()
+
+    scenarios = {name: run_steps(name, state.process_index, state.num_processes) for name in SCENARIOS}
+    torch.save({"train": train, "scenarios": scenarios}, out_dir / f"rank{state.process_index}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,104 @@
+"""Fixed rollouts and trainer settings shared by the 2-process harness and the 1-process reference.
+
+Sizes are global (both processes together); :func:`make_trainer` divides them by the number of
+processes. Process r receives rows r·b … (r+1)·b − 1 of each global batch, and the 1-process
+reference receives the whole batch in this order (the convention of ``rlhf_cli.ppo.distributed``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from rlhf_cli import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from tests.tiny import make_tiny_gpt2, make_word_tokenizer
+
+GLOBAL_BATCH = 8
+STEPS = 2
+
+# name -> (global PPOConfig sizes and knobs, optimizer, LoRA). Plain SGD where weights are compared
+# tightly: Adam divides by the root of tiny second moments, which turns float noise of near-zero
+# gradients (summation order differs between 1 and 2 processes) into visible steps.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    # Two mini-batches per epoch, two epochs, whitened rewards, full-vocabulary KL, score scaling.
+    "minibatches": dict(
+        config=dict(mini_batch_size=4, ppo_epochs=2, whiten_rewards=True, kl_penalty="full",
+                    use_score_scaling=True, use_score_norm=True, max_grad_norm=0.5),
+        optimizer="sgd",
+    ),
+    # Gradient accumulation over two mini-batches of 2, early stopping that can trip, response masks
+    # (the first token of longer responses excluded from the loss).
+    "accumulation": dict(
+        config=dict(mini_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=3, early_stopping=True, target_kl=0.02),
+        optimizer="sgd",
+        response_masks=True,
+    ),
+    # The default optimiser (Adam) on one mini-batch: equal to float tolerance, not bit for bit.
+    "adam": dict(config=dict(mini_batch_size=8, ppo_epochs=2, learning_rate=3e-4), optimizer="adam"),
+    # LoRA: the reference is the policy with its adapter disabled.
+    "lora": dict(config=dict(mini_batch_size=4, ppo_epochs=1), optimizer="sgd", lora=True),
+}
+
+
+def tokenizer():
+    return make_word_tokenizer()
+
+
+def global_batch(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """Ragged queries (1–6 tokens), responses (1–8 tokens) and scores of step ``step``."""
+    vocab = len(tokenizer())
+    gen = torch.Generator().manual_seed(100 + step)
+    lengths = lambda high: int(torch.randint(1, high, (1,), generator=gen))  # noqa: E731
+    queries = [torch.randint(3, vocab, (lengths(7),), generator=gen) for _ in range(GLOBAL_BATCH)]
+    responses = [torch.randint(3, vocab, (lengths(9),), generator=gen) for _ in range(GLOBAL_BATCH)]
+    scores = [float(s) for s in 2 * torch.randn(GLOBAL_BATCH, generator=gen)]
+    return queries, responses, scores
+
+
+def make_trainer(name: str, num_processes: int) -> PPOTrainer:
+    scenario = SCENARIOS[name]
+    knobs = dict(scenario["config"])
+    knobs["mini_batch_size"] //= num_processes
+    config = PPOConfig(batch_size=GLOBAL_BATCH // num_processes, learning_rate=knobs.pop("learning_rate", 0.5), seed=3, **knobs)
+    language_model = make_tiny_gpt2(tokenizer(), seed=7)
+    if scenario.get("lora"):
+        import peft
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(11)
+            # init_lora_weights=False: a nonzero adapter, so the policy differs from its reference.
+            lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False)
+            language_model = peft.get_peft_model(language_model, lora)
+    torch.manual_seed(5)  # the value head's init
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(language_model)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=config.learning_rate) if scenario["optimizer"] == "sgd" else None
+    return PPOTrainer(config, policy, tokenizer=tokenizer(), optimizer=optimizer)
+
+
+def run_steps(name: str, process_index: int, num_processes: int) -> dict[str, Any]:
+    """STEPS steps of scenario ``name`` on this process's share; weights and scalar stats after each."""
+    trainer = make_trainer(name, num_processes)
+    share = GLOBAL_BATCH // num_processes
+    rows = slice(process_index * share, (process_index + 1) * share)
+    weights, stats = [], []
+    for step in range(STEPS):
+        queries, responses, scores = global_batch(step)
+        masks = None
+        if SCENARIOS[name].get("response_masks"):
+            masks = [(torch.arange(len(r)) > 0).long() if len(r) > 1 else torch.ones(1, dtype=torch.long) for r in responses[rows]]
+        step_stats = trainer.step(queries[rows], responses[rows], scores[rows], response_masks=masks)
+        weights.append({k: v.detach().cpu().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()})
+        stats.append({k: float(v) for k, v in step_stats.items() if isinstance(v, float) and not k.startswith("time/")})
+    return {"weights": weights, "stats": stats}
+
+
+def checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's bytes in key order: equal only for bit-identical weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,107 @@
+"""configs/accelerate/*.yaml are valid for `accelerate launch --config_file`: parsed by Accelerate's own
+loader and launch-argument validation, and mapped to the environment its launchers give the processes."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import ComputeEnvironment, DistributedType
+from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+from rlhf_cli.config.compose import compose_train_config
+from rlhf_cli.engine.components import check_launch
+from rlhf_cli.errors import ConfigError
+from tests.cli.test_compose import uncommented_keys
+
+ACCELERATE_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+
+# file -> (distributed type, launcher flag `accelerate launch` derives from it)
+EXPECTED = {
+    "cpu_ddp": (DistributedType.MULTI_GPU, "multi_gpu"),
+    "ddp": (DistributedType.MULTI_GPU, "multi_gpu"),
+    "multi_node": (DistributedType.MULTI_GPU, "multi_gpu"),
+    "fsdp": (DistributedType.FSDP, "use_fsdp"),
+    "deepspeed_zero2": (DistributedType.DEEPSPEED, "use_deepspeed"),
+    "deepspeed_zero3": (DistributedType.DEEPSPEED, "use_deepspeed"),
+}
+
+
+def test_the_expected_files_exist():
+    assert sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml")) == sorted(EXPECTED)
+
+
+def _launch_args(name: str):
+    """What `accelerate launch --config_file NAME.yaml -m rlhf_cli train` turns into after validation."""
+    args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE_DIR / f"{name}.yaml"), "-m", "rlhf_cli", "train"])
+    args, defaults, _ = _validate_launch_command(args)
+    return args, defaults
+
+
+def _process_env(name: str) -> dict[str, str]:
+    """The environment Accelerate's launcher gives each process for NAME.yaml."""
+    args, defaults = _launch_args(name)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_accelerate_parses_and_validates_the_file(name):
+    config = load_config_from_file(str(ACCELERATE_DIR / f"{name}.yaml"))
+    distributed_type, launcher_flag = EXPECTED[name]
+    assert isinstance(config, ClusterConfig)
+    assert config.compute_environment == ComputeEnvironment.LOCAL_MACHINE
+    assert config.distributed_type == distributed_type
+    assert config.num_processes >= 2 and config.num_machines >= 1 and config.mixed_precision == "no"
+    args, _ = _launch_args(name)
+    assert getattr(args, launcher_flag) is True
+    assert args.num_processes == config.num_processes
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_field_has_a_comment_above_it(name):
+    assert uncommented_keys(ACCELERATE_DIR / f"{name}.yaml") == []
+
+
+def test_cpu_ddp_keeps_processes_on_the_cpu_with_one_thread_each():
+    config = load_config_from_file(str(ACCELERATE_DIR / "cpu_ddp.yaml"))
+    assert config.use_cpu is True and config.num_machines == 1
+    assert _process_env("cpu_ddp")["OMP_NUM_THREADS"] == "1"
+
+
+def test_multi_node_example_names_two_machines_and_a_main_address():
+    config = load_config_from_file(str(ACCELERATE_DIR / "multi_node.yaml"))
+    assert config.num_machines == 2 and config.machine_rank == 0
+    assert config.main_process_ip and config.main_process_port
+    assert config.num_processes % config.num_machines == 0
+
+
+def test_fsdp_file_asks_for_fsdp1_full_shard_with_full_state_dict():
+    env = _process_env("fsdp")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "1"
+    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    # Frozen parameters (reference sharing, LoRA) need the original parameters kept.
+    assert env["FSDP_USE_ORIG_PARAMS"] == "true" and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
+
+
+@pytest.mark.parametrize(("name", "stage"), [("deepspeed_zero2", "2"), ("deepspeed_zero3", "3")])
+def test_deepspeed_files_set_their_zero_stage(name, stage):
+    env = _process_env(name)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == stage
+
+
+def test_zero3_launch_is_refused_without_lora_and_accepted_with_it(monkeypatch):
+    """rlhf_cli's own pre-load check reads the environment the ZeRO-3 file produces."""
+    for key, value in _process_env("deepspeed_zero3").items():
+        if key.startswith("ACCELERATE_DEEPSPEED") or key == "ACCELERATE_USE_DEEPSPEED":
+            monkeypatch.setenv(key, value)
+    state = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="ZeRO-3.*model.lora.enabled=true"):
+        check_launch(compose_train_config(["+recipe=smoke"]), state)
+    check_launch(compose_train_config(["+recipe=smoke", "model.lora.enabled=true"]), state)
