@@ -85,16 +85,19 @@ def _make_task(failures: list[int]) -> Callable[[DictConfig], None]:
     to Hydra, which prints their traceback."""
     from rlhf_cli.config.compose import finalize
     from rlhf_cli.errors import RlhfError
+    from rlhf_cli.hub import check_offline_downloads
 
     def train(cfg: DictConfig) -> None:
         try:
             cfg = finalize(cfg)
+            # Offline, every missing Hub download in one message, before torch and the engine load.
+            check_offline_downloads(cfg)
             from rlhf_cli.engine.train import run_training
 
             run_training(cfg)
         except RlhfError as err:
             failures.append(err.exit_code)
-            print_error(_job_label() + str(err))
+            print_error(_job_label() + str(err), prefix=err.label)
 
     return train
 
@@ -210,12 +213,59 @@ def recipes_command(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# rlhf eval / rlhf export
+# ---------------------------------------------------------------------------------------------------
+
+
+def eval_command(argv: list[str]) -> int:
+    """``rlhf eval RUN_DIR [--prompts N]``: before/after table of a finished run; writes report.md, curves.png."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} eval", description=eval_command.__doc__)
+    parser.add_argument("run_dir", help="the output_dir of a finished `rlhf train` run")
+    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts to compare (default: the run's eval_prompts)")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    from rlhf_cli.engine.evaluate import evaluate_run
+    from rlhf_cli.engine.report import comparison_table
+
+    comparison = evaluate_run(args.run_dir, prompts=args.prompts)
+    console = Console()
+    console.print(comparison_table(comparison))
+    console.print(f"wrote {args.run_dir}/report.md and {args.run_dir}/curves.png")
+    return 0
+
+
+def export_command(argv: list[str]) -> int:
+    """``rlhf export CHECKPOINT OUT``: a checkpoint as a plain Hugging Face model directory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} export", description=export_command.__doc__)
+    parser.add_argument("checkpoint", help="a checkpoints/step-N directory, or a run directory (its newest checkpoint)")
+    parser.add_argument("out", help="new directory to write (AutoModelForCausalLM.from_pretrained loads it)")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    import transformers
+
+    from rlhf_cli.engine.export import export_checkpoint
+
+    transformers.utils.logging.disable_progress_bar()  # no tqdm bar per saved shard
+    source = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"exported {source} -> {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train_command, "fine-tune a model with PPO (Hydra overrides: key=value, group=option, +recipe=NAME)"),
     "recipes": (recipes_command, "list the recipes with a one-line description each"),
+    "eval": (eval_command, "before/after table of a finished run on held-out prompts (writes report.md, curves.png)"),
+    "export": (export_command, "write a checkpoint as a plain Hugging Face model directory"),
 }
 
 
@@ -270,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(rest)
     except RlhfError as err:
-        print_error(err)
+        print_error(err, prefix=err.label)
         return err.exit_code
     except KeyboardInterrupt:
         print_error("interrupted.", prefix="Stopped:")

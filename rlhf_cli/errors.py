@@ -14,6 +14,8 @@ class RlhfError(Exception):
     """
 
     exit_code: int = 2
+    # How the command line introduces the message.
+    label: str = "Error:"
 
 
 class ConfigError(RlhfError, ValueError):

@@ -18,14 +18,13 @@ datasets cache, the package directory or the working directory, and no global RN
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from rlhf_cli.data.sources import describe_source, load_text_dataset
+from rlhf_cli.data.sources import datasets_quiet, describe_source, load_text_dataset
 from rlhf_cli.data.text import clean_html_batch
 from rlhf_cli.errors import DataError
 
@@ -142,7 +141,7 @@ def _prepared_texts(cfg: Any, split: str) -> tuple["datasets.Dataset", _Funnel]:
     if cfg.text_column != "text":
         texts = texts.rename_column(cfg.text_column, "text")
     min_chars = cfg.min_text_chars
-    with _datasets_quiet():
+    with datasets_quiet():
         if cfg.clean_html:
             texts = texts.map(
                 lambda batch: {"text": clean_html_batch(batch["text"])},
@@ -181,7 +180,7 @@ def _tokenized(
 
     # A batched map may return fewer rows than it got: dropping short texts needs no second pass.
     # Explicit features keep the columns even when there are no rows (eval_size=0).
-    with _datasets_quiet():
+    with datasets_quiet():
         return texts.map(
             to_prompts,
             batched=True,
@@ -247,18 +246,3 @@ def _raise_empty(what: str, source: str, funnel: _Funnel) -> None:
         f"dataset.min_text_chars, dataset.prompt_min_tokens, dataset.max_samples and dataset.eval_size), "
         f"or point the dataset at more text."
     )
-
-
-@contextlib.contextmanager
-def _datasets_quiet() -> Iterator[None]:
-    """Hide datasets' progress bars for in-memory maps (noise on the console; loading keeps its download
-    bars); restore the caller's setting after."""
-    import datasets
-
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()

@@ -6,14 +6,15 @@ filtering and tokenising happen later, in :mod:`rlhf_cli.data.prompts`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rlhf_cli.errors import DataError
-from rlhf_cli.hub import hub_offline
+from rlhf_cli.hub import datasets_offline, is_dataset_cached
 
 if TYPE_CHECKING:
     import datasets
@@ -83,26 +84,26 @@ def check_text_column(dataset: "datasets.Dataset", column: str, where: str) -> N
         )
 
 
+@contextlib.contextmanager
+def datasets_quiet() -> Iterator[None]:
+    """Hide datasets' progress bars (in-memory maps, reading local files: noise on the console, and on
+    stderr in front of an error message); restore the caller's setting after. Hub downloads keep theirs."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def _load_imdb_local(cfg: Any, split: str) -> "datasets.Dataset":
     from rlhf_cli.data.imdb_local import load_imdb_reviews
 
     # Cleaning is left to the prompt pipeline, which applies dataset.clean_html to every source alike.
     return load_imdb_reviews(split, clean_html=False)
-
-
-def _datasets_offline() -> bool:
-    flag = os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower()
-    return hub_offline() or flag in {"1", "true", "yes", "on"}
-
-
-def _hub_dataset_cached(path: str) -> bool:
-    """Whether ``path`` (a Hub dataset id) left files in the Hub cache or the datasets cache."""
-    import datasets.config
-    from huggingface_hub import constants
-
-    hub_dir = Path(constants.HF_HUB_CACHE) / ("datasets--" + path.replace("/", "--"))
-    prepared_dir = Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")
-    return hub_dir.is_dir() or prepared_dir.is_dir()
 
 
 def _load_hub(cfg: Any, split: str) -> "datasets.Dataset":
@@ -114,7 +115,7 @@ def _load_hub(cfg: Any, split: str) -> "datasets.Dataset":
             "dataset.source=imdb_local for the packaged IMDb reviews."
         )
     is_local_dir = Path(os.path.expanduser(cfg.path)).is_dir()
-    if not is_local_dir and _datasets_offline() and not _hub_dataset_cached(cfg.path):
+    if not is_local_dir and datasets_offline() and not is_dataset_cached(cfg.path):
         raise DataError(
             f"dataset.path={cfg.path} is a Hugging Face Hub dataset, but the Hub is offline "
             f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and it is not in the local cache. Use local "
@@ -184,7 +185,8 @@ def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
         )
     builder = next(iter(builders.values()))
     try:
-        return datasets.load_dataset(builder, data_files=paths, split="train")
+        with datasets_quiet():  # no "Generating train split" bar for a local read
+            return datasets.load_dataset(builder, data_files=paths, split="train")
     except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
         raise DataError(
             f"Could not read dataset.data_files {paths} as {builder}: {type(err).__name__}: {err}. "

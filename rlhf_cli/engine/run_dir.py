@@ -7,6 +7,7 @@ differ by a second between ranks), and only rank 0 writes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +54,27 @@ class RunDirectory:
     def trackers_dir(self) -> Path:
         return self.root / "trackers"
 
-    def create(self, cfg: DictConfig) -> None:
+    @property
+    def report_path(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def curves_path(self) -> Path:
+        return self.root / "curves.png"
+
+    def create(self, cfg: DictConfig, *, resumed_step: int | None = None) -> None:
+        """Write config.yaml; start metrics.jsonl afresh, or on resume keep the lines up to
+        ``resumed_step`` (steps after it were lost with the interruption and are run again)."""
         if not self.is_main:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-        # A fresh run starts a fresh metrics file (resume appends; see the checkpoint module).
-        self.metrics_path.write_text("", encoding="utf-8")
+        if resumed_step is None or not self.metrics_path.exists():
+            self.metrics_path.write_text("", encoding="utf-8")
+            return
+        kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= resumed_step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def metrics(self) -> MetricsFile:
         return MetricsFile(self.metrics_path)

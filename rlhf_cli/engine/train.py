@@ -5,6 +5,7 @@ Stage numbers in comments follow DESIGN §4.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +14,23 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from accelerate import PartialState
 from omegaconf import DictConfig
-from rich.table import Table
 
 from rlhf_cli.data.prompts import build_prompt_data
-from rlhf_cli.engine.batches import PromptStream
-from rlhf_cli.engine.components import ppo_config_from, total_steps
-from rlhf_cli.engine.report import Comparison, compare_before_after
+from rlhf_cli.engine import checkpoint as ckpt
+from rlhf_cli.engine.batches import PromptStream, StreamPosition
+from rlhf_cli.engine.components import check_launch, launch_state, ppo_config_from, total_steps
+from rlhf_cli.engine.export import save_final
+from rlhf_cli.engine.report import Comparison, compare_before_after, comparison_table, plot_curves, report_markdown
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
+from rlhf_cli.engine.signals import Preempted, StopRequest
 from rlhf_cli.logging import Reporter
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.stats import reward_stats
 from rlhf_cli.ppo.trainer import PPOTrainer
 from rlhf_cli.rewards import build_reward, score_responses
 from rlhf_cli.rollout.generation import generate_responses
+from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs
 from rlhf_cli.seeding import set_seed
 
 
@@ -41,13 +44,13 @@ class RunSummary:
     comparison: Comparison | None = None
 
 
-def generation_settings(cfg: DictConfig, trainer: PPOTrainer) -> dict[str, Any]:
+def generation_settings(cfg: DictConfig, *, pad_token_id: int, eos_token_id: int | None, is_encoder_decoder: bool) -> dict[str, Any]:
     """Keyword arguments for :func:`generate_responses` (budgets excluded)."""
     gen = cfg.generation
     return dict(
-        pad_token_id=trainer.pad_token_id,
-        eos_token_id=trainer.eos_token_id,
-        is_encoder_decoder=trainer.is_encoder_decoder,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        is_encoder_decoder=is_encoder_decoder,
         batch_size=gen.batch_size,
         do_sample=bool(gen.do_sample),
         top_k=int(gen.top_k),
@@ -60,16 +63,21 @@ class TrainingRun:
     """One run: its parts are built once, then :meth:`train_step` is called ``steps`` times."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.state = PartialState()
+        self.state = launch_state()
         # Our own console shows progress; transformers' per-save tqdm bars would interleave with it.
         transformers.utils.logging.disable_progress_bar()
         self.cfg = shared_resolved_config(cfg, self.state)
         cfg = self.cfg
+        check_launch(cfg, self.state)  # sizes, precision, LoRA, sharding: before any model loads
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.run_dir = RunDirectory(Path(cfg.output_dir), is_main=self.state.is_main_process)
-        self.run_dir.create(cfg)
+        self.reporter = Reporter(total_steps=0, enabled=self.state.is_main_process, progress=False)
+        # A checkpoint is checked (and loaded, below) before anything in the run directory is written.
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir.root)
+        saved = self._check_resumable(self.resume_from) if self.resume_from else None
 
+        set_seed(int(cfg.seed))  # the value head's initialisation
         policy, self.tokenizer = load_policy_and_tokenizer(cfg.model, disable_dropout=bool(cfg.ppo.disable_dropout))
         self.data = build_prompt_data(cfg.dataset, self.tokenizer, seed=int(cfg.seed))
         self.reward_fn = build_reward(cfg.reward)
@@ -87,30 +95,116 @@ class TrainingRun:
         # lengths come from their own generator so they do not shift the sampling stream.
         set_seed(int(cfg.seed) + self.state.process_index)
         self.length_rng = np.random.default_rng([int(cfg.seed), self.state.process_index, 1])
-        self.generation = generation_settings(cfg, self.trainer)
+        self.loop = ckpt.LoopState()
+        if self.resume_from is not None:
+            self._restore(self.resume_from, saved)
+        # Only now, with the checkpoint loaded and every part built, is the run directory written.
+        self.run_dir.create(cfg, resumed_step=saved["step"] if saved else None)
+        self.generation = generation_settings(
+            cfg,
+            pad_token_id=self.trainer.pad_token_id,
+            eos_token_id=self.trainer.eos_token_id,
+            is_encoder_decoder=self.trainer.is_encoder_decoder,
+        )
         self.metrics = self.run_dir.metrics()
         self.reporter = Reporter(
             total_steps=self.steps, enabled=self.state.is_main_process, progress=bool(cfg.logging.progress)
         )
 
+    # Checkpoints -------------------------------------------------------------------------------
+    def _check_resumable(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's state, after checking it fits this run (CheckpointError otherwise)."""
+        saved, saved_cfg = ckpt.read_checkpoint(path)
+        if int(saved["num_processes"]) != self.state.num_processes:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {saved['num_processes']} process(es); resume it with the same number "
+                f"(this launch has {self.state.num_processes})."
+            )
+        changes = ckpt.compare_configs(saved_cfg, self.cfg)
+        if changes.breaking:
+            raise ckpt.CheckpointError(
+                f"Cannot resume from {path}: the config changes what the checkpoint was made for — "
+                + "; ".join(changes.breaking)
+                + ". Resume with the checkpoint's values (its config.yaml), or start a fresh run in another output_dir."
+            )
+        self.reporter.print(f"Resuming from [bold]{path}[/] (after step {saved['step']}).")
+        for line in changes.harmless:
+            self.reporter.print(f"  changed (harmless): {line}")
+        for line in changes.other:
+            self.reporter.print(f"  changed (training differs from here on): {line}")
+        return saved
+
+    def _restore(self, path: Path, saved: dict[str, Any]) -> None:
+        accelerator = self.trainer.accelerator
+        ckpt.load_weights(path, accelerator.unwrap_model(self.trainer.model))
+        self.trainer.load_state_dict(ckpt.load_trainer_state(path))
+        ckpt.restore_rng(ckpt.load_rng_file(path, self.state.process_index), self.length_rng)
+        self.stream.position = StreamPosition(int(saved["epoch"]), int(saved["batch_in_epoch"]))
+        self.loop = ckpt.LoopState(
+            step=int(saved["step"]),
+            epoch=int(saved["epoch"]),
+            batch_in_epoch=int(saved["batch_in_epoch"]),
+            reward_means=[float(r) for r in saved["reward_means"]],
+        )
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` (all ranks take part: each saves its own RNG state)."""
+        accelerator = self.trainer.accelerator
+        tmp = ckpt.temporary_dir(self.run_dir.root, self.loop.step)
+        if self.state.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash while writing this very step
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        ckpt.write_rng_file(tmp, self.state.process_index, self.length_rng)
+        accelerator.wait_for_everyone()
+        if self.state.is_main_process:
+            ckpt.write_main_files(
+                tmp,
+                model=accelerator.unwrap_model(self.trainer.model),
+                trainer_state=self.trainer.state_dict(),
+                tokenizer=self.tokenizer,
+                cfg=self.cfg,
+                loop=self.loop,
+                num_processes=self.state.num_processes,
+            )
+            ckpt.publish(tmp, self.loop.step, int(self.cfg.checkpoint.keep))
+        accelerator.wait_for_everyone()
+        return tmp.parent / f"step-{self.loop.step}"
+
+    def checkpoint_due(self) -> bool:
+        every = int(self.cfg.checkpoint.every)
+        return every > 0 and self.loop.step % every == 0
+
+    def stop_requested(self, request: StopRequest) -> bool:
+        """Whether any process received a stop signal (one tiny all-reduce when distributed)."""
+        flag = request.received is not None
+        if self.state.num_processes == 1:
+            return flag
+        accelerator = self.trainer.accelerator
+        return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
+
     def _budgets(self, n: int) -> list[int]:
         gen = self.cfg.generation
         return self.length_rng.integers(int(gen.response_min_tokens), int(gen.response_max_tokens) + 1, size=n).tolist()
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """One PPO step; returns the scalar metrics written for it."""
+    def train_step(self) -> dict[str, Any]:
+        """One PPO step; returns the metrics written for it."""
+        step = self.loop.step + 1
         accelerator = self.trainer.accelerator
         start = time.perf_counter()
         # 1. A batch of prompts (this process's share).
         batch = self.stream.next_batch()
         # 2. Rollout: batched generation with the KV cache, cut at EOS.
-        responses = generate_responses(
-            accelerator.unwrap_model(self.trainer.model),
-            batch.input_ids,
-            max_new_tokens=self._budgets(len(batch.input_ids)),
-            device=accelerator.device,
-            **self.generation,
-        )
+        with generation_model(accelerator, self.trainer.model) as model:
+            responses = generate_responses(
+                model,
+                batch.input_ids,
+                max_new_tokens=self._budgets(len(batch.input_ids)),
+                device=accelerator.device,
+                **self.generation,
+                **synced_generation_kwargs(accelerator),
+            )
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         generated = time.perf_counter()
         # 3. Reward: one float per (prompt, response).
@@ -135,6 +229,9 @@ class TrainingRun:
             }
         )
         self._log(step, stats, batch.queries, texts, scores.tolist())
+        self.loop.step = step
+        self.loop.epoch, self.loop.batch_in_epoch = self.stream.position.epoch, self.stream.position.batch_in_epoch
+        self.loop.reward_means.append(stats["env/reward_mean"])
         return stats
 
     def _log(self, step: int, stats: dict[str, Any], queries: list[str], texts: list[str], rewards: list[float]) -> None:
@@ -151,21 +248,26 @@ class TrainingRun:
             rows = int(log.sample_rows)
             self.reporter.sample_table(f"samples at step {step}", queries[:rows], texts[:rows], rewards[:rows])
 
-    def finish(self, reward_means: list[float]) -> RunSummary:
-        """Save ``final/`` and print the before/after table (main process)."""
+    def finish(self) -> RunSummary:
+        """Save ``final/``, print the before/after table, write report.md and curves.png (main process)."""
         accelerator = self.trainer.accelerator
         accelerator.wait_for_everyone()
         policy = accelerator.unwrap_model(self.trainer.model)
         comparison = None
         if self.state.is_main_process:
-            policy.save_pretrained(self.run_dir.final_dir)
-            self.tokenizer.save_pretrained(self.run_dir.final_dir)
+            save_final(policy, self.tokenizer, self.run_dir.final_dir)
             comparison = self._compare(policy)
-            self._print_summary(reward_means, comparison)
+            if comparison is not None:
+                self.run_dir.report_path.write_text(
+                    report_markdown(comparison, title=f"rlhf_cli run {self.run_dir.root.name}", reward_means=self.loop.reward_means),
+                    encoding="utf-8",
+                )
+            plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path)
+            self._print_summary(self.loop.reward_means, comparison)
         accelerator.wait_for_everyone()
         if self.trainer.config.log_with:
             accelerator.end_training()
-        return RunSummary(self.run_dir.root, self.steps, reward_means, comparison)
+        return RunSummary(self.run_dir.root, self.steps, list(self.loop.reward_means), comparison)
 
     def _compare(self, policy) -> Comparison | None:
         rows = min(int(self.cfg.eval_prompts), len(self.data.heldout))
@@ -191,30 +293,30 @@ class TrainingRun:
     def _print_summary(self, reward_means: list[float], comparison: Comparison | None) -> None:
         reporter = self.reporter
         if comparison is not None:
-            table = Table(title="before / after training (held-out prompts)", expand=True)
-            table.add_column("prompt", ratio=2, overflow="fold")
-            table.add_column("before", ratio=3, overflow="fold")
-            table.add_column("reward", justify="right", no_wrap=True)
-            table.add_column("after", ratio=3, overflow="fold")
-            table.add_column("reward", justify="right", no_wrap=True)
-            for row in zip(comparison.prompts, comparison.before, comparison.before_rewards, comparison.after, comparison.after_rewards):
-                table.add_row(row[0], row[1], f"{row[2]:+.3f}", row[3], f"{row[4]:+.3f}")
-            table.add_row("[bold]mean[/]", "", f"[bold]{comparison.mean_before:+.3f}[/]", "", f"[bold]{comparison.mean_after:+.3f}[/]")
-            reporter.print(table)
+            reporter.print(comparison_table(comparison))
         window = max(1, min(5, len(reward_means) // 4))
         if len(reward_means) >= 2 * window:
             first = sum(reward_means[:window]) / window
             last = sum(reward_means[-window:]) / window
             reporter.print(f"mean reward: first {window} steps {first:+.3f} → last {window} steps {last:+.3f}")
-        reporter.print(f"run directory: [bold]{self.run_dir.root}[/]  (config.yaml, metrics.jsonl, final/)")
+        reporter.print(f"run directory: [bold]{self.run_dir.root}[/]  (config.yaml, metrics.jsonl, final/, report.md, curves.png)")
 
 
 def run_training(cfg: DictConfig) -> RunSummary:
-    """Run a whole training job described by a composed ``rlhf train`` config."""
+    """Run (or continue) a whole training job described by a composed ``rlhf train`` config.
+
+    SIGTERM/SIGINT finish the current step, write a checkpoint and raise :class:`Preempted`.
+    """
     run = TrainingRun(cfg)
-    reward_means: list[float] = []
-    with run.reporter:
-        for step in range(1, run.steps + 1):
-            stats = run.train_step(step)
-            reward_means.append(stats["env/reward_mean"])
-    return run.finish(reward_means)
+    with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
+        while run.loop.step < run.steps:
+            run.train_step()
+            saved = run.save_checkpoint() if run.checkpoint_due() else None
+            if run.stop_requested(stop):
+                saved = saved or run.save_checkpoint()
+                raise Preempted(
+                    f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of {run.steps} "
+                    f"and wrote the checkpoint {saved}. Continue it with the same command plus "
+                    f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
+                )
+    return run.finish()
