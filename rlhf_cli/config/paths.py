@@ -55,3 +55,18 @@ def recipe_description(path: Path) -> str:
             if text and not text.startswith("@package"):
                 return text
     return ""
+
+
+# configs/ subdirectories that are not Hydra config groups (files for other tools).
+NOT_CONFIG_GROUPS = ("accelerate",)
+
+
+def group_options() -> dict[str, list[str]]:
+    """Config group -> its option names, as found in configs/ (accelerate launch files excluded)."""
+    root = config_dir()
+    groups = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_CONFIG_GROUPS):
+        options = sorted(path.stem for path in folder.glob("*.yaml"))
+        if options:
+            groups[folder.name] = options
+    return groups

@@ -14,7 +14,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from rlhf_cli.config.paths import recipe_files
+from rlhf_cli.config.paths import group_options, recipe_files
 from rlhf_cli.config.schema import TrainConfig
 from rlhf_cli.errors import ConfigError
 
@@ -22,8 +22,19 @@ SCHEMA_NAME = "rlhf_train_schema"
 RECIPE_GROUP = "recipe"
 
 
+def _config_groups_help() -> str:
+    """The "group: options" lines of ``rlhf train --help``. Hydra's own $APP_CONFIG_GROUPS would also
+    list configs/accelerate/, which holds `accelerate launch --config_file` files, not a group."""
+    groups = dict(group_options())
+    groups[RECIPE_GROUP] = list(recipe_files())
+    return "\n".join(f"{name}: {', '.join(options)}" for name, options in sorted(groups.items()))
+
+
 def register_configs() -> None:
-    """Store the schema and every recipe (idempotent: storing again replaces the same entries)."""
+    """Store the schema and every recipe (idempotent: storing again replaces the same entries),
+    and the ``${rlhf_config_groups:}`` resolver used by the help template."""
+    if not OmegaConf.has_resolver("rlhf_config_groups"):
+        OmegaConf.register_new_resolver("rlhf_config_groups", _config_groups_help)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=TrainConfig)
     for name, path in recipe_files().items():

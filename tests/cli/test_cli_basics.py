@@ -149,6 +149,8 @@ def test_train_help_lists_groups_and_recipes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "model: gpt2, gpt2_imdb, local, t5_small, tiny_gpt2" in done.stdout
     assert "recipe: imdb_sentiment, smoke" in done.stdout
+    # configs/accelerate/ holds `accelerate launch --config_file` files, not a config group.
+    assert "accelerate:" not in done.stdout and "cpu_ddp" not in done.stdout
 
 
 def test_train_runs_in_output_dir_with_hydra_files(tmp_path: Path) -> None:
