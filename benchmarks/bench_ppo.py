@@ -1,0 +1,353 @@
+#!/usr/bin/env python
+"""PPO throughput benchmark: the real engine step, its phases, peak memory and the machine's limit.
+
+Each measured step makes the calls the ``rlhf train`` loop makes (rlhf_cli/engine/train.py):
+``generate_responses`` (batched, KV cache) + decode, ``score_responses`` with the reward, then
+``PPOTrainer.step``. Every configuration runs in its own subprocess, so peak RSS is its own.
+
+    python benchmarks/bench_ppo.py                              # tiny and small, B=64 M=16 4 epochs 16 tokens
+    python benchmarks/bench_ppo.py --model small --steps 5 --json small.json
+    python benchmarks/bench_ppo.py --assets /tmp/peer_assets    # the peer's model, prompts and reward
+    python benchmarks/bench_ppo.py --scaling                    # batch 16..128 x response 8..64 table
+
+See benchmarks/README.md for what each number means and the measured results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+for _name, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                      ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+    os.environ.setdefault(_name, _value)
+
+HERE = Path(__file__).resolve().parent
+RESULT_PREFIX = "BENCH_RESULT "  # the line a child prints its JSON result on
+PHASES = ("generation", "reward", "no_grad_passes", "optimisation", "other")
+SCALING_BATCHES = (16, 32, 64, 128)
+SCALING_LENGTHS = (8, 16, 32, 64)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny,small", help="comma-separated sizes: tiny, small (ignored with --assets)")
+    ap.add_argument("--assets", type=Path, default=None, help="peer assets directory (make_assets.py): its model, prompts, reward")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--mini-batch-size", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=4, help="PPO epochs per step")
+    ap.add_argument("--new-tokens", type=int, default=16, help="exactly this many new tokens per response")
+    ap.add_argument("--min-new-tokens", type=int, default=None,
+                    help="if set, each response's length is drawn uniformly from [this, --new-tokens] (like the "
+                         "engine's response_min_tokens..response_max_tokens); default: all exactly --new-tokens")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 leaves torch's default")
+    ap.add_argument("--steps", type=int, default=10, help="measured steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=1, help="steps run first and not counted")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--learning-rate", type=float, default=1.41e-5)
+    ap.add_argument("--no-limit", action="store_true", help="skip the plain-torch limit measurement")
+    ap.add_argument("--limit-repeats", type=int, default=3)
+    ap.add_argument("--scaling", action="store_true",
+                    help="table over batch sizes 16/32/64/128 x response lengths 8/16/32/64")
+    ap.add_argument("--scaling-batches", default=",".join(map(str, SCALING_BATCHES)))
+    ap.add_argument("--scaling-lengths", default=",".join(map(str, SCALING_LENGTHS)))
+    ap.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """This process's resident set size now (Linux: /proc/self/statm counts pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# One configuration (runs in the child process) ---------------------------------------------------
+
+
+class EngineBench:
+    """The engine's training step (rlhf_cli/engine/train.py, stages 2-4) on a workload."""
+
+    def __init__(self, workload, args: argparse.Namespace) -> None:
+        import numpy as np
+
+        from rlhf_cli.ppo import PPOConfig, PPOTrainer
+        from rlhf_cli.seeding import set_seed
+
+        self.workload, self.args = workload, args
+        config = PPOConfig(
+            seed=args.seed,
+            learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
+            mini_batch_size=args.mini_batch_size,
+            ppo_epochs=args.epochs,
+        )
+        self.trainer = PPOTrainer(config, workload.policy, tokenizer=workload.tokenizer)
+        # What the engine's generation_settings gives for the issue's sampling (top_k=0, top_p=1,
+        # the whole batch in one generate call).
+        self.generation = dict(
+            pad_token_id=self.trainer.pad_token_id,
+            eos_token_id=self.trainer.eos_token_id,
+            is_encoder_decoder=self.trainer.is_encoder_decoder,
+            batch_size=None,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+        )
+        self.prompt_rng = np.random.default_rng(args.seed)
+        self.length_rng = np.random.default_rng([args.seed, 1])
+        set_seed(args.seed)
+        self.last_batch: tuple[list, list] = ([], [])
+
+    def _budgets(self) -> list[int]:
+        args = self.args
+        if args.min_new_tokens is None or args.min_new_tokens >= args.new_tokens:
+            return [args.new_tokens] * args.batch_size
+        return self.length_rng.integers(args.min_new_tokens, args.new_tokens + 1, size=args.batch_size).tolist()
+
+    def step(self) -> dict[str, float]:
+        """One step on a fresh batch of prompts; returns its timings (seconds) and a few stats."""
+        from rlhf_cli.rewards import score_responses
+        from rlhf_cli.rollout.generation import generate_responses
+
+        args, workload, trainer = self.args, self.workload, self.trainer
+        accelerator = trainer.accelerator
+        rows = self.prompt_rng.choice(len(workload.prompts), size=args.batch_size, replace=False)
+        queries = [workload.query_ids[i] for i in rows]
+        prompts = [workload.prompts[i] for i in rows]
+        budgets = self._budgets()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        responses = generate_responses(
+            accelerator.unwrap_model(trainer.model),
+            queries,
+            max_new_tokens=budgets,
+            device=accelerator.device,
+            # EOS is masked until the longest budget: every response is exactly its budget long.
+            min_new_tokens=max(budgets),
+            **self.generation,
+        )
+        texts = workload.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        generated = time.perf_counter()
+        scores = score_responses(workload.reward_fn, prompts, texts)
+        scored = time.perf_counter()
+        stats = trainer.step(queries, responses, scores)
+        stepped, cpu_stepped = time.perf_counter(), time.process_time()
+        self.last_batch = (queries, responses)
+        forward, optimise = stats["time/ppo/forward_pass"], stats["time/ppo/optimize_step"]
+        step = stepped - start
+        return {
+            "step_s": step,
+            "cpu_s": cpu_stepped - cpu_start,  # this process's CPU time: less sensitive to other load
+            "generation": generated - start,
+            "reward": scored - generated,
+            "no_grad_passes": forward,
+            "optimisation": optimise,
+            "other": step - (generated - start) - (scored - generated) - forward - optimise,
+            "new_tokens": float(sum(len(r) for r in responses)),
+            "reward_mean": float(scores.mean()),
+            "kl": float(stats["objective/kl"]),
+        }
+
+
+def summarise(records: list[dict[str, float]], batch_size: int) -> dict[str, Any]:
+    median_step = statistics.median(r["step_s"] for r in records)
+    tokens = statistics.median(r["new_tokens"] for r in records)
+    return {
+        "median_step_s": median_step,
+        "median_step_cpu_s": statistics.median(r["cpu_s"] for r in records),
+        "samples_per_s": batch_size / median_step,
+        "generated_tokens_per_s": tokens / median_step,
+        "phases_s": {phase: statistics.median(r[phase] for r in records) for phase in PHASES},
+        "steps": records,
+    }
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the workload, run the engine, then (optionally) the limit; all in this process."""
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from workload import build_workload
+
+    workload = build_workload(args.model, args.seed, args.assets)
+    setup_rss = current_rss_mb()  # libraries, model, prompts and reward loaded; no trainer yet
+    bench = EngineBench(workload, args)
+    for _ in range(args.warmup):
+        bench.step()
+    records = [bench.step() for _ in range(args.steps)]
+    result: dict[str, Any] = {
+        "config": {
+            **workload.describe(),
+            "batch_size": args.batch_size,
+            "mini_batch_size": args.mini_batch_size,
+            "ppo_epochs": args.epochs,
+            "new_tokens": args.new_tokens,
+            "min_new_tokens": args.min_new_tokens,
+            "threads": torch.get_num_threads(),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "seed": args.seed,
+        },
+        **summarise(records, args.batch_size),
+        # Before the limit: its weight copies and optimiser would count otherwise.
+        "peak_rss_mb": peak_rss_mb(),
+        "setup_rss_mb": setup_rss,
+    }
+    if not args.no_limit:
+        from limit import measure_limit
+
+        trainer = bench.trainer
+        queries, responses = bench.last_batch
+        limit = measure_limit(
+            trainer.accelerator.unwrap_model(trainer.model),
+            trainer.ref_model.pretrained_model,
+            queries,
+            responses,
+            pad_token_id=trainer.pad_token_id,
+            new_tokens=args.new_tokens,
+            mini_batch_size=args.mini_batch_size,
+            ppo_epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            repeats=args.limit_repeats,
+        )
+        result["limit"] = limit
+        result["limit_ratio"] = result["median_step_s"] / limit["sum_s"]
+        result["limit_ratio_without_reward"] = (result["median_step_s"] - result["phases_s"]["reward"]) / limit["sum_s"]
+        result["limit_ratio_cpu"] = result["median_step_cpu_s"] / limit["sum_cpu_s"]
+    return result
+
+
+# Driving children and printing -------------------------------------------------------------------
+
+
+def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
+    """The command line of a child running one configuration of ``args`` with ``overrides``."""
+    values = {
+        "model": args.model, "batch-size": args.batch_size, "mini-batch-size": args.mini_batch_size,
+        "epochs": args.epochs, "new-tokens": args.new_tokens, "threads": args.threads, "steps": args.steps,
+        "warmup": args.warmup, "seed": args.seed, "learning-rate": args.learning_rate,
+        "limit-repeats": args.limit_repeats,
+    }
+    if args.min_new_tokens is not None:
+        values["min-new-tokens"] = args.min_new_tokens
+    values.update({key.replace("_", "-"): value for key, value in overrides.items()})
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    for key, value in values.items():
+        argv += [f"--{key}", str(value)]
+    if args.assets is not None:
+        argv += ["--assets", str(args.assets)]
+    if args.no_limit:
+        argv.append("--no-limit")
+    return argv
+
+
+def spawn(argv: list[str]) -> dict[str, Any]:
+    """Run a child and return the result it printed; its stderr passes through."""
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, cwd=HERE)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        sys.stdout.write(proc.stdout)
+        raise SystemExit(f"benchmark child failed (exit {proc.returncode}): {' '.join(argv)}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def format_result(result: dict[str, Any]) -> str:
+    c = result["config"]
+    r = result
+    lines = [
+        f"== {c['model']}: GPT-2 {c['n_layer']} x {c['n_embd']}, vocab {c['vocab_size']}, "
+        f"{c['parameters'] / 1e6:.2f}M params; B={c['batch_size']} M={c['mini_batch_size']} epochs={c['ppo_epochs']} "
+        f"new_tokens={c['new_tokens']} threads={c['threads']}; {c['steps']} steps (+{c['warmup']} warm-up), "
+        f"reward {c['reward']}",
+        f"   median step {r['median_step_s']:.3f} s | {r['samples_per_s']:.1f} samples/s | "
+        f"{r['generated_tokens_per_s']:.0f} generated tokens/s | CPU {r['median_step_cpu_s']:.3f} s/step | "
+        f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['setup_rss_mb']:.0f} MB before the trainer)",
+    ]
+    for phase in PHASES:
+        seconds = result["phases_s"][phase]
+        lines.append(f"   {phase:<15} {seconds:8.3f} s  {100 * seconds / result['median_step_s']:5.1f} %")
+    if "limit" in result:
+        lim = result["limit"]
+        lines.append(
+            f"   limit (plain torch): generation {lim['generation_s']:.3f} + reference forward {lim['reference_forward_s']:.3f} "
+            f"+ {c['ppo_epochs']} epochs fwd/bwd/step {lim['optimisation_s']:.3f} = {lim['sum_s']:.3f} s -> "
+            f"engine/limit {result['limit_ratio']:.2f} ({result['limit_ratio_without_reward']:.2f} without the reward; "
+            f"{result['limit_ratio_cpu']:.2f} in CPU time)"
+        )
+    return "\n".join(lines)
+
+
+def run_models(args: argparse.Namespace) -> list[dict[str, Any]]:
+    models = ["assets"] if args.assets is not None else [m.strip() for m in args.model.split(",") if m.strip()]
+    results = []
+    for model in models:
+        result = spawn(child_argv(args, model=model))
+        print(format_result(result), flush=True)
+        results.append(result)
+    return results
+
+
+def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Step time and peak RSS over batch sizes x response lengths, one subprocess per cell."""
+    batches = [int(b) for b in args.scaling_batches.split(",")]
+    lengths = [int(n) for n in args.scaling_lengths.split(",")]
+    model = "assets" if args.assets is not None else args.model.split(",")[0]
+    results = []
+    for batch in batches:
+        for length in lengths:
+            mini = min(args.mini_batch_size, batch)
+            argv = child_argv(args, model=model, batch_size=batch, mini_batch_size=mini, new_tokens=length)
+            result = spawn(argv + ["--no-limit"])
+            results.append(result)
+            print(
+                f"B={batch:4d} new_tokens={length:3d}: step {result['median_step_s']:.3f} s "
+                f"(CPU {result['median_step_cpu_s']:.3f} s), "
+                f"{1e3 * result['median_step_s'] / (batch * length):.3f} ms per generated token, "
+                f"peak RSS {result['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+    print(scaling_table(results, batches, lengths))
+    return results
+
+
+def scaling_table(results: list[dict[str, Any]], batches: list[int], lengths: list[int]) -> str:
+    cell = {(r["config"]["batch_size"], r["config"]["new_tokens"]): r for r in results}
+    header = "| batch \\ new tokens | " + " | ".join(str(n) for n in lengths) + " |"
+    rule = "|---|" + "---|" * len(lengths)
+    rows = [header, rule]
+    for batch in batches:
+        cells = [cell[(batch, n)] for n in lengths]
+        values = [f"{r['median_step_s']:.2f} s ({r['median_step_cpu_s']:.2f}) / {r['peak_rss_mb']:.0f} MB" for r in cells]
+        rows.append(f"| {batch} | " + " | ".join(values) + " |")
+    return "median step time (median CPU time) / peak RSS\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        sys.path.insert(0, str(HERE))
+        result = run_one(args)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+    results = run_scaling(args) if args.scaling else run_models(args)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"mode": "scaling" if args.scaling else "models", "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""response_outputs against the straightforward computation: one full forward, slice, log-softmax.
+
+The engine computes the LM head only where a response token is predicted, and for responses of
+different lengths only at their real tokens (a boolean ``logits_to_keep``). These tests check that
+doing so changes no number: logits, log-probabilities, values and gradients at real tokens equal
+those of a forward pass over every position.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_cli import AutoModelForCausalLMWithValueHead
+from rlhf_cli.models import disable_dropout
+from rlhf_cli.ppo.forward import _real_token_index, response_outputs
+from rlhf_cli.rollout.packing import pack_batch
+from tests.tiny import make_tiny_gpt2
+
+
+def _policy(word_tokenizer):
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(make_tiny_gpt2(word_tokenizer, seed=3))
+    disable_dropout(policy)  # the value head's dropout would make two passes differ
+    return policy
+
+
+def _batch(response_lengths: list[int], vocab: int):
+    gen = torch.Generator().manual_seed(7)
+    queries = [torch.randint(3, vocab, (n,), generator=gen) for n in (3, 1, 5, 2)[: len(response_lengths)]]
+    responses = [torch.randint(3, vocab, (n,), generator=gen) for n in response_lengths]
+    return pack_batch(queries, responses, pad_token_id=0, is_encoder_decoder=False)
+
+
+def _straightforward(policy, batch):
+    """Logits [B, T, V], log-probabilities [B, T] and values [B, T] from a forward over all positions."""
+    logits, _, values = policy(**batch.model_inputs())
+    width_q = batch.input_ids.shape[1] - batch.response_width
+    columns = slice(width_q - 1, width_q - 1 + batch.response_width)
+    logits, values = logits[:, columns], values[:, columns]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    return logits, logprobs, values
+
+
+def test_real_token_index_lists_rows_and_columns_row_major():
+    rows, cols = _real_token_index([2, 3, 1], torch.device("cpu"))
+    assert rows.tolist() == [0, 0, 1, 1, 1, 2]
+    assert cols.tolist() == [0, 1, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("response_lengths", [[4, 4, 4, 4], [4, 1, 3, 2]], ids=["equal_lengths", "ragged"])
+def test_outputs_and_gradients_equal_the_full_forward(word_tokenizer, response_lengths):
+    policy = _policy(word_tokenizer)
+    batch = _batch(response_lengths, len(word_tokenizer))
+    real = batch.response_mask.bool()
+
+    out = response_outputs(policy, batch)
+    loss = (out.logprobs * batch.response_mask).sum() + (out.values * batch.response_mask).sum()
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+
+    logits, logprobs, values = _straightforward(policy, batch)
+    expected_loss = (logprobs * batch.response_mask).sum() + (values * batch.response_mask).sum()
+    expected_grads = torch.autograd.grad(expected_loss, list(policy.parameters()))
+
+    assert out.logits.shape == logits.shape and out.values.shape == values.shape
+    torch.testing.assert_close(out.logits[real], logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logprobs[real], logprobs[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.values[real], values[real], atol=1e-5, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_ragged_padding_positions_hold_zeros(word_tokenizer):
+    """Positions after a response's end are not computed: zero logits and values, finite log-probs."""
+    policy = _policy(word_tokenizer)
+    batch = _batch([4, 1, 3, 2], len(word_tokenizer))
+    with torch.no_grad():
+        out = response_outputs(policy, batch)
+    padding = ~batch.response_mask.bool()
+    assert padding.any()
+    assert torch.count_nonzero(out.logits[padding]) == 0
+    assert torch.count_nonzero(out.values[padding]) == 0
+    assert torch.isfinite(out.logprobs).all()

@@ -1,0 +1,136 @@
+"""The benchmark scripts, run in a reduced form so they cannot rot (speed is never asserted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+PHASES = ("generation", "reward", "no_grad_passes", "optimisation", "other")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_ppo.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.slow
+def test_reduced_tiny_run_reports_every_number(tmp_path):
+    """One tiny configuration, two measured steps: the printout and the JSON carry every field, and
+    the numbers are consistent with each other (phases add up, fixed lengths, ratios)."""
+    out = tmp_path / "bench.json"
+    proc = _run(
+        "--model", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "8", "--mini-batch-size", "4",
+        "--epochs", "1", "--new-tokens", "4", "--limit-repeats", "1", "--json", str(out),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for text in ("median step", "samples/s", "generated tokens/s", "peak RSS", "limit (plain torch)", "engine/limit", *PHASES):
+        assert text in proc.stdout, (text, proc.stdout)
+
+    data = json.loads(out.read_text())
+    assert data["mode"] == "models"
+    [result] = data["results"]
+    config = result["config"]
+    assert (config["model"], config["n_layer"], config["n_embd"], config["vocab_size"]) == ("tiny", 2, 128, 546)
+    assert (config["batch_size"], config["mini_batch_size"], config["ppo_epochs"], config["new_tokens"]) == (8, 4, 1, 4)
+    assert config["threads"] == 1 and config["steps"] == 2 and config["warmup"] == 1
+
+    steps = result["steps"]
+    assert len(steps) == 2
+    for record in steps:
+        assert record["new_tokens"] == 8 * 4  # exactly new_tokens per response: min_new_tokens = max_new_tokens
+        assert sum(record[phase] for phase in PHASES) == pytest.approx(record["step_s"], rel=1e-9)
+        assert all(record[phase] >= 0 for phase in PHASES if phase != "other")
+    median = sorted(r["step_s"] for r in steps)
+    assert result["median_step_s"] == pytest.approx((median[0] + median[1]) / 2)
+    assert result["samples_per_s"] == pytest.approx(8 / result["median_step_s"])
+    assert result["generated_tokens_per_s"] == pytest.approx(32 / result["median_step_s"])
+    assert set(result["phases_s"]) == set(PHASES)
+    assert result["peak_rss_mb"] > 0
+
+    limit = result["limit"]
+    assert limit["sum_s"] == pytest.approx(limit["generation_s"] + limit["reference_forward_s"] + limit["optimisation_s"])
+    assert result["limit_ratio"] == pytest.approx(result["median_step_s"] / limit["sum_s"])
+    assert result["limit_ratio_cpu"] == pytest.approx(result["median_step_cpu_s"] / limit["sum_cpu_s"])
+
+
+@pytest.mark.slow
+def test_scaling_mode_runs_one_subprocess_per_cell(tmp_path):
+    out = tmp_path / "scaling.json"
+    proc = _run(
+        "--scaling", "--model", "tiny", "--scaling-batches", "4", "--scaling-lengths", "2,3", "--mini-batch-size", "2",
+        "--epochs", "1", "--steps", "1", "--warmup", "0", "--json", str(out),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["mode"] == "scaling"
+    cells = {(r["config"]["batch_size"], r["config"]["new_tokens"]): r for r in data["results"]}
+    assert set(cells) == {(4, 2), (4, 3)}
+    for (batch, length), result in cells.items():
+        assert result["steps"][0]["new_tokens"] == batch * length
+        assert "limit" not in result  # the table measures the engine only
+    assert "| 4 | " in proc.stdout and "peak RSS" in proc.stdout
+
+
+def test_scaling_table_lays_out_batches_by_lengths():
+    bench = _load("bench_ppo")
+
+    def result(batch, length, step, cpu, rss):
+        config = {"batch_size": batch, "new_tokens": length}
+        return {"config": config, "median_step_s": step, "median_step_cpu_s": cpu, "peak_rss_mb": rss}
+
+    table = bench.scaling_table([result(16, 8, 0.5, 0.4, 400.0), result(16, 16, 1.0, 0.9, 410.0)], [16], [8, 16])
+    assert table.splitlines()[1:] == [
+        "| batch \\ new tokens | 8 | 16 |",
+        "|---|---|---|",
+        "| 16 | 0.50 s (0.40) / 400 MB | 1.00 s (0.90) / 410 MB |",
+    ]
+
+
+def test_summary_medians_and_rates():
+    bench = _load("bench_ppo")
+    records = [
+        {"step_s": s, "cpu_s": s / 2, "new_tokens": 64.0, **{phase: s / 5 for phase in PHASES}} for s in (1.0, 3.0, 2.0)
+    ]
+    summary = bench.summarise(records, batch_size=4)
+    assert summary["median_step_s"] == 2.0 and summary["median_step_cpu_s"] == 1.0
+    assert summary["samples_per_s"] == 2.0 and summary["generated_tokens_per_s"] == 32.0
+    assert summary["phases_s"] == {phase: 0.4 for phase in PHASES}
+
+
+@pytest.mark.slow
+def test_profile_script_prints_a_profile_and_the_step_timings():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable, str(BENCHMARKS / "profile_ppo.py"), "--model", "tiny", "--steps", "1", "--batch-size", "4",
+            "--mini-batch-size", "2", "--epochs", "1", "--new-tokens", "3", "--top", "5",
+        ],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Ordered by: internal time" in proc.stdout
+    assert "'no_grad_passes'" in proc.stdout and "'optimisation'" in proc.stdout
+
+
+def test_compare_trl_says_what_is_missing(tmp_path):
+    """Without the peer's venv the comparison stops at once and names what to set up."""
+    compare = _load("compare_trl")
+    args = compare.parse_args(["--trl-python", str(tmp_path / "no-venv" / "python"), "--assets", str(tmp_path / "assets")])
+    with pytest.raises(SystemExit, match="setup_trl_legacy.sh"):
+        compare.ensure_assets(args)
