@@ -120,18 +120,14 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
             "model.lora.enabled=true needs the 'peft' package, which is not installed. Run `pip install peft` "
             "(or `pip install 'rlhf-cli[peft]'`), or set model.lora.enabled=false to train all weights."
         )
-    if _launcher_zero_stage() == 3 and not lora:
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") or _launcher_zero_stage() == 3:
+        kind = "FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else "DeepSpeed ZeRO-3"
         raise ConfigError(
-            "This launch uses DeepSpeed ZeRO-3, which shards the policy over the processes, but without LoRA the "
-            "reference model is a separate full copy that ZeRO-3 would not shard (and rlhf_cli builds no DeepSpeed "
-            "engine for it). Set model.lora.enabled=true (the reference is then the policy with its adapters "
-            "disabled), or launch with configs/accelerate/deepspeed_zero2.yaml."
-        )
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "2":
-        raise ConfigError(
-            "This launch uses FSDP2 (fsdp_version: 2), under which rlhf_cli cannot generate: generate() bypasses "
-            "the root module's forward, which is what gathers FSDP2's sharded parameters. Launch with "
-            "configs/accelerate/fsdp.yaml (fsdp_version: 1) or a DeepSpeed config."
+            f"This launch uses {kind}, which shards the policy's parameters over the processes. `rlhf train` "
+            "cannot yet write final/ or checkpoints from sharded parameters (they need gathered state dicts, "
+            "which could not be built and verified without a GPU), so the run would train and then fail to "
+            "save. Launch with DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 "
+            "(configs/accelerate/deepspeed_zero2.yaml), optionally with model.lora.enabled=true to save memory."
         )
 
 

@@ -96,12 +96,14 @@ def test_deepspeed_files_set_their_zero_stage(name, stage):
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == stage
 
 
-def test_zero3_launch_is_refused_without_lora_and_accepted_with_it(monkeypatch):
-    """rlhf_cli's own pre-load check reads the environment the ZeRO-3 file produces."""
-    for key, value in _process_env("deepspeed_zero3").items():
-        if key.startswith("ACCELERATE_DEEPSPEED") or key == "ACCELERATE_USE_DEEPSPEED":
-            monkeypatch.setenv(key, value)
+def test_sharded_launch_files_are_refused_by_the_pre_load_check(monkeypatch):
+    """rlhf_cli's own pre-load check reads the environment the ZeRO-3 and FSDP files produce: both
+    shard the policy, which `rlhf train` cannot save yet, so both are refused before any model loads."""
     state = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
-    with pytest.raises(ConfigError, match="ZeRO-3.*model.lora.enabled=true"):
-        check_launch(compose_train_config(["+recipe=smoke"]), state)
-    check_launch(compose_train_config(["+recipe=smoke", "model.lora.enabled=true"]), state)
+    for name, kind in (("deepspeed_zero3", "DeepSpeed ZeRO-3"), ("fsdp", "FSDP")):
+        with monkeypatch.context() as patch:
+            for key, value in _process_env(name).items():
+                if key.startswith(("ACCELERATE_DEEPSPEED", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_")):
+                    patch.setenv(key, value)
+            with pytest.raises(ConfigError, match=f"{kind}.*cannot yet write final/"):
+                check_launch(compose_train_config(["+recipe=smoke", "model.lora.enabled=true"]), state)
