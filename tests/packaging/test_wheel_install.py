@@ -89,7 +89,10 @@ def test_installed_package_is_the_one_imported(venv: Path, tmp_path: Path) -> No
     assert package.is_relative_to(venv) and package.name == "rlhf_cli"
     assert found["configs"] == str(package / "_configs")
     assert found["recipes"]["smoke"] == str(package / "_recipes" / "smoke.yaml")
-    assert not [entry for entry in found["sys_path"] if entry and Path(entry).resolve().is_relative_to(REPO)]
+    # The checkout's package must not be importable from the installed environment (a venv may live
+    # inside the checkout, as .ci/run's does, so compare where `rlhf_cli` would come from).
+    source = (REPO / "rlhf_cli").resolve()
+    assert not [entry for entry in found["sys_path"] if entry and (Path(entry) / "rlhf_cli").resolve() == source]
 
 
 def test_installed_rlhf_recipes_runs_from_another_directory(venv: Path, tmp_path: Path) -> None:
