@@ -13,6 +13,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("RLHF_CLI_CACHE", tempfile.mkdtemp(prefix="rlhf-cli-test-cache-"))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.tiny import make_tiny_gpt2, make_word_tokenizer  # noqa: E402
 
@@ -31,3 +32,13 @@ def tiny_gpt2_dir(tmp_path_factory, word_tokenizer):
     model.save_pretrained(path)
     word_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test: the models are tiny, the machine's cores are shared, and a
+    launched process of the 2-process tests uses one thread too (same reductions, same numbers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,12 +24,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for the 1-process reference, as each launched process uses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs with one intra-op thread (the shared ``one_thread`` fixture)."""
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,8 @@ pytest.importorskip("peft")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs with one intra-op thread (the shared ``one_thread`` fixture)."""
 
 
 def _batch(n: int, vocab: int, seed: int = 0):
