@@ -3,7 +3,8 @@
 1. A whole ``rlhf train +recipe=smoke`` run through the engine's :class:`TrainingRun`, then a
    checksum of this rank's policy weights.
 2. The fixed-rollout scenarios of :mod:`tests.distributed.scenarios` on this rank's half of each
-   batch: weights and stats after every step.
+   batch: weights, stats and branches after every step; then the mutants (a missing ×P in the
+   gradient scale) the test must tell apart from the real thing.
 
 Everything goes to ``OUT/rank{r}.pt`` for the test to compare.
 """
@@ -21,7 +22,7 @@ def main(out_dir: Path) -> None:
     from rlhf_cli.config.compose import compose_train_config
     from rlhf_cli.engine.components import launch_state
     from rlhf_cli.engine.train import TrainingRun
-    from tests.distributed.scenarios import SCENARIOS, checksum, run_steps
+    from tests.distributed.scenarios import MUTANTS, SCENARIOS, checksum, run_steps
 
     # The process state must exist before anything else touches Accelerate, as at the engine's entry.
     state = launch_state()
@@ -38,7 +39,9 @@ def main(out_dir: Path) -> None:
     run.finish()
 
     scenarios = {name: run_steps(name, state.process_index, state.num_processes) for name in SCENARIOS}
-    torch.save({"train": train, "scenarios": scenarios}, out_dir / f"rank{state.process_index}.pt")
+    missing_scale = 1.0 / state.num_processes  # what the trainer would compute without its ×P
+    mutants = {name: run_steps(name, state.process_index, state.num_processes, missing_scale) for name in MUTANTS}
+    torch.save({"train": train, "scenarios": scenarios, "mutants": mutants}, out_dir / f"rank{state.process_index}.pt")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "lora": dict(config=dict(mini_batch_size=4, ppo_epochs=1), optimizer="sgd", lora=True),
 }
 
+# Scenarios the 2-process launch also runs with a deliberately wrong gradient scale (the ×P of
+# ``PPOTrainer._train_minibatch`` left out), to show the comparison catches it. Not "minibatches":
+# its gradient clipping rescales a halved gradient back to the same norm and hides the error.
+MUTANTS = ("accumulation", "lora")
+
 
 def tokenizer():
     return make_word_tokenizer()
@@ -78,13 +83,32 @@ def make_trainer(name: str, num_processes: int) -> PPOTrainer:
     return PPOTrainer(config, policy, tokenizer=tokenizer(), optimizer=optimizer)
 
 
-def run_steps(name: str, process_index: int, num_processes: int) -> dict[str, Any]:
-    """STEPS steps of scenario ``name`` on this process's share; weights and scalar stats after each."""
+def run_steps(
+    name: str, process_index: int, num_processes: int, backward_scale: float = 1.0, gradient_noise: float = 0.0
+) -> dict[str, Any]:
+    """STEPS steps of scenario ``name`` on this process's share: weights, scalar stats and the
+    branches taken (optimiser steps, early-stopping decisions) after each.
+
+    ``backward_scale`` multiplies every loss before backward: 1/P reproduces a trainer that forgot
+    its ×P (the mutant the 2-process test must catch). ``gradient_noise`` multiplies every gradient
+    entry by (1 + gradient_noise·N(0, 1)): rounding-like noise to check a tolerance absorbs it.
+    """
     trainer = make_trainer(name, num_processes)
+    if gradient_noise:
+        noise = torch.Generator().manual_seed(13)
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.register_hook(lambda g: g * (1 + gradient_noise * torch.randn(g.shape, generator=noise)))
+    branches = _record_branches(trainer)
+    if backward_scale != 1.0:
+        backward = trainer.accelerator.backward
+        trainer.accelerator.backward = lambda loss, **kwargs: backward(loss * backward_scale, **kwargs)
     share = GLOBAL_BATCH // num_processes
     rows = slice(process_index * share, (process_index + 1) * share)
-    weights, stats = [], []
+    initial = {k: v.detach().cpu().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+    weights, stats, steps = [], [], []
     for step in range(STEPS):
+        branches.update(updates=0, decisions=[])
         queries, responses, scores = global_batch(step)
         masks = None
         if SCENARIOS[name].get("response_masks"):
@@ -92,7 +116,26 @@ def run_steps(name: str, process_index: int, num_processes: int) -> dict[str, An
         step_stats = trainer.step(queries[rows], responses[rows], scores[rows], response_masks=masks)
         weights.append({k: v.detach().cpu().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()})
         stats.append({k: float(v) for k, v in step_stats.items() if isinstance(v, float) and not k.startswith("time/")})
-    return {"weights": weights, "stats": stats}
+        steps.append({"updates": branches["updates"], "decisions": list(branches["decisions"])})
+    return {"weights": weights, "stats": stats, "branches": steps, "initial": initial}
+
+
+def _record_branches(trainer: PPOTrainer) -> dict[str, Any]:
+    """Count the optimiser steps really taken and record each early-stopping decision with its
+    global statistic and threshold, so a test can compare branches before it compares numbers."""
+    record: dict[str, Any] = {"updates": 0, "decisions": []}
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # Accelerate's wrapper skips accumulation steps
+    inner.register_step_post_hook(lambda *_: record.__setitem__("updates", record["updates"] + 1))
+    decide = trainer._should_stop_early
+
+    def recording(policykl: torch.Tensor) -> bool:
+        stop = decide(policykl)
+        statistic = float(trainer._sum_across_processes(policykl.detach().clone()))
+        record["decisions"].append((statistic, 1.5 * trainer.config.target_kl, stop))
+        return stop
+
+    trainer._should_stop_early = recording
+    return record
 
 
 def checksum(state_dict: dict[str, torch.Tensor]) -> str:

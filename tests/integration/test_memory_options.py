@@ -17,6 +17,7 @@ from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.forward import score_rollout
 from rlhf_cli.rollout.packing import pack_batch
 from tests.tiny import make_tiny_gpt2
+from tests.tolerances import assert_same_update
 
 pytest.importorskip("peft")
 
@@ -145,15 +146,16 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_step(
         policy.zero_grad()
         sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
         trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, seed=1), policy, tokenizer=word_tokenizer, optimizer=sgd)
+        initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         trainer.step(queries, responses, scores)
-        return trainer.model.state_dict(), saved, trainer.model.pretrained_model.is_gradient_checkpointing
+        return initial, trainer.model.state_dict(), saved, trainer.model.pretrained_model.is_gradient_checkpointing
 
-    plain, plain_saved, plain_flag = run(False)
-    checkpointed, checkpointed_saved, flag = run(True)
+    initial, plain, plain_saved, plain_flag = run(False)
+    _, checkpointed, checkpointed_saved, flag = run(True)
     assert flag and not plain_flag
     assert checkpointed_saved < 0.5 * plain_saved  # only block inputs are kept; the rest is recomputed
-    for key in plain:
-        torch.testing.assert_close(checkpointed[key], plain[key], atol=1e-6, rtol=1e-6)
+    # 8 SGD updates; the recomputed forward may round differently: compared relative to the updates.
+    assert_same_update(initial, plain, checkpointed, what="gradient checkpointing vs plain")
 
 
 def test_gradient_checkpointing_from_the_model_config_with_lora(tiny_gpt2_dir):
