@@ -70,14 +70,18 @@ def respond_to_batch(model: nn.Module, queries: Tensor, txt_len: int = 20, top_k
     # No EOS: TRL's loop samples txt_len tokens whatever they are; stopping early would change that.
     generation_config.eos_token_id = None
     generation_config.pad_token_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+    generation_config.update(max_new_tokens=txt_len, do_sample=True, top_k=top_k, top_p=top_p)
     device = next(lm.parameters()).device
-    output = lm.generate(
-        input_ids=queries.to(device),
-        attention_mask=torch.ones_like(queries, device=device),
-        generation_config=generation_config,
-        max_new_tokens=txt_len,
-        do_sample=True,
-        top_k=top_k,
-        top_p=top_p,
-    )
+    # transformers fills a given config's unset fields (eos_token_id among them) from the model's own
+    # generation config, so the model carries the EOS-free copy for the duration of the call.
+    own_config = lm.generation_config
+    lm.generation_config = generation_config
+    try:
+        output = lm.generate(
+            input_ids=queries.to(device),
+            attention_mask=torch.ones_like(queries, device=device),
+            generation_config=generation_config,
+        )
+    finally:
+        lm.generation_config = own_config
     return output[:, -txt_len:]

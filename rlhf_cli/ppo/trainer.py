@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -37,11 +37,10 @@ from rlhf_cli.ppo.functional import (
 from rlhf_cli.ppo.inputs import check_step_inputs
 from rlhf_cli.ppo.kl_control import make_kl_controller
 from rlhf_cli.ppo.running_moments import RunningMoments
+from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats
 from rlhf_cli.ppo.trl_compat import TRLCompatMixin, fill_runtime_fields
-from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats, reward_stats, scalar_stats
-from rlhf_cli.rollout.generation import generate_responses
 from rlhf_cli.rollout.packing import PackedBatch, pack_batch
-from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs, zero_stage
+from rlhf_cli.rollout.unwrap import zero_stage
 from rlhf_cli.seeding import set_seed
 
 
@@ -236,57 +235,6 @@ class PPOTrainer(TRLCompatMixin):
             return
         with self._unwrapped.pretrained_model.disable_adapter():
             yield self.model
-
-    # Generation --------------------------------------------------------------------------------
-    def generate(
-        self,
-        query_tensor: Tensor | list[Tensor],
-        length_sampler: Optional[Callable[[], int]] = None,
-        batch_size: int = 4,
-        return_prompt: bool = True,
-        remove_padding: bool = True,
-        generate_ref_response: bool = False,
-        **generation_kwargs: Any,
-    ) -> Tensor | list[Tensor] | tuple[Tensor | list[Tensor], Tensor | list[Tensor]]:
-        """Generate from one query (1-D tensor -> 2-D [1, L] tensor) or a list of queries (-> list).
-
-        A list is generated in left-padded batches of ``batch_size``; each response is cut after
-        its first EOS when ``remove_padding``. ``length_sampler`` draws ``max_new_tokens`` per query.
-        ``generate_ref_response=True`` returns ``(responses, ref_responses)``, the reference model
-        generating with the same keyword arguments and lengths.
-        """
-        single = isinstance(query_tensor, Tensor)
-        queries = [query_tensor] if single else list(query_tensor)
-        if single and query_tensor.dim() != 1:
-            raise ValueError(f"query_tensor must be 1-D token ids (or a list of them), got shape {tuple(query_tensor.shape)}.")
-        generation_kwargs = {**synced_generation_kwargs(self.accelerator), **generation_kwargs}
-        default_budget = generation_kwargs.pop("max_new_tokens", None) or 20
-        budgets = [length_sampler() for _ in queries] if length_sampler is not None else default_budget
-        pad_token_id = generation_kwargs.pop("pad_token_id", self.pad_token_id)
-
-        def sample(model: nn.Module) -> Tensor | list[Tensor]:
-            responses = generate_responses(
-                model,
-                queries,
-                max_new_tokens=budgets,
-                pad_token_id=pad_token_id,
-                eos_token_id=self.eos_token_id,
-                is_encoder_decoder=self.is_encoder_decoder,
-                batch_size=1 if single else batch_size,
-                device=self.accelerator.device,
-                stop_at_eos=remove_padding,
-                **generation_kwargs,
-            )
-            if return_prompt and not self.is_encoder_decoder:
-                responses = [torch.cat([q.cpu(), r]) for q, r in zip(queries, responses)]
-            return responses[0].unsqueeze(0) if single else responses
-
-        with generation_model(self.accelerator, self.model) as model:
-            responses = sample(model)
-        if not generate_ref_response:
-            return responses
-        with self._generation_reference() as reference:
-            return responses, sample(reference)
 
     # The step ----------------------------------------------------------------------------------
     def step(
@@ -537,25 +485,3 @@ class PPOTrainer(TRLCompatMixin):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-
-    # Logging -----------------------------------------------------------------------------------
-    def log_stats(
-        self,
-        stats: dict[str, Any],
-        batch: dict[str, Any],
-        rewards: Sequence[float] | Tensor,
-        columns_to_log: Sequence[str] = ("query", "response"),
-    ) -> None:
-        """Send the step's scalar stats, reward mean/std and a sample table to the trackers."""
-        rewards = torch.as_tensor([float(r) for r in rewards], dtype=torch.float32, device=self.accelerator.device)
-        rewards = self.accelerator.gather(rewards).cpu()
-        logs = {**scalar_stats(stats), **reward_stats(rewards)}
-        if self.config.log_with is None or not self.accelerator.is_main_process:
-            return
-        columns = [c for c in columns_to_log if c in batch]
-        if columns:
-            header = "| " + " | ".join([*columns, "reward"]) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
-            rows = zip(*[batch[c] for c in columns], rewards.tolist())
-            body = "".join("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |\n" for row in rows)
-            logs["game_log"] = header + body
-        self.accelerator.log(logs, step=self.current_step)

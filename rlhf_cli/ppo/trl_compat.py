@@ -19,9 +19,8 @@ other methods take and return response-aligned [B, T] tensors, as both libraries
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,13 +41,12 @@ from rlhf_cli.ppo.functional import (
     value_loss,
 )
 from rlhf_cli.ppo.inputs import check_step_inputs
-from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats
-from rlhf_cli.rollout.generation import generate_responses
+from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats, reward_stats, scalar_stats
+from rlhf_cli.ppo.trl_generation import TRLGenerationMixin
 from rlhf_cli.rollout.packing import PackedBatch, pack_batch
-from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs
 
 
-class TRLCompatMixin:
+class TRLCompatMixin(TRLGenerationMixin):
     """TRL 0.11's protected ``PPOTrainer`` API; mixed into :class:`~rlhf_cli.PPOTrainer`."""
 
     # Provided by PPOTrainer.
@@ -269,59 +267,28 @@ class TRLCompatMixin:
         stats["tokens/responses_dist"] = lengths["responses"].numpy()
         return stats
 
-    # Generation ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _generation_reference(self) -> Iterator[nn.Module]:
-        """The module the reference generates with: the frozen model, or the policy with its PEFT
-        adapter disabled."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        with self._unwrapped.pretrained_model.disable_adapter(), generation_model(self.accelerator, self.model) as model:
-            yield model
-
-    def _generate_batched(
+    # Logging ------------------------------------------------------------------------------------
+    def log_stats(
         self,
-        model: nn.Module,
-        query_tensors: Sequence[Tensor],
-        length_sampler: Optional[Callable[[], int]] = None,
-        batch_size: int = 4,
-        return_prompt: bool = True,
-        pad_to_multiple_of: Optional[int] = None,
-        remove_padding: bool = True,
-        **generation_kwargs: Any,
-    ) -> list[Tensor]:
-        """TRL's batched sampling from any ``model``: left-padded batches of ``batch_size`` (query
-        padding widened to a multiple of ``pad_to_multiple_of``), ``length_sampler`` drawing one
-        ``max_new_tokens`` per batch, each output 1-D without padding — the prompt followed by the
-        response (``return_prompt``), cut after the first EOS when ``remove_padding``."""
-        budget = generation_kwargs.pop("max_new_tokens", None) or 20
-        generation_kwargs = {**synced_generation_kwargs(self.accelerator), **generation_kwargs}
-        pad_token_id = generation_kwargs.pop("pad_token_id", self.pad_token_id)
-        outputs: list[Tensor] = []
-        batch_size = min(len(query_tensors), batch_size)
-        for start in range(0, len(query_tensors), batch_size):
-            part = list(query_tensors[start : start + batch_size])
-            if length_sampler is not None:
-                budget = length_sampler()
-            with contextlib.ExitStack() as stack:
-                unwrapped = model if model is self.ref_model else stack.enter_context(generation_model(self.accelerator, model))
-                responses = generate_responses(
-                    unwrapped,
-                    part,
-                    max_new_tokens=budget,
-                    pad_token_id=pad_token_id,
-                    eos_token_id=self.eos_token_id,
-                    is_encoder_decoder=self.is_encoder_decoder,
-                    device=self.accelerator.device,
-                    stop_at_eos=remove_padding,
-                    pad_to_multiple_of=pad_to_multiple_of,
-                    **generation_kwargs,
-                )
-            if return_prompt and not self.is_encoder_decoder:
-                responses = [torch.cat([q.cpu(), r]) for q, r in zip(part, responses)]
-            outputs.extend(responses)
-        return outputs
+        stats: dict[str, Any],
+        batch: dict[str, Any],
+        rewards: Sequence[float] | Tensor,
+        columns_to_log: Sequence[str] = ("query", "response"),
+    ) -> None:
+        """Send the step's scalar stats, reward mean/std and a sample table to the trackers."""
+        rewards = torch.as_tensor([float(r) for r in rewards], dtype=torch.float32, device=self.accelerator.device)
+        rewards = self.accelerator.gather(rewards).cpu()
+        logs = {**scalar_stats(stats), **reward_stats(rewards)}
+        if self.config.log_with is None or not self.accelerator.is_main_process:
+            return
+        columns = [c for c in columns_to_log if c in batch]
+        if columns:
+            header = "| " + " | ".join([*columns, "reward"]) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
+            rows = zip(*[batch[c] for c in columns], rewards.tolist())
+            body = "".join("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |\n" for row in rows)
+            logs["game_log"] = header + body
+        self.accelerator.log(logs, step=self.current_step)
+
 
 
 def fill_runtime_fields(config: Any, sizes: Sizes, model: nn.Module) -> None:

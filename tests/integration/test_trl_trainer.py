@@ -284,3 +284,20 @@ def test_every_trainable_parameter_has_a_grad_after_step(word_tokenizer):
     trainer.step([torch.tensor([3, 4]), torch.tensor([5, 6, 7])], [torch.tensor([8, 9, 10]), torch.tensor([11])], [1.0, -1.0])
     trainable = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
+
+
+# rlhf_cli.core.respond_to_batch ------------------------------------------------------------------------
+def test_respond_to_batch_samples_txt_len_tokens_even_through_eos(word_tokenizer):
+    """TRL's respond_to_batch samples exactly txt_len tokens; a sampled EOS must not end the response."""
+    from rlhf_cli.core import respond_to_batch
+
+    lm = make_tiny_gpt2(word_tokenizer)
+    eos = word_tokenizer.eos_token_id
+    with torch.no_grad():  # constant hidden state; EOS is the only likely token
+        lm.transformer.ln_f.weight.zero_()
+        lm.transformer.ln_f.bias.fill_(1.0)
+        lm.lm_head.weight.zero_()
+        lm.lm_head.weight[eos] = 1.0
+    response = respond_to_batch(AutoModelForCausalLMWithValueHead.from_pretrained(lm), torch.tensor([[3, 4, 5]]), txt_len=6)
+    assert response.tolist() == [[eos] * 6]
+    assert lm.generation_config.eos_token_id == eos  # the model's own config is left as it was
