@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rlhf_cli.ppo import functional
 from rlhf_cli.ppo.functional import (
     clip_by_value,
     entropy_from_logits,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -34,6 +34,14 @@ __all__ = [
     "set_seed",
     "whiten",
 ]
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor | None, gather: bool = True) -> Tensor:
+    """TRL's signature: log-probabilities of ``labels`` [...] under ``logits`` [..., V] (float32 for half
+    inputs), or with ``gather=False`` the whole log-softmax [..., V] (what TRL's ``full`` KL takes)."""
+    if not gather:
+        return torch.log_softmax(logits, dim=-1)
+    return functional.logprobs_from_logits(logits, labels)
 
 
 class LengthSampler:

@@ -175,3 +175,14 @@ def test_step_safety_checker_is_steps_input_check(word_tokenizer):
     assert all(q.device == trainer.current_device for q in queries) and masks is None
     with pytest.raises(ValueError, match="queries has 3 entries but the batch has 2"):
         trainer._step_safety_checker(2, QUERIES, RESPONSES, [1.0, 2.0, 3.0])
+
+
+def test_core_logprobs_from_logits_takes_trls_gather_flag():
+    from rlhf_cli.core import logprobs_from_logits as core_logprobs
+
+    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    torch.testing.assert_close(core_logprobs(logits, labels), functional.logprobs_from_logits(logits, labels), rtol=0, atol=0)
+    full = core_logprobs(logits, None, gather=False)
+    assert full.shape == (2, 3, 7)
+    torch.testing.assert_close(full.gather(-1, labels[..., None])[..., 0], core_logprobs(logits, labels))
