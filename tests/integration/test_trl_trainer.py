@@ -201,6 +201,26 @@ def test_accumulation_of_mutated_config_matches_one_bigger_minibatch(word_tokeni
     assert any(not torch.allclose(moved[key], big[key], atol=1e-6) for key in big)  # the check can fail
 
 
+def test_accumulation_holds_inside_the_trainers_own_dataloader_loop(word_tokenizer):
+    """step() called while iterating trainer.dataloader: on its last batch Accelerate's end-of-dataloader
+    flag must not force an optimiser step on every mini-batch (mini 1 x accumulation 2 == mini 2)."""
+
+    def run(mini, accumulation):
+        config = PPOConfig(batch_size=2, mini_batch_size=mini, gradient_accumulation_steps=accumulation, ppo_epochs=1)
+        policy = _policy(word_tokenizer)
+        sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            trainer = PPOTrainer(config, policy, tokenizer=word_tokenizer, optimizer=sgd, dataset=PairDataset(2))
+        for queries, responses in trainer.dataloader:  # one batch: the last one
+            trainer.step(list(queries), list(responses), [1.0, -1.0])
+        return trainer.model.state_dict()
+
+    small, big = run(1, 2), run(2, 1)
+    for key in big:
+        torch.testing.assert_close(small[key], big[key], atol=1e-3, rtol=0)
+
+
 # 8. Every field of TRL 0.11.4's PPOConfig --------------------------------------------------------------
 TRL_PPO_CONFIG_FIELDS = {
     "exp_name": "my_run", "seed": 1, "log_with": None, "task_name": "sentiment", "model_name": "gpt2",
