@@ -107,7 +107,12 @@ class PPOTrainer(TRLCompatMixin):
         data_collator: Optional[Callable] = None,
         num_shared_layers: Optional[int] = None,
         lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+        training_data_collator: Optional[Callable] = None,
     ) -> None:
+        """TRL 0.11's arguments. ``training_data_collator`` is accepted for TRL scripts but has no
+        effect: ``step()`` packs its model inputs itself (see :mod:`rlhf_cli.rollout.packing`)."""
+        if training_data_collator is not None:
+            warnings.warn("training_data_collator has no effect in rlhf_cli: step() packs model inputs itself.", UserWarning, stacklevel=2)
         self.config = config if config is not None else PPOConfig()
         if not isinstance(self.config, PPOConfig):
             raise TypeError(f"config must be a PPOConfig, got {type(self.config).__name__}.")

@@ -19,6 +19,8 @@ other methods take and return response-aligned [B, T] tensors, as both libraries
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -57,6 +59,7 @@ class TRLCompatMixin(TRLGenerationMixin):
     ref_model: Optional[nn.Module]
     is_encoder_decoder: bool
     is_peft_model: bool
+    tokenizer: Any
 
     @property
     def current_device(self) -> torch.device:
@@ -66,6 +69,22 @@ class TRLCompatMixin(TRLGenerationMixin):
     @property
     def is_distributed(self) -> bool:
         return self.accelerator.num_processes > 1
+
+    def optional_peft_ctx(self) -> Any:
+        """TRL's context for reference passes: the PEFT policy's adapter disabled, else nothing."""
+        return self._unwrapped.pretrained_model.disable_adapter() if self.is_peft_model else contextlib.nullcontext()
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """TRL's trainer save: the policy (plain Hugging Face directory plus ``value_head.safetensors``)
+        and the tokenizer, written by the main process."""
+        self._save_pretrained(save_directory)
+
+    def _save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self._unwrapped.save_pretrained(save_directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
 
     # Inputs -------------------------------------------------------------------------------------
     def prepare_dataloader(self, dataset: Any, data_collator: Optional[Callable] = None) -> torch.utils.data.DataLoader:

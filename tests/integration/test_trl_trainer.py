@@ -321,3 +321,24 @@ def test_respond_to_batch_samples_txt_len_tokens_even_through_eos(word_tokenizer
     response = respond_to_batch(AutoModelForCausalLMWithValueHead.from_pretrained(lm), torch.tensor([[3, 4, 5]]), txt_len=6)
     assert response.tolist() == [[eos] * 6]
     assert lm.generation_config.eos_token_id == eos  # the model's own config is left as it was
+
+
+# More of TRL's trainer surface ------------------------------------------------------------------------
+def test_trainer_save_pretrained_writes_model_and_tokenizer(word_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = _trainer(word_tokenizer)
+    trainer.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, trainer._unwrapped.pretrained_model.state_dict()[key]), key
+    assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == word_tokenizer.get_vocab()
+    reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.v_head.summary.weight, trainer._unwrapped.v_head.summary.weight)
+
+
+def test_trl_only_constructor_argument_and_peft_context(word_tokenizer):
+    with pytest.warns(UserWarning, match="training_data_collator has no effect"):
+        trainer = PPOTrainer(PPOConfig(batch_size=2), _policy(word_tokenizer), tokenizer=word_tokenizer, training_data_collator=lambda rows: rows)
+    with trainer.optional_peft_ctx():  # no adapter: a no-op context, as in TRL
+        assert trainer.ref_model is not None
