@@ -17,6 +17,7 @@ _EXPORTS = {
     "PPOConfig": "rlhf_cli.ppo.config",
     "AutoModelForCausalLMWithValueHead": "rlhf_cli.models",
     "AutoModelForSeq2SeqLMWithValueHead": "rlhf_cli.models",
+    "PreTrainedModelWrapper": "rlhf_cli.models",
     "create_reference_model": "rlhf_cli.models",
     "set_seed": "rlhf_cli.seeding",
 }

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rlhf_cli.ppo import functional
 from rlhf_cli.ppo.functional import (
     clip_by_value,
     entropy_from_logits,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -34,6 +34,14 @@ __all__ = [
     "set_seed",
     "whiten",
 ]
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor | None, gather: bool = True) -> Tensor:
+    """TRL's signature: log-probabilities of ``labels`` [...] under ``logits`` [..., V] (float32 for half
+    inputs), or with ``gather=False`` the whole log-softmax [..., V] (what TRL's ``full`` KL takes)."""
+    if not gather:
+        return torch.log_softmax(logits, dim=-1)
+    return functional.logprobs_from_logits(logits, labels)
 
 
 class LengthSampler:
@@ -70,14 +78,18 @@ def respond_to_batch(model: nn.Module, queries: Tensor, txt_len: int = 20, top_k
     # No EOS: TRL's loop samples txt_len tokens whatever they are; stopping early would change that.
     generation_config.eos_token_id = None
     generation_config.pad_token_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+    generation_config.update(max_new_tokens=txt_len, do_sample=True, top_k=top_k, top_p=top_p)
     device = next(lm.parameters()).device
-    output = lm.generate(
-        input_ids=queries.to(device),
-        attention_mask=torch.ones_like(queries, device=device),
-        generation_config=generation_config,
-        max_new_tokens=txt_len,
-        do_sample=True,
-        top_k=top_k,
-        top_p=top_p,
-    )
+    # transformers fills a given config's unset fields (eos_token_id among them) from the model's own
+    # generation config, so the model carries the EOS-free copy for the duration of the call.
+    own_config = lm.generation_config
+    lm.generation_config = generation_config
+    try:
+        output = lm.generate(
+            input_ids=queries.to(device),
+            attention_mask=torch.ones_like(queries, device=device),
+            generation_config=generation_config,
+        )
+    finally:
+        lm.generation_config = own_config
     return output[:, -txt_len:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,10 @@ class TrainingRun:
         self.data = build_prompt_data(cfg.dataset, self.tokenizer, seed=int(cfg.seed))
         self.reward_fn = build_reward(cfg.reward)
         ppo_config = ppo_config_from(cfg, num_processes=self.state.num_processes, tracker_dir=str(self.run_dir.trackers_dir))
-        self.trainer = PPOTrainer(ppo_config, policy, tokenizer=self.tokenizer)
+        with warnings.catch_warnings():
+            # The engine feeds step() itself, with batches of ppo_config.batch_size.
+            warnings.filterwarnings("ignore", message="No dataset was given to PPOTrainer", category=UserWarning)
+            self.trainer = PPOTrainer(ppo_config, policy, tokenizer=self.tokenizer)
         self.stream = PromptStream(
             self.data.train,
             global_batch_size=int(cfg.ppo.batch_size),

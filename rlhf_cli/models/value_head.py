@@ -13,13 +13,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
 
@@ -148,15 +150,22 @@ class PreTrainedModelWrapper(nn.Module):
 
     transformers_parent_class: type = AutoModelForCausalLM
     is_encoder_decoder: bool = False
+    # Attribute or module names of a language-model head (TRL's names): wrapping a model without one
+    # (a bare GPT2Model) is an error, since PPO needs next-token logits.
+    lm_head_namings: tuple[str, ...] = ("lm_head", "embed_out")
+    # The from_pretrained keywords that configure the value head rather than the language model.
+    supported_args: tuple[str, ...] = _HEAD_KWARGS
 
     def __init__(
         self,
         pretrained_model: nn.Module,
         *,
-        summary_dropout_prob: float = 0.1,
+        summary_dropout_prob: float | None = None,
         v_head_init_strategy: str | None = None,
         v_head_initializer_range: float = 0.2,
     ) -> None:
+        """``summary_dropout_prob`` None takes the wrapped config's ``summary_dropout_prob`` if it has
+        one (as in TRL), else 0.1."""
         super().__init__()
         if is_seq2seq_config(pretrained_model.config) != self.is_encoder_decoder:
             kind, wanted, config_kind = (
@@ -168,13 +177,65 @@ class PreTrainedModelWrapper(nn.Module):
                 f"{type(self).__name__} cannot wrap {type(pretrained_model).__name__}, which is {kind} model; "
                 f"use {wanted} (model.kind={config_kind})."
             )
+        self._check_lm_head(pretrained_model)
         self.pretrained_model = pretrained_model
         self.config = pretrained_model.config
         self.is_peft_model = _is_peft_model(pretrained_model)
-        self.v_head = ValueHead(self.config, summary_dropout_prob)
+        if summary_dropout_prob is None:
+            summary_dropout_prob = getattr(self.config, "summary_dropout_prob", None)
+        self.v_head = ValueHead(self.config, 0.1 if summary_dropout_prob is None else summary_dropout_prob)
         init_value_head(self.v_head, v_head_init_strategy, v_head_initializer_range)
         # Beside the language model's (first) parameters, so a model loaded onto a GPU runs as is.
         self.v_head.to(next(pretrained_model.parameters()).device)
+
+    @classmethod
+    def _check_lm_head(cls, pretrained_model: nn.Module) -> None:
+        """ValueError unless ``pretrained_model`` has a language-model head (``lm_head_namings`` or
+        transformers' output embeddings)."""
+        names = {name.rsplit(".", 1)[-1] for name, _ in pretrained_model.named_modules()}
+        if names & set(cls.lm_head_namings):
+            return
+        get_output = getattr(pretrained_model, "get_output_embeddings", None)
+        if callable(get_output) and get_output() is not None:
+            return
+        raise ValueError(
+            f"{cls.__name__} cannot wrap {type(pretrained_model).__name__}: it has no language-model head "
+            f"(no module named {' or '.join(cls.lm_head_namings)}, no output embeddings), so it gives no "
+            f"next-token logits to train. Load the model with its LM head, e.g. "
+            f"{cls.transformers_parent_class.__name__}.from_pretrained(...) instead of AutoModel."
+        )
+
+    # TRL's state-dict layout -------------------------------------------------------------------
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Tensor]:
+        """TRL's keys: the wrapped model's own keys (as in its plain transformers state dict) plus
+        ``v_head.summary.weight`` and ``v_head.summary.bias``."""
+        if args:
+            raise TypeError("state_dict takes keyword arguments only (destination=, prefix=, keep_vars=).")
+        destination = OrderedDict() if destination is None else destination
+        self.pretrained_model.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        self.v_head.state_dict(destination=destination, prefix=f"{prefix}v_head.", keep_vars=keep_vars)
+        return destination
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False) -> Any:
+        """Load TRL's layout (see :meth:`state_dict`); keys prefixed ``pretrained_model.`` (nn.Module's
+        own layout, as older rlhf_cli checkpoints hold) load too. Missing and unexpected keys are
+        reported in TRL's layout."""
+        head, language = {}, {}
+        for key, value in state_dict.items():
+            if key.startswith("v_head."):
+                head[key[len("v_head."):]] = value
+            else:
+                language[key[len("pretrained_model."):] if key.startswith("pretrained_model.") else key] = value
+        lm_result = self.pretrained_model.load_state_dict(language, strict=False, assign=assign)
+        head_result = self.v_head.load_state_dict(head, strict=False, assign=assign)
+        missing = [*lm_result.missing_keys, *(f"v_head.{key}" for key in head_result.missing_keys)]
+        unexpected = [*lm_result.unexpected_keys, *(f"v_head.{key}" for key in head_result.unexpected_keys)]
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                f"unexpected keys {unexpected}."
+            )
+        return _IncompatibleKeys(missing, unexpected)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> "PreTrainedModelWrapper":
@@ -218,15 +279,20 @@ class PreTrainedModelWrapper(nn.Module):
         """Write the language model in plain Hugging Face format and the head as ``value_head.safetensors``.
 
         A ``state_dict`` keyword (e.g. gathered by Accelerate from a sharded model) may hold this
-        wrapper's keys (``pretrained_model.*``, ``v_head.*``); it is split between the two files.
+        wrapper's keys (TRL's layout, or ``pretrained_model.*``, plus ``v_head.*``); it is split between
+        the two files.
         """
         state_dict = kwargs.pop("state_dict", None)
         if state_dict is None:
             head_state = {f"v_head.{key}": value for key, value in self.v_head.state_dict().items()}
         else:
             head_state = {key: value for key, value in state_dict.items() if key.startswith("v_head.")}
-            prefix = "pretrained_model."
-            kwargs["state_dict"] = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            prefix = "pretrained_model."  # nn.Module's layout; TRL's (see state_dict) has no prefix
+            kwargs["state_dict"] = {
+                key[len(prefix):] if key.startswith(prefix) else key: value
+                for key, value in state_dict.items()
+                if not key.startswith("v_head.")
+            }
         self.pretrained_model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):
             tensors = {key: value.detach().to("cpu").contiguous() for key, value in head_state.items()}
@@ -278,6 +344,7 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
 
     transformers_parent_class = AutoModelForSeq2SeqLM
     is_encoder_decoder = True
+    lm_head_namings = ("lm_head", "embed_out", "output_projection")
 
     def forward(
         self,
@@ -331,6 +398,8 @@ def read_value_head(name: str, **hub_kwargs: Any) -> dict[str, Tensor] | None:
     if head_file is not None:
         found = _read_tensors(head_file, _VALUE_HEAD_KEYS)
         return _as_head_state(found, head_file, required=True)
+    # TRL's layouts: the head inside the (sharded) model weights, or, for a PEFT adapter saved by TRL,
+    # alone in a pytorch_model.bin beside the adapter. The first file that holds it wins.
     for index_name in _WEIGHT_INDEX_FILES:
         index_file = locate(index_name)
         if index_file is None:
@@ -342,11 +411,15 @@ def read_value_head(name: str, **hub_kwargs: Any) -> dict[str, Tensor] | None:
             if shard_file is None:
                 raise ModelLoadError(f"The weight index {index_file} names the shard '{shard}', which is missing.")
             found.update(_read_tensors(shard_file, _VALUE_HEAD_KEYS))
-        return _as_head_state(found, index_file, required=False)
+        head_state = _as_head_state(found, index_file, required=False)
+        if head_state is not None:
+            return head_state
     for weights_name in _WEIGHT_FILES:
         weights_file = locate(weights_name)
         if weights_file is not None:
-            return _as_head_state(_read_tensors(weights_file, _VALUE_HEAD_KEYS), weights_file, required=False)
+            head_state = _as_head_state(_read_tensors(weights_file, _VALUE_HEAD_KEYS), weights_file, required=False)
+            if head_state is not None:
+                return head_state
     return None
 
 

@@ -1,4 +1,4 @@
-"""PPOConfig: every knob of legacy TRL's PPOConfig that matters for training (DESIGN §6).
+"""PPOConfig: legacy TRL 0.11.4's PPOConfig, field for field (DESIGN §6).
 
 Sizes here are per process, as in legacy TRL: ``batch_size`` samples go into each call of
 ``PPOTrainer.step`` on each process. The command line speaks in global sizes and divides them.
@@ -7,43 +7,79 @@ Sizes here are per process, as in legacy TRL: ``batch_size`` samples go into eac
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
 DEFAULT_MINI_BATCH_SIZE = 128
+# The fields the other sizes derive from: assigning one of them refreshes the derived ones.
+_SIZE_FIELDS = ("batch_size", "mini_batch_size", "gradient_accumulation_steps")
+
+
+class Sizes(NamedTuple):
+    """The sizes a trainer runs with, derived from a config when the trainer is built."""
+
+    batch_size: int  # samples per step, per process
+    mini_batch_size: int  # samples per forward/backward pass, per process
+    gradient_accumulation_steps: int
+    backward_batch_size: int  # samples per optimiser step, per process
+    world_size: int  # processes
+    global_batch_size: int  # samples per step over all processes
+    global_backward_batch_size: int  # samples per optimiser step over all processes
 
 
 @dataclass
 class PPOConfig:
-    """Hyper-parameters of PPO with a KL penalty to a reference model.
+    """Hyper-parameters of PPO with a KL penalty to a reference model: every field of legacy TRL 0.11.4's
+    ``PPOConfig`` (a TRL script's keywords all work), with TRL's defaults.
 
-    Defaults are legacy TRL's. ``mini_batch_size=None`` means "the whole batch, up to 128",
-    so ``PPOConfig(batch_size=1)`` works (legacy TRL rejects it).
+    Derived sizes follow the config as it is: ``mini_batch_size=None`` means "the whole batch, up to
+    128" (so ``PPOConfig(batch_size=1)`` works; legacy TRL rejects it) and is recomputed when
+    ``batch_size`` changes; ``backward_batch_size`` (mini × accumulation) is recomputed when any size
+    changes; the trainer checks the sizes again when it is built from the config.
+
+    Filled in by :class:`~rlhf_cli.PPOTrainer` when it is built, as in TRL (passing them has no
+    effect): ``world_size``, ``global_batch_size``, ``global_backward_batch_size``,
+    ``is_encoder_decoder``, ``is_peft_model``.
+
+    Accepted for TRL scripts but without effect here: ``task_name``, ``model_name``, ``query_dataset``,
+    ``reward_model`` (bookkeeping only: stored and sent to the trackers with :meth:`to_dict`);
+    ``steps`` (only gives :attr:`total_ppo_epochs`; you write the training loop);
+    ``push_to_hub_if_best_kwargs`` and ``compare_steps`` (no Hub pushes: a warning if set);
+    ``optimize_cuda_cache``/``optimize_device_cache`` (memory is freed by scope, not by emptying
+    caches); ``dataset_num_proc`` (PPOTrainer maps no dataset).
+
+    Used as in TRL: ``remove_unused_columns`` (a ``datasets.Dataset`` given to the trainer keeps only
+    the model's forward arguments plus ``label``, ``query``, ``response``), ``gradient_checkpointing``.
+
+    Different from TRL on purpose: ``forward_batch_size`` sets the samples per no-gradient forward
+    pass (TRL deprecated it as an alias of ``mini_batch_size``); ``disable_dropout`` (ours) switches
+    dropout off during PPO.
     """
 
     # experiment
     exp_name: str = "rlhf_cli"
     seed: int = 0
     log_with: Optional[str] = None
-    tracker_project_name: str = "rlhf_cli"
+    task_name: Optional[str] = None
+    model_name: Optional[str] = "gpt2"
+    query_dataset: Optional[str] = "stanfordnlp/imdb"
+    reward_model: Optional[str] = "sentiment-analysis:lvwerra/distilbert-imdb"
+    remove_unused_columns: bool = True
     tracker_kwargs: dict[str, Any] = field(default_factory=dict)
     accelerator_kwargs: dict[str, Any] = field(default_factory=dict)
     project_kwargs: dict[str, Any] = field(default_factory=dict)
+    tracker_project_name: str = "rlhf_cli"
+    push_to_hub_if_best_kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int = 20000
 
     # optimisation
     learning_rate: float = 1.41e-5
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = None
-
-    # sizes (per process)
-    batch_size: int = 128
-    mini_batch_size: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 4
-    # samples per no-gradient forward pass (old logprobs/values, reference); None: the whole batch
-    forward_batch_size: Optional[int] = None
 
     # KL penalty and its controller
     adap_kl_ctrl: bool = True
@@ -58,9 +94,24 @@ class PPOConfig:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
-    ratio_threshold: float = 10.0
+
+    # sizes (per process)
+    batch_size: int = 128
+    # samples per no-gradient forward pass (old logprobs/values, reference); None: the whole batch
+    forward_batch_size: Optional[int] = None
+    mini_batch_size: Optional[int] = None
+    gradient_accumulation_steps: int = 1
+    world_size: Optional[int] = None
+    ppo_epochs: int = 4
+
+    # memory (accepted for TRL scripts; see the class docstring)
+    optimize_cuda_cache: Optional[bool] = None
+    optimize_device_cache: bool = False
+
     early_stopping: bool = False
     target_kl: float = 1.0
+    compare_steps: int = 1
+    ratio_threshold: float = 10.0
 
     # scores and rewards
     use_score_scaling: bool = False
@@ -68,45 +119,95 @@ class PPOConfig:
     score_clip: Optional[float] = None
     whiten_rewards: bool = False
 
+    gradient_checkpointing: bool = False
+    is_encoder_decoder: Optional[bool] = None
+    is_peft_model: Optional[bool] = None
+    backward_batch_size: Optional[int] = None
+    global_backward_batch_size: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    dataset_num_proc: Optional[int] = None
+
     # Deliberate difference from legacy TRL: dropout makes old and new logprobs disagree on the
     # same weights, so it is switched off in policy, value head and reference during PPO.
     disable_dropout: bool = True
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "mini_batch_size":
+            # None asks for the automatic size; remember that, so a later batch_size follows.
+            object.__setattr__(self, "_auto_mini_batch", value is None)
+        object.__setattr__(self, name, value)
+        if name in _SIZE_FIELDS and "gradient_accumulation_steps" in self.__dict__:
+            self._refresh_sizes()
+
     def __post_init__(self) -> None:
-        if self.mini_batch_size is None:
-            self.mini_batch_size = min(self.batch_size, DEFAULT_MINI_BATCH_SIZE) if self.batch_size > 0 else 1
+        if self.optimize_cuda_cache is not None and self.optimize_device_cache:
+            raise ValueError("PPOConfig got both optimize_cuda_cache and optimize_device_cache; pass only optimize_device_cache.")
+        if self.push_to_hub_if_best_kwargs:
+            warnings.warn(
+                "PPOConfig.push_to_hub_if_best_kwargs has no effect in rlhf_cli (it never pushes to the Hub); "
+                "save the model yourself with model.save_pretrained(...) when its reward is best.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._refresh_sizes()
+        self.check_sizes()
         self._validate()
 
     # Derived sizes -------------------------------------------------------------------------
-    @property
-    def backward_batch_size(self) -> int:
-        """Samples per optimiser step: mini_batch_size × gradient_accumulation_steps."""
-        return self.mini_batch_size * self.gradient_accumulation_steps
+    def _refresh_sizes(self) -> None:
+        """Recompute the automatic mini-batch size and ``backward_batch_size`` from the current sizes."""
+        batch, accumulation = self.batch_size, self.gradient_accumulation_steps
+        if self.__dict__.get("_auto_mini_batch", False) and _is_positive_int(batch):
+            object.__setattr__(self, "mini_batch_size", min(batch, DEFAULT_MINI_BATCH_SIZE))
+        if _is_positive_int(self.mini_batch_size) and _is_positive_int(accumulation):
+            object.__setattr__(self, "backward_batch_size", self.mini_batch_size * accumulation)
+
+    def sizes(self, world_size: int = 1) -> Sizes:
+        """The sizes of this config as it is now, checked, for ``world_size`` processes."""
+        self._refresh_sizes()
+        self.check_sizes()
+        return Sizes(
+            batch_size=self.batch_size,
+            mini_batch_size=self.mini_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            backward_batch_size=self.backward_batch_size,
+            world_size=world_size,
+            global_batch_size=self.batch_size * world_size,
+            global_backward_batch_size=self.backward_batch_size * world_size,
+        )
 
     @property
     def num_mini_batches(self) -> int:
         """Mini-batches per PPO epoch."""
         return self.batch_size // self.mini_batch_size
 
+    @property
+    def total_ppo_epochs(self) -> int:
+        """TRL's ``ceil(steps / batch_size)``."""
+        return int(math.ceil(self.steps / self.batch_size))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     # Checks ----------------------------------------------------------------------------------
-    def _validate(self) -> None:
-        positive_ints = ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs")
-        for name in positive_ints:
+    def check_sizes(self) -> None:
+        """Raise ValueError naming the numbers when the sizes are not positive or do not divide."""
+        for name in ("batch_size", *_SIZE_FIELDS[1:], "ppo_epochs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_positive_int(value):
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}.")
-        if self.forward_batch_size is not None and self.forward_batch_size < 1:
-            raise ValueError(f"PPOConfig.forward_batch_size must be positive or None, got {self.forward_batch_size!r}.")
-        if self.batch_size % self.backward_batch_size != 0:
+        backward = self.mini_batch_size * self.gradient_accumulation_steps
+        if self.batch_size % backward != 0:
             raise ValueError(
                 f"PPOConfig sizes disagree: batch_size={self.batch_size} is not divisible by "
                 f"mini_batch_size × gradient_accumulation_steps = {self.mini_batch_size} × "
-                f"{self.gradient_accumulation_steps} = {self.backward_batch_size}. Choose a mini_batch_size and "
+                f"{self.gradient_accumulation_steps} = {backward}. Choose a mini_batch_size and "
                 f"gradient_accumulation_steps whose product divides batch_size."
             )
+
+    def _validate(self) -> None:
+        if self.forward_batch_size is not None and self.forward_batch_size < 1:
+            raise ValueError(f"PPOConfig.forward_batch_size must be positive or None, got {self.forward_batch_size!r}.")
         if self.kl_penalty not in KL_PENALTY_MODES:
             raise ValueError(f"PPOConfig.kl_penalty must be one of {', '.join(KL_PENALTY_MODES)}; got {self.kl_penalty!r}.")
         for name in ("learning_rate", "target", "horizon", "target_kl", "ratio_threshold"):
@@ -124,3 +225,7 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}.")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True (normalisation uses the running moments).")
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

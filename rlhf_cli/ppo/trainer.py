@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 from torch import Tensor, nn
 
 from rlhf_cli.errors import ConfigError
@@ -26,8 +26,6 @@ from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
 from rlhf_cli.ppo.functional import (
     Advantages,
     entropy_from_logits,
-    gae,
-    kl_penalty,
     masked_mean,
     masked_var,
     per_token_rewards,
@@ -39,10 +37,10 @@ from rlhf_cli.ppo.functional import (
 from rlhf_cli.ppo.inputs import check_step_inputs
 from rlhf_cli.ppo.kl_control import make_kl_controller
 from rlhf_cli.ppo.running_moments import RunningMoments
-from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats, reward_stats, scalar_stats
-from rlhf_cli.rollout.generation import generate_responses
+from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats
+from rlhf_cli.ppo.trl_compat import TRLCompatMixin, fill_runtime_fields
 from rlhf_cli.rollout.packing import PackedBatch, pack_batch
-from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs, zero_stage
+from rlhf_cli.rollout.unwrap import zero_stage
 from rlhf_cli.seeding import set_seed
 
 
@@ -54,9 +52,22 @@ _SHARE_FIELDS = (
 )
 
 
-def _default_collator(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Keep each column as a list (queries have different lengths)."""
-    return {key: [row[key] for row in rows] for key in rows[0]}
+def make_accelerator(config: PPOConfig) -> Accelerator:
+    """The Accelerator of a trainer: the config's trackers, project and accelerator keyword arguments.
+
+    Gradient accumulation counts mini-batches only (not the end of a dataloader, which would force an
+    optimiser step on every mini-batch of a dataloader's last batch), and a prepared scheduler steps
+    once per ``step()`` whatever the number of processes.
+    """
+    kwargs = dict(config.accelerator_kwargs)
+    # Processes launched on a CPU-only machine must be told to join over gloo (see distributed.py).
+    kwargs.setdefault("cpu", cpu_process_group_needed())
+    kwargs.setdefault("step_scheduler_with_optimizer", False)
+    if "gradient_accumulation_plugin" not in kwargs:
+        kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(
+            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+        )
+    return Accelerator(log_with=config.log_with, project_config=ProjectConfiguration(**config.project_kwargs), **kwargs)
 
 
 class _Timer:
@@ -72,12 +83,14 @@ class _Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-class PPOTrainer:
+class PPOTrainer(TRLCompatMixin):
     """PPO for a language model with a value head, kept near a frozen reference by a KL penalty.
 
     ``config.batch_size`` (query, response, score) triplets go into each :meth:`step` on each
     process. ``ref_model=None`` makes a frozen copy of ``model`` (sharing its first
     ``num_shared_layers`` layers), or, for a PEFT model, uses the policy with its adapter disabled.
+    Sizes are derived from ``config`` as it is when the trainer is built. TRL 0.11's protected
+    methods come from :class:`~rlhf_cli.ppo.trl_compat.TRLCompatMixin`.
 
     On P processes a step computes what one process computes on the P·b samples concatenated in
     rank order (to float rounding): see :mod:`rlhf_cli.ppo.distributed` for the convention.
@@ -94,7 +107,12 @@ class PPOTrainer:
         data_collator: Optional[Callable] = None,
         num_shared_layers: Optional[int] = None,
         lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+        training_data_collator: Optional[Callable] = None,
     ) -> None:
+        """TRL 0.11's arguments. ``training_data_collator`` is accepted for TRL scripts but has no
+        effect: ``step()`` packs its model inputs itself (see :mod:`rlhf_cli.rollout.packing`)."""
+        if training_data_collator is not None:
+            warnings.warn("training_data_collator has no effect in rlhf_cli: step() packs model inputs itself.", UserWarning, stacklevel=2)
         self.config = config if config is not None else PPOConfig()
         if not isinstance(self.config, PPOConfig):
             raise TypeError(f"config must be a PPOConfig, got {type(self.config).__name__}.")
@@ -107,17 +125,17 @@ class PPOTrainer:
         if ref_model is not None and not isinstance(ref_model, PreTrainedModelWrapper):
             raise TypeError(f"ref_model must be a value-head model like model, or None; got {type(ref_model).__name__}.")
         if ref_model is not None and num_shared_layers is not None:
-            raise ValueError("Pass either ref_model or num_shared_layers (which builds the reference), not both.")
-
-        accelerator_kwargs = dict(self.config.accelerator_kwargs)
-        # Processes launched on a CPU-only machine must be told to join over gloo (see distributed.py).
-        accelerator_kwargs.setdefault("cpu", cpu_process_group_needed())
-        self.accelerator = Accelerator(
-            log_with=self.config.log_with,
-            gradient_accumulation_steps=self.config.gradient_accumulation_steps,
-            project_config=ProjectConfiguration(**self.config.project_kwargs),
-            **accelerator_kwargs,
-        )
+            warnings.warn(
+                "num_shared_layers is ignored when ref_model is given: the reference is that model and no "
+                "layers are shared with the policy.",
+                UserWarning,
+                stacklevel=2,
+            )
+            num_shared_layers = None
+        self.config.check_sizes()  # the config as it is now, not as it was constructed
+        self.accelerator = make_accelerator(self.config)
+        self.sizes = self.config.sizes(self.accelerator.num_processes)
+        fill_runtime_fields(self.config, self.sizes, model)
         if zero_stage(self.accelerator) == 3 and not (ref_model is None and model.is_peft_model):
             raise ConfigError(
                 "DeepSpeed ZeRO-3 shards the policy's parameters over the processes, but a separate reference "
@@ -152,22 +170,23 @@ class PPOTrainer:
                 weight_decay=self.config.weight_decay,
                 fused=fused or None,
             )
-        self.dataloader = None
-        if dataset is not None:
-            generator = torch.Generator().manual_seed(self.config.seed)
-            self.dataloader = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=self.config.batch_size,
-                shuffle=True,
-                drop_last=True,
-                generator=generator,
-                collate_fn=data_collator or _default_collator,
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.dataset = dataset
+        self.model = model  # prepared below; prepare_dataloader reads its forward signature
+        self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset is not None else None
+        if dataset is None:
+            warnings.warn(
+                "No dataset was given to PPOTrainer: make sure config.batch_size matches the number of samples "
+                f"you pass to step() (batch_size={self.config.batch_size}).",
+                UserWarning,
+                stacklevel=2,
             )
-        prepared = self.accelerator.prepare(model, optimizer, *( [self.dataloader] if self.dataloader else []))
-        self.model, self.optimizer = prepared[0], prepared[1]
-        if self.dataloader is not None:
-            self.dataloader = prepared[2]
-        self.lr_scheduler = lr_scheduler
+        # Accelerate wraps the scheduler (trainer.lr_scheduler.scheduler is the user's); see make_accelerator.
+        extras = [x for x in (self.dataloader, lr_scheduler) if x is not None]
+        self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *extras)
+        self.dataloader = prepared.pop(0) if self.dataloader is not None else None
+        self.lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
 
         self.kl_ctl = make_kl_controller(
@@ -222,45 +241,6 @@ class PPOTrainer:
         with self._unwrapped.pretrained_model.disable_adapter():
             yield self.model
 
-    # Generation --------------------------------------------------------------------------------
-    def generate(
-        self,
-        query_tensor: Tensor | list[Tensor],
-        length_sampler: Optional[Callable[[], int]] = None,
-        batch_size: int = 4,
-        return_prompt: bool = True,
-        remove_padding: bool = True,
-        **generation_kwargs: Any,
-    ) -> Tensor | list[Tensor]:
-        """Generate from one query (1-D tensor -> 2-D [1, L] tensor) or a list of queries (-> list).
-
-        A list is generated in left-padded batches of ``batch_size``; each response is cut after
-        its first EOS when ``remove_padding``. ``length_sampler`` draws ``max_new_tokens`` per query.
-        """
-        single = isinstance(query_tensor, Tensor)
-        queries = [query_tensor] if single else list(query_tensor)
-        if single and query_tensor.dim() != 1:
-            raise ValueError(f"query_tensor must be 1-D token ids (or a list of them), got shape {tuple(query_tensor.shape)}.")
-        generation_kwargs = {**synced_generation_kwargs(self.accelerator), **generation_kwargs}
-        default_budget = generation_kwargs.pop("max_new_tokens", None) or 20
-        budgets = [length_sampler() for _ in queries] if length_sampler is not None else default_budget
-        with generation_model(self.accelerator, self.model) as model:
-            responses = generate_responses(
-                model,
-                queries,
-                max_new_tokens=budgets,
-                pad_token_id=generation_kwargs.pop("pad_token_id", self.pad_token_id),
-                eos_token_id=self.eos_token_id,
-                is_encoder_decoder=self.is_encoder_decoder,
-                batch_size=1 if single else batch_size,
-                device=self.accelerator.device,
-                stop_at_eos=remove_padding,
-                **generation_kwargs,
-            )
-        if return_prompt and not self.is_encoder_decoder:
-            responses = [torch.cat([q.cpu(), r]) for q, r in zip(queries, responses)]
-        return responses[0].unsqueeze(0) if single else responses
-
     # The step ----------------------------------------------------------------------------------
     def step(
         self,
@@ -309,14 +289,17 @@ class PPOTrainer:
 
         # (d) Per-token rewards (−β·KL, score on the last token) and GAE advantages. Every process
         # holds the whole batch, so whitening uses the statistics of the global batch.
+        # compute_rewards and compute_advantages may be overridden (TRL's extension points).
         kl_coef = self.kl_ctl.value
         with timer("compute_rewards"):
-            kl = rollout.full_kl if rollout.full_kl is not None else kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.config.kl_penalty)
-            reward_terms = per_token_rewards(scores, kl, mask, kl_coef)
+            if rollout.full_kl is None:
+                rewards, non_score, kl = self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask)
+            else:  # kl_penalty="full": computed per chunk in the forward pass (see trl_compat)
+                kl = rollout.full_kl
+                rewards, non_score = per_token_rewards(scores, kl, mask, kl_coef)
         with timer("compute_advantages"):
-            advantages = gae(
-                rollout.values, reward_terms.rewards, mask, self.config.gamma, self.config.lam, self.config.whiten_rewards
-            )
+            _, whitened, returns = self.compute_advantages(rollout.values, rewards, mask)
+            advantages = Advantages(whitened, returns)
 
         # (e) PPO epochs over shuffled mini-batches.
         with timer("optimize_step"):
@@ -324,7 +307,7 @@ class PPOTrainer:
 
         # (f) Stats over the global batch, then the KL controller and scheduler.
         with timer("calc_stats"):
-            rollout_stats = self._rollout_stats(batch, rollout, kl, reward_terms.non_score_rewards, scores)
+            rollout_stats = self._rollout_stats(batch, rollout, kl, non_score, scores)
             timer.seconds["total"] = time.perf_counter() - step_start
             stats = flatten_step_stats(
                 rollout_stats,
@@ -366,7 +349,7 @@ class PPOTrainer:
 
     def _optimise(self, batch: PackedBatch, rollout: RolloutScores, advantages: Advantages) -> list[MiniBatchStats]:
         cfg = self.config
-        global_mini_batch = cfg.mini_batch_size * self.accelerator.num_processes
+        global_mini_batch = self.sizes.mini_batch_size * self.accelerator.num_processes
         self.model.train()
         collected: list[MiniBatchStats] = []
         for _ in range(cfg.ppo_epochs):
@@ -507,25 +490,3 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-
-    # Logging -----------------------------------------------------------------------------------
-    def log_stats(
-        self,
-        stats: dict[str, Any],
-        batch: dict[str, Any],
-        rewards: Sequence[float] | Tensor,
-        columns_to_log: Sequence[str] = ("query", "response"),
-    ) -> None:
-        """Send the step's scalar stats, reward mean/std and a sample table to the trackers."""
-        rewards = torch.as_tensor([float(r) for r in rewards], dtype=torch.float32, device=self.accelerator.device)
-        rewards = self.accelerator.gather(rewards).cpu()
-        logs = {**scalar_stats(stats), **reward_stats(rewards)}
-        if self.config.log_with is None or not self.accelerator.is_main_process:
-            return
-        columns = [c for c in columns_to_log if c in batch]
-        if columns:
-            header = "| " + " | ".join([*columns, "reward"]) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
-            rows = zip(*[batch[c] for c in columns], rewards.tolist())
-            body = "".join("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |\n" for row in rows)
-            logs["game_log"] = header + body
-        self.accelerator.log(logs, step=self.current_step)

@@ -38,13 +38,15 @@ def generate_responses(
     batch_size: Optional[int] = None,
     device: torch.device | str = "cpu",
     stop_at_eos: bool = True,
+    pad_to_multiple_of: Optional[int] = None,
     **generation_kwargs: Any,
 ) -> list[Tensor]:
     """Generate one response (new tokens only, 1-D, on CPU) per query.
 
     ``model`` must have a transformers ``generate`` (unwrap DDP/FSDP wrappers before calling).
     ``max_new_tokens`` is one budget for all or one per query. Responses keep their EOS token
-    and nothing after it when ``stop_at_eos``.
+    and nothing after it when ``stop_at_eos``. ``pad_to_multiple_of`` widens each chunk's query
+    padding to a multiple of it (shape-bucketing for compiled kernels).
     """
     budgets = [int(max_new_tokens)] * len(queries) if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
     if len(budgets) != len(queries):
@@ -57,6 +59,8 @@ def generate_responses(
         part = list(queries[start : start + chunk])
         part_budgets = budgets[start : start + chunk]
         width = max(int(q.shape[0]) for q in part)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         # Decoder-only models continue the query, so its padding goes on the left.
         input_ids, attention_mask = _stack_padded(part, width, pad_token_id, left=not is_encoder_decoder)
         output = model.generate(

@@ -216,8 +216,8 @@ def test_tiny_gpt2_init_depends_on_init_seed_only_and_leaves_the_global_rng_alon
         assert torch.equal(first_state[name], second_state[name]), name
     assert not torch.equal(first_state["v_head.summary.weight"], other_state["v_head.summary.weight"])
     assert not torch.equal(
-        first_state["pretrained_model.transformer.h.0.attn.c_attn.weight"],
-        other_state["pretrained_model.transformer.h.0.attn.c_attn.weight"],
+        first_state["transformer.h.0.attn.c_attn.weight"],
+        other_state["transformer.h.0.attn.c_attn.weight"],
     )
 
 

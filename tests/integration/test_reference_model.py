@@ -152,6 +152,7 @@ class OddLM(PreTrainedModel):
         super().__init__(config)
         self.embed = nn.Embedding(10, config.hidden_size)
         self.stack = nn.ModuleList(nn.Linear(config.hidden_size, config.hidden_size) for _ in range(2))
+        self.lm_head = nn.Linear(config.hidden_size, 10)  # a value-head wrapper needs a language-model head
 
 
 def test_unknown_architecture_asks_for_a_pattern():
