@@ -164,6 +164,13 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
 
 
 # Sampling -------------------------------------------------------------------------------------------
+def _check_counts(samples_per_prompt: int, max_new_tokens: int | None) -> None:
+    if samples_per_prompt < 1:
+        raise RlhfError(f"--n must be at least 1 (samples per prompt), got {samples_per_prompt}.")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise RlhfError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
+
+
 def generate_and_score(
     policy: Any,
     tokenizer: Any,
@@ -185,11 +192,8 @@ def generate_and_score(
     from rlhf_cli.rewards import build_reward, score_responses
     from rlhf_cli.rollout.generation import generate_responses
 
-    if samples_per_prompt < 1:
-        raise RlhfError(f"--n must be at least 1 (samples per prompt), got {samples_per_prompt}.")
+    _check_counts(samples_per_prompt, max_new_tokens)
     budget = int(cfg.generation.response_max_tokens) if max_new_tokens is None else int(max_new_tokens)
-    if budget < 1:
-        raise RlhfError(f"--max-new-tokens must be at least 1, got {budget}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generation = generation_settings(
         cfg, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, is_encoder_decoder=policy.is_encoder_decoder
@@ -223,6 +227,9 @@ def sample_run(
     import torch
     import transformers
 
+    _check_counts(samples_per_prompt, max_new_tokens)  # before anything loads
+    if num_prompts is not None and num_prompts < 1:
+        raise RlhfError(f"--prompts must be at least 1 (held-out prompts to use), got {num_prompts}.")
     target = resolve_target(path, reference=reference)
     if target.cfg.threads:
         torch.set_num_threads(int(target.cfg.threads))
