@@ -8,6 +8,7 @@ subprocess tests check the command line (table, summary line, exit codes, messag
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -160,3 +161,16 @@ def test_resolve_target_errors_in_process(tmp_path: Path) -> None:
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(RlhfError, match="is a file"):
         resolve_target(tmp_path / "file.txt")
+
+
+def test_help_lists_sample_and_sample_help_imports_no_torch(tmp_path: Path) -> None:
+    code = "import sys; from rlhf_cli.cli import main; main(['--help']); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\s+sample\s+generate from", done.stdout, re.MULTILINE), done.stdout
+    assert done.stdout.strip().endswith("False"), "rlhf --help imported torch"
+    usage = subprocess.run([sys.executable, "-m", "rlhf_cli", "sample", "--help"], cwd=tmp_path, env=cli_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and "RUN_DIR_OR_CHECKPOINT" in usage.stdout
+    for option in ("--reference", "--n", "--seed", "--max-new-tokens"):
+        assert option in usage.stdout
