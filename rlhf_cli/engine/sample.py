@@ -201,9 +201,12 @@ def generate_and_score(
     # Prompt-major order: the n samples of a prompt are adjacent rows of the table.
     queries = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids for _ in range(samples_per_prompt)]
     texts = [text for text in prompts for _ in range(samples_per_prompt)]
-    with torch.random.fork_rng(devices=[]):
+    # One GPU if there is one (generation dominates the cost); the samples then differ from the CPU's.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy.to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        responses = generate_responses(policy, queries, max_new_tokens=budget, device="cpu", **generation)
+        responses = generate_responses(policy, queries, max_new_tokens=budget, device=device, **generation)
     decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
     rewards = score_responses(build_reward(cfg.reward), texts, decoded).tolist()
     return Samples(label, texts, decoded, rewards, samples_per_prompt)
