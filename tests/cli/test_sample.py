@@ -121,7 +121,6 @@ def test_cli_prints_the_table_and_the_summary(run_dir: Path) -> None:
     assert len(table_rewards) == 4
     mean = sum(table_rewards) / 4
     assert f"mean reward {mean:+.3f}" in done.stdout  # the summary is over the rows shown
-    assert rlhf_sample(*args, cwd=run_dir.parent).stdout == done.stdout  # same seed, same output
     reference = rlhf_sample(str(run_dir / "checkpoints" / "step-2"), "--reference", "--prompts", "2", cwd=run_dir.parent)
     assert reference.returncode == 0, reference.stderr
     assert "rlhf sample: reference (starting model)" in reference.stdout and "(2 prompts × 1)" in reference.stdout
