@@ -213,7 +213,7 @@ def recipes_command(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# rlhf eval / rlhf export
+# rlhf eval / rlhf export / rlhf sample
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -257,6 +257,46 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
+def sample_command(argv: list[str]) -> int:
+    """``rlhf sample RUN_DIR_OR_CHECKPOINT [PROMPT ...]``: generate from a run's model and score it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} sample",
+        description="Generate from a run's final/ model (or a checkpoints/step-N directory, or --reference for the "
+        "starting model) with the run's generation settings, tokenizer and reward; print prompt, response and "
+        "reward, and the mean reward ± its standard error.",
+    )
+    parser.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="a run directory (its final/ model), its final/ directory, or a checkpoints/step-N directory")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to continue (default: the run's held-out prompts)")
+    parser.add_argument("--reference", action="store_true", help="sample the starting model (the run's reference) instead")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="longest response, in new tokens (default: the run's generation.response_max_tokens)")
+    parser.add_argument("--prompts", dest="num_prompts", type=int, default=None,
+                        help="use only the first N held-out prompts (default: all of them)")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    from rlhf_cli.engine.sample import sample_run, samples_table
+
+    samples = sample_run(
+        args.target,
+        args.prompts,
+        reference=args.reference,
+        samples_per_prompt=args.n,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        num_prompts=args.num_prompts,
+    )
+    console = Console()
+    console.print(samples_table(samples))
+    console.print(samples.summary(), markup=False, highlight=False)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------
@@ -266,6 +306,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "recipes": (recipes_command, "list the recipes with a one-line description each"),
     "eval": (eval_command, "before/after table of a finished run on held-out prompts (writes report.md, curves.png)"),
     "export": (export_command, "write a checkpoint as a plain Hugging Face model directory"),
+    "sample": (sample_command, "generate from a run's final/ model, a checkpoint or the reference, with rewards"),
 }
 
 

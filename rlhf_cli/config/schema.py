@@ -80,6 +80,7 @@ class LoraSection:
 class ModelConfig:
     source: str = _field("pretrained", choices=MODEL_SOURCES)
     name_or_path: Optional[str] = None
+    gguf_file: Optional[str] = None
     kind: str = _field("causal", choices=MODEL_KINDS)
     dtype: str = _field("float32", choices=DTYPES)
     trust_remote_code: bool = False

@@ -155,10 +155,11 @@ def _check_consistency(cfg: DictConfig) -> None:
 
 def _check_required_by_choice(cfg: DictConfig) -> None:
     """Values that become mandatory once an option is chosen (only checked before a real run)."""
-    if cfg.model.source == "pretrained" and not cfg.model.name_or_path:
+    if cfg.model.source == "pretrained" and not cfg.model.name_or_path and not cfg.model.gguf_file:
         raise ConfigError(
             "model.source is 'pretrained' but 'model.name_or_path' is empty: give the policy model with "
-            "model.name_or_path=<Hub id or local directory>, or use model=tiny_gpt2 for the offline tiny model."
+            "model.name_or_path=<Hub id or local directory> (or model.gguf_file=<path to a .gguf file>), "
+            "or use model=tiny_gpt2 for the offline tiny model."
         )
     _check_reward_source(cfg.reward, "reward")
     if cfg.reward.type == "weighted_sum":

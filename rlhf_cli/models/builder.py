@@ -1,6 +1,7 @@
 """Building the policy (a value-head model) and its tokenizer from the ``model`` config group.
 
-``source: pretrained`` loads a Hub id or a local directory; ``source: tiny_gpt2`` builds a small
+``source: pretrained`` loads a Hub id or a local directory (or a llama.cpp GGUF file given as
+``model.gguf_file``, see ``models.gguf``); ``source: tiny_gpt2`` builds a small
 randomly initialised GPT-2 over the word-level tokenizer trained on the local IMDb reviews, so the
 default run needs no download. ``lora.enabled`` puts PEFT LoRA adapters on the language model.
 """
@@ -16,6 +17,7 @@ from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
 from rlhf_cli.errors import ConfigError, ModelLoadError
 from rlhf_cli.hub import check_loadable, hub_failure_message
 from rlhf_cli.models.dropout import disable_dropout as disable_dropout_in
+from rlhf_cli.models.gguf import resolve_gguf
 from rlhf_cli.models.value_head import (
     AutoModelForCausalLMWithValueHead,
     AutoModelForSeq2SeqLMWithValueHead,
@@ -48,6 +50,8 @@ def load_policy_and_tokenizer(
     """
     if model_cfg.dtype not in _DTYPES:
         raise ConfigError(f"model.dtype must be one of {', '.join(_DTYPES)}, got '{model_cfg.dtype}'.")
+    # A GGUF checkpoint becomes (once, cached) a plain Hugging Face directory; from here on it loads as one.
+    model_cfg = resolve_gguf(model_cfg)
     tokenizer = load_tokenizer(model_cfg)
     if model_cfg.source == "tiny_gpt2":
         policy = _build_tiny_gpt2(model_cfg, tokenizer)
@@ -110,6 +114,7 @@ def _with_lora(policy: PreTrainedModelWrapper, model_cfg: "ModelConfig") -> PreT
 
 def load_tokenizer(model_cfg: "ModelConfig") -> PreTrainedTokenizerBase:
     """The tokenizer for ``model_cfg``, with its pad token and padding side set from the config."""
+    model_cfg = resolve_gguf(model_cfg)  # a no-op when it names no GGUF file, or already names its conversion
     if model_cfg.source == "tiny_gpt2":
         # Imported here: the review tokenizer (and the IMDb reviews it is trained on) only serves this source.
         from rlhf_cli.data.tokenizer import review_tokenizer

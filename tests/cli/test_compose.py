@@ -257,9 +257,9 @@ def test_wrong_type_names_expected_type() -> None:
 
 
 def test_unknown_option_and_recipe_list_the_available_ones() -> None:
-    with pytest.raises(ConfigError, match=r"Unknown model option 'gpt3'.*gpt2, gpt2_imdb, local, t5_small, tiny_gpt2.*'gpt2'"):
+    with pytest.raises(ConfigError, match=r"Unknown model option 'gpt3'.*gpt2, gpt2_imdb, local, smollm2, t5_small, tiny_gpt2.*'gpt2'"):
         compose_train_config(["model=gpt3"])
-    with pytest.raises(ConfigError, match=r"Unknown recipe 'smok'.*imdb_sentiment, smoke.*Did you mean 'smoke'"):
+    with pytest.raises(ConfigError, match=r"Unknown recipe 'smok'.*imdb_sentiment, smoke, smollm2_imdb.*Did you mean 'smoke'"):
         compose_train_config(["+recipe=smok"])
 
 
