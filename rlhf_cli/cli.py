@@ -140,11 +140,11 @@ class JobStart:
             path = path.parent
 
 
-def _make_task(failures: list[int], created_roots: dict[Path, Path]) -> Callable[[DictConfig], None]:
+def _make_task(failures: list[int], created_roots: dict[Path, Path], rank: int) -> Callable[[DictConfig], None]:
     """The Hydra task of ``rlhf train``. User errors are printed and recorded in ``failures``, so a
     sweep goes on with its other jobs and the command still exits non-zero; other exceptions propagate
     to Hydra, which prints their traceback. ``created_roots``: run directory -> the outermost part of
-    its path this command creates (see :class:`JobStart`)."""
+    its path this command creates (see :class:`JobStart`). Only rank 0 writes Hydra's output."""
     import copy
 
     from rlhf_cli.config.compose import finalize
@@ -160,7 +160,7 @@ def _make_task(failures: list[int], created_roots: dict[Path, Path]) -> Callable
             check_offline_downloads(cfg)
             from rlhf_cli.engine.train import run_training
 
-            run_training(cfg, on_start=job.started)
+            run_training(cfg, on_start=job.started if rank == 0 else None)
         except RlhfError as err:
             failures.append(err.exit_code)
             print_error(_job_label() + str(err), prefix=err.label)
@@ -268,7 +268,7 @@ def train_command(argv: list[str]) -> int:
             return err.exit_code
         register_configs()
         failures: list[int] = []
-        task = _make_task(failures, created_roots)
+        task = _make_task(failures, created_roots, rank)
         app = hydra.main(config_path=primary_dir, config_name="train", version_base="1.3")(task)
         try:
             with _argv([f"{PROG} train", *_hydra_argv(args, overrides)]):
