@@ -90,8 +90,8 @@ def _cases(inputs: Path) -> list[Case]:
         Case("pretrained_without_path", ("model=local",), ("'model.name_or_path' is empty",)),
         # Launch: found by the engine before any model loads.
         Case("sizes_do_not_divide", (SMOKE, "ppo.mini_batch_size=3"), ("is not divisible by mini_batch_size",)),
-        Case("fp16_on_cpu", (SMOKE, "ppo.mixed_precision=fp16"), ("fp16",)),
-        Case("tracker_missing", (SMOKE, "logging.trackers=[wandb]"), ("logging.trackers",)),
+        Case("fp16_on_cpu", (SMOKE, "ppo.mixed_precision=fp16"), ("ppo.mixed_precision=fp16 needs a GPU",)),
+        Case("tracker_missing", (SMOKE, "logging.trackers=[wandb]"), ("logging.trackers asks for 'wandb'",)),
         # The run directory and its checkpoints.
         Case("new_run_into_a_run", (SMOKE,), ("already holds a run", "checkpoint.resume=auto", "overwrite=true")),
         Case("resume_changes_batch", (SMOKE, "checkpoint.resume=auto", "ppo.batch_size=4", "ppo.mini_batch_size=4"),
@@ -100,9 +100,9 @@ def _cases(inputs: Path) -> list[Case]:
         Case("resume_damaged_path", (*new, f"checkpoint.resume={damaged_ckpt}"), ("weights.safetensors is corrupt",)),
         Case("overwrite_own_checkpoint", (SMOKE, "checkpoint.resume=auto", "overwrite=true"), ("overwrite=true would delete",)),
         # Models.
-        Case("hub_model_offline", ("model=gpt2", "overwrite=true"), ("gpt2",)),
-        Case("model_path_missing", (*new, "model=local", f"model.name_or_path={inputs / 'no_model'}"), ("no_model",)),
-        Case("model_path_not_a_model", (*new, "model=local", f"model.name_or_path={inputs}"), (str(inputs),)),
+        Case("hub_model_offline", ("model=gpt2", "overwrite=true"), ("'gpt2'", "the Hub is offline")),
+        Case("model_path_missing", (*new, "model=local", f"model.name_or_path={inputs / 'no_model'}"), ("no_model' does not exist",)),
+        Case("model_path_not_a_model", (*new, "model=local", f"model.name_or_path={inputs}"), (f"tokenizer '{inputs}'",)),
         # Data.
         Case("data_file_empty", (*new, *files("empty.jsonl")), ("empty.jsonl", "is empty")),
         Case("data_line_malformed", (*new, *files("bad.jsonl")), ("bad.jsonl", "line 2 is not valid JSON")),
@@ -118,9 +118,9 @@ def _cases(inputs: Path) -> list[Case]:
         Case("reward_strings", (*new, "reward=callable", f"reward.function={rewards}:strings"), ("which is not a number",)),
         Case("reward_nan_in_weighted_sum",
              (*new, "reward=weighted_sum", f"reward.components=[{{type: vader, weight: 1.0}}, {{type: callable, function: '{rewards}:nan', weight: 1.0}}]"),
-             ("nan",)),
-        Case("reward_module_missing", (*new, "reward=callable", "reward.function=no_such_module:score"), ("no_such_module",)),
-        Case("reward_model_missing", (*new, "reward=classifier", f"reward.model={inputs / 'no_classifier'}"), ("no_classifier",)),
+             ("(in the weighted sum) returned nan",)),
+        Case("reward_module_missing", (*new, "reward=callable", "reward.function=no_such_module:score"), ("no module named 'no_such_module'",)),
+        Case("reward_model_missing", (*new, "reward=classifier", f"reward.model={inputs / 'no_classifier'}"), ("no_classifier' does not exist",)),
     ]
 
 
