@@ -82,9 +82,10 @@ def _job_label() -> str:
 
 
 # Hydra's own output ---------------------------------------------------------------------------------
-# train.yaml sets hydra.output_subdir=null and keeps Hydra's log file handler detached: Hydra would write
-# .hydra/ and open train.log in the run directory before the job starts, so a start that fails (a bad
-# model path, data file, reward, checkpoint) would replace an earlier run's copies. Instead the engine
+# train.yaml sets hydra.output_subdir=null and a job logging config without a file handler
+# (configs/hydra/job_logging/console.yaml): Hydra would write .hydra/ and open train.log in the run
+# directory before the job starts, so a start that fails (a bad model path, data file, reward,
+# checkpoint) would replace an earlier run's copies. Instead the engine
 # calls `JobStart.started` once the run has really started (everything built, the reward checked, the
 # run directory written), and only then are .hydra/ and train.log written. Hydra callbacks
 # (Callback.on_job_start) run before the task too, so they cannot know whether the start will succeed.
@@ -94,17 +95,17 @@ _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's 
 class JobStart:
     """One job's start: Hydra's output once it has started, and no stray directory if it fails before.
 
-    ``created_root``: the outermost directory of the run directory's path that did not exist before
-    `rlhf train` began (None if the run directory existed, or is not known, as for sweep jobs).
+    ``created_roots``: run directory -> the outermost directory of its path that did not exist before
+    `rlhf train` began (run directories that existed, or are not known, as for sweep jobs, are absent).
     """
 
-    def __init__(self, task_cfg: DictConfig, created_root: Path | None) -> None:
+    def __init__(self, task_cfg: DictConfig, created_roots: dict[Path, Path]) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         self.hydra_cfg = HydraConfig.instance().cfg  # a {"hydra": ...} config, as Hydra saves it
         self.run_dir = Path(str(self.hydra_cfg.hydra.runtime.output_dir))
         self.task_cfg = task_cfg
-        self.created_root = created_root
+        self.created_root = created_roots.get(self.run_dir)
         self.log_handler: logging.Handler | None = None
 
     def started(self, run_dir: Path) -> None:
@@ -152,8 +153,7 @@ def _make_task(failures: list[int], created_roots: dict[Path, Path], rank: int) 
     from rlhf_cli.hub import check_offline_downloads
 
     def train(cfg: DictConfig) -> None:
-        job = JobStart(copy.deepcopy(cfg), None)  # the composed config as Hydra saves it (unresolved)
-        job.created_root = created_roots.get(job.run_dir)
+        job = JobStart(copy.deepcopy(cfg), created_roots)  # the composed config as Hydra saves it (unresolved)
         try:
             cfg = finalize(cfg)
             # Offline, every missing Hub download in one message, before torch and the engine load.

@@ -129,7 +129,7 @@ def compose_train_config(overrides: Sequence[str] = (), *, require_complete: boo
         try:
             cfg = compose(PRIMARY_CONFIG, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:
-            raise explain(err, overrides) from err
+            raise explain(err, overrides, list_length=partial(_list_length, PRIMARY_CONFIG, overrides)) from err
     run_dir = os.path.abspath(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]

@@ -275,3 +275,26 @@ def test_a_damaged_metrics_line_before_the_last_is_refused(finished, tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join([lines[0], lines[1], lines[2][:10]]))
     kept, notice = RunDirectory(tmp_path, is_main=True).resumed_metrics(1)
     assert kept == [lines[0]] and "torn last line (line 3" in notice
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["reward=weighted_sum", "reward.components=[{type: vader}, {type: vader, wieght: 1.0}]"],
+         ["Unknown config key 'reward.components.1.wieght'", "Did you mean 'reward.components.1.weight'?",
+          "Valid keys of 'reward.components.1': type,"]),
+        (["reward=weighted_sum", "reward.components.2.weight=1.0"],
+         ["No item 2 in 'reward.components'", "there are 2 components (indices 0 to 1)"]),
+        (["reward=weighted_sum", "reward.components=[{type: vader}]", "reward.components.1.weight=1.0"],
+         ["No item 1 in 'reward.components'"]),
+        (["reward.components.0.weight=1.0"], ["there are no components ('reward.components' is empty)"]),
+    ],
+)
+def test_list_of_sections_messages(overrides, fragments):
+    from rlhf_cli.config.compose import compose_train_config
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        compose_train_config(overrides)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
