@@ -92,13 +92,13 @@ class TrainingRun:
         self.reporter = Reporter(total_steps=0, enabled=self.state.is_main_process, progress=False)
         # The checkpoint is read (trainer state included) and checked before any model loads.
         self.resume, notices = ckpt.find_resume_point(cfg.checkpoint.resume, self.run_dir.root, self.state.process_index)
-        for notice in notices:
-            self.reporter.print(notice)
         continuing = self.run_dir.check_start(
             resume_from=self.resume.path if self.resume else None,
             resume=cfg.checkpoint.resume,
             overwrite=bool(cfg.overwrite),
         )
+        for notice in notices:  # after the refusal: "starting a fresh run" must not precede one
+            self.reporter.print(notice)
         if self.resume is not None:
             self._check_resumable(self.resume)
         resumed_metrics: list[str] = []

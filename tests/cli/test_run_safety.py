@@ -219,6 +219,13 @@ def test_overwrite_replaces_the_run_only_once_started(finished, tmp_path):
     assert (target / "train.log").is_file() and (target / "final" / "model.safetensors").is_file()
 
 
+def test_resume_auto_with_nothing_to_resume_says_so_and_starts_fresh(tmp_path):
+    done = _rlhf(f"output_dir={tmp_path / 'new'}", SMOKE, "checkpoint.resume=auto", "steps=1", "eval_prompts=0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint.resume=auto: no checkpoint in" in done.stdout and "starting a fresh run" in " ".join(done.stdout.split())
+    assert len((tmp_path / "new" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def _without_clock(line: str) -> dict:
     return {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "perf/"))}
 
