@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -102,7 +102,7 @@ def _key_in_list_item(err: BaseException, full_key: str, overrides: Sequence[str
 
     try:
         value = OverridesParser.create().parse_override(line).value()
-    except Exception:  # the line parsed once already; if it does not now, keep OmegaConf's key
+    except (HydraException, ValueError):  # it parsed once already; if not now, keep OmegaConf's key
         return full_key
     items = value if isinstance(value, list) else []
     index = next((i for i, item in enumerate(items) if isinstance(item, dict) and full_key in item), None)

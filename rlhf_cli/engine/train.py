@@ -174,6 +174,7 @@ class TrainingRun:
         saved = point.state
         ckpt.load_weights(point.path, accelerator.unwrap_model(self.trainer.model))
         self.trainer.load_state_dict(point.trainer_state)
+        point.trainer_state = {}  # now in the optimizer: no second copy of its state for the whole run
         ckpt.restore_rng(point.rng, self.length_rng)
         self.stream.position = StreamPosition(int(saved["epoch"]), int(saved["batch_in_epoch"]))
         self.loop = ckpt.LoopState(

@@ -188,7 +188,7 @@ def test_a_failed_start_leaves_the_earlier_run_untouched(outcomes, name):
     output = done.stdout + done.stderr
     assert done.returncode == case.code, output
     assert "Traceback" not in output
-    assert "ERROR" not in output, "a library's own error line reached the console"
+    assert "ERROR" not in output and "Failed to load" not in output, "a library's own error line reached the console"
     message = " ".join(done.stderr.split())
     assert message.startswith("Error: "), output
     for fragment in case.fragments:
@@ -305,3 +305,37 @@ def test_list_of_sections_messages(overrides, fragments):
         compose_train_config(overrides)
     for fragment in fragments:
         assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fragment"),
+    [
+        ("blank.jsonl", "\n  \n", "is empty"),
+        ("empty.csv", "", "is empty"),
+        ("rows.jsonl", '{"text": "a"}\n{"text": "b"}\n[1, 2]\n', "line 3 is a JSON list, not an object"),
+        ("rows.json", '{"text": "a"}\n{"text": "b",\n', "line 2 is not valid JSON"),
+    ],
+)
+def test_data_file_problems_name_the_file_and_line(tmp_path, capfd, name, content, fragment):
+    from tests.integration.test_prompt_data import dataset_cfg
+
+    from rlhf_cli.data import load_text_dataset
+    from rlhf_cli.errors import DataError
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as caught:
+        load_text_dataset(dataset_cfg(source="files", data_files=[str(path)]))
+    assert str(path) in str(caught.value) and fragment in str(caught.value)
+    printed = capfd.readouterr()
+    console = printed.out + printed.err
+    assert "ERROR" not in console and "Failed to load" not in console  # the datasets library's own line is silenced
+
+
+def test_a_json_document_keeps_the_readers_message(tmp_path):
+    """A .json file that is one valid document is not JSON Lines: no line is blamed."""
+    from rlhf_cli.data.sources import _first_bad_json_line
+
+    path = tmp_path / "doc.json"
+    path.write_text('{\n  "rows": [1, 2]\n}\n')
+    assert _first_bad_json_line([str(path)]) is None
