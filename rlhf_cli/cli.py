@@ -11,9 +11,11 @@ hydra.run.dir=...).
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
@@ -79,27 +81,111 @@ def _job_label() -> str:
     return f"Job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): "
 
 
-def _make_task(failures: list[int]) -> Callable[[DictConfig], None]:
+# Hydra's own output ---------------------------------------------------------------------------------
+# train.yaml sets hydra.output_subdir=null and a job logging config without a file handler
+# (configs/hydra/job_logging/console.yaml): Hydra would write .hydra/ and open train.log in the run
+# directory before the job starts, so a start that fails (a bad model path, data file, reward,
+# checkpoint) would replace an earlier run's copies. Instead the engine
+# calls `JobStart.started` once the run has really started (everything built, the reward checked, the
+# run directory written), and only then are .hydra/ and train.log written. Hydra callbacks
+# (Callback.on_job_start) run before the task too, so they cannot know whether the start will succeed.
+_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
+
+
+class JobStart:
+    """One job's start: Hydra's output once it has started, and no stray directory if it fails before.
+
+    ``created_roots``: run directory -> the outermost directory of its path that did not exist before
+    `rlhf train` began (run directories that existed, or are not known, as for sweep jobs, are absent).
+    """
+
+    def __init__(self, task_cfg: DictConfig, created_roots: dict[Path, Path]) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        self.hydra_cfg = HydraConfig.instance().cfg  # a {"hydra": ...} config, as Hydra saves it
+        self.run_dir = Path(str(self.hydra_cfg.hydra.runtime.output_dir))
+        self.task_cfg = task_cfg
+        self.created_root = created_roots.get(self.run_dir)
+        self.log_handler: logging.Handler | None = None
+
+    def started(self, run_dir: Path) -> None:
+        """Write .hydra/ (as Hydra would have) and start appending the job log to <run dir>/<job>.log."""
+        from omegaconf import OmegaConf
+
+        out = run_dir / ".hydra"
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.task_cfg, out / "config.yaml")
+        OmegaConf.save(self.hydra_cfg, out / "hydra.yaml")
+        OmegaConf.save(self.hydra_cfg.hydra.overrides.task, out / "overrides.yaml")
+        handler = logging.FileHandler(run_dir / f"{self.hydra_cfg.hydra.job.name}.log", encoding="utf-8")
+        fmt = OmegaConf.select(self.hydra_cfg, "hydra.job_logging.formatters.simple.format", default=_LOG_FORMAT)
+        handler.setFormatter(logging.Formatter(str(fmt)))
+        logging.getLogger().addHandler(handler)
+        self.log_handler = handler
+
+    def end(self) -> None:
+        """After the job: detach the log file; if the run never started, remove the directories Hydra
+        created for it (only empty ones, only those that did not exist before)."""
+        if self.log_handler is not None:
+            logging.getLogger().removeHandler(self.log_handler)
+            self.log_handler.close()
+            return
+        if self.created_root is None:
+            return
+        path = self.run_dir
+        while path.is_relative_to(self.created_root):
+            try:
+                path.rmdir()  # fails on a non-empty directory: then something else lives there
+            except OSError:
+                return
+            path = path.parent
+
+
+def _make_task(failures: list[int], created_roots: dict[Path, Path], rank: int) -> Callable[[DictConfig], None]:
     """The Hydra task of ``rlhf train``. User errors are printed and recorded in ``failures``, so a
     sweep goes on with its other jobs and the command still exits non-zero; other exceptions propagate
-    to Hydra, which prints their traceback."""
+    to Hydra, which prints their traceback. ``created_roots``: run directory -> the outermost part of
+    its path this command creates (see :class:`JobStart`). Only rank 0 writes Hydra's output."""
+    import copy
+
     from rlhf_cli.config.compose import finalize
     from rlhf_cli.errors import RlhfError
     from rlhf_cli.hub import check_offline_downloads
 
     def train(cfg: DictConfig) -> None:
+        job = JobStart(copy.deepcopy(cfg), created_roots)  # the composed config as Hydra saves it (unresolved)
         try:
             cfg = finalize(cfg)
             # Offline, every missing Hub download in one message, before torch and the engine load.
             check_offline_downloads(cfg)
             from rlhf_cli.engine.train import run_training
 
-            run_training(cfg)
+            run_training(cfg, on_start=job.started if rank == 0 else None)
         except RlhfError as err:
             failures.append(err.exit_code)
             print_error(_job_label() + str(err), prefix=err.label)
+        finally:
+            job.end()
 
     return train
+
+
+def _pin_run_dir(overrides: list[str], run_dir: Path) -> list[str]:
+    """``overrides`` with hydra.run.dir set to ``run_dir``: the directory Hydra creates is then the one
+    whose prior existence was checked (a ``${now:...}`` in it would otherwise be evaluated again)."""
+    kept = [line for line in overrides if line.split("=", 1)[0].lstrip("+") != "hydra.run.dir"]
+    quoted = "'" + str(run_dir).replace("'", "\\'") + "'"
+    return kept + [f"hydra.run.dir={quoted}"]
+
+
+def _created_root(run_dir: Path) -> Path | None:
+    """The outermost directory of ``run_dir``'s path that does not exist yet (None if it exists)."""
+    if run_dir.exists():
+        return None
+    root = run_dir
+    while not root.parent.exists():
+        root = root.parent
+    return root
 
 
 def _print_job_configs(args: argparse.Namespace, jobs: list[tuple[list[str], Any]]) -> None:
@@ -153,6 +239,7 @@ def train_command(argv: list[str]) -> int:
     parser.prog = f"{PROG} train"
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     rank = process_rank()
+    created_roots: dict[Path, Path] = {}
     primary_dir = os.path.abspath(args.config_path) if args.config_path else str(config_dir())
     with ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"rlhf-rank{rank}-")) if rank else ""
@@ -170,13 +257,19 @@ def train_command(argv: list[str]) -> int:
                 if args.cfg and not args.help:
                     _print_job_configs(args, jobs)
                     return 0
+                if rank == 0 and not args.multirun and not args.help:
+                    run_dir = Path(os.path.abspath(str(jobs[0][1].hydra.run.dir)))
+                    overrides = _pin_run_dir(overrides, run_dir)
+                    root = _created_root(run_dir)
+                    created_roots = {run_dir: root} if root is not None else {}
         except ConfigError as err:
             if rank == 0:  # every rank finds the same mistake; say it once
                 print_error(err)
             return err.exit_code
         register_configs()
         failures: list[int] = []
-        app = hydra.main(config_path=primary_dir, config_name="train", version_base="1.3")(_make_task(failures))
+        task = _make_task(failures, created_roots, rank)
+        app = hydra.main(config_path=primary_dir, config_name="train", version_base="1.3")(task)
         try:
             with _argv([f"{PROG} train", *_hydra_argv(args, overrides)]):
                 app()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -128,7 +129,7 @@ def compose_train_config(overrides: Sequence[str] = (), *, require_complete: boo
         try:
             cfg = compose(PRIMARY_CONFIG, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:
-            raise explain(err, overrides) from err
+            raise explain(err, overrides, list_length=partial(_list_length, PRIMARY_CONFIG, overrides)) from err
     run_dir = os.path.abspath(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
@@ -175,12 +176,25 @@ def compose_jobs(
                 cfg = compose(config_name or PRIMARY_CONFIG, overrides=job, return_hydra_config=True)
                 validate(cfg, require_complete=require_complete)
             except (HydraException, OmegaConfBaseException, ConfigError) as err:
-                error = err if isinstance(err, ConfigError) else explain(err, job, dirs)
+                lengths = partial(_list_length, config_name or PRIMARY_CONFIG, job)
+                error = err if isinstance(err, ConfigError) else explain(err, job, dirs, lengths)
                 if len(jobs) > 1:
                     error = ConfigError(f"In sweep job {number} ({' '.join(job)}): {error}")
                 raise error from err
             out.append((job, cfg))
     return out
+
+
+def _list_length(config_name: str, overrides: list[str], key: str) -> int | None:
+    """Length of the list at ``key`` in the config composed without the overrides that set into it
+    (for the message about an index past its end); None if that does not compose either."""
+    inside = (f"{key}.", f"{key}[")
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(inside)]
+    try:
+        value = OmegaConf.select(compose(config_name, overrides=kept), key)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    return len(value) if OmegaConf.is_list(value) else None
 
 
 def _expand_sweeps(overrides: list[str], config_dirs: list[str | Path]) -> list[list[str]]:

@@ -7,10 +7,10 @@ YAML file), the valid keys or options, and the closest match.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -20,7 +20,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from rlhf_cli.config.introspect import describe_type, hint_at, join_key, split_key
+from rlhf_cli.config.introspect import describe_type, hint_at, join_key, keys_at, split_key
 from rlhf_cli.config.paths import config_dir, recipe_files
 from rlhf_cli.config.suggest import did_you_mean, unknown_key_error
 from rlhf_cli.errors import ConfigError
@@ -37,11 +37,18 @@ def one_paragraph(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def explain(err: BaseException, overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()) -> ConfigError:
+def explain(
+    err: BaseException,
+    overrides: Sequence[str] = (),
+    config_dirs: Sequence[str | Path] = (),
+    list_length: Callable[[str], int | None] | None = None,
+) -> ConfigError:
     """The ConfigError a user should see for a composition error ``err`` (Hydra or OmegaConf).
 
     ``overrides``: the command line's overrides (to name the offending one); ``config_dirs``: the
-    directories configs were read from (to name the offending file; default: the packaged configs).
+    directories configs were read from (to name the offending file; default: the packaged configs);
+    ``list_length``: how many items the list at a dotted key has without the command line's overrides
+    of it (to say so when an index is past its end).
     """
     config_dirs = tuple(Path(d) for d in config_dirs) or (config_dir(),)
     if isinstance(err, ConfigError):
@@ -61,9 +68,10 @@ def explain(err: BaseException, overrides: Sequence[str] = (), config_dirs: Sequ
             f"Give it on the command line: {key}=..."
         )
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
-        return unknown_key_error(cause.full_key, where)
+        return unknown_key_error(_key_in_list_item(err, cause.full_key, overrides), where)
     if isinstance(cause, ValidationError) and cause.full_key:
-        return _wrong_type(cause, where)
+        past_end = _index_past_end(cause, where, list_length)
+        return past_end or _wrong_type(cause, where)
     if isinstance(cause, InterpolationResolutionError):
         key = f" of '{cause.full_key}'" if cause.full_key else ""
         return ConfigError(
@@ -74,6 +82,54 @@ def explain(err: BaseException, overrides: Sequence[str] = (), config_dirs: Sequ
     if cause is not None and cause is not err:
         detail += " " + _first_line(cause)
     return ConfigError(f"Invalid configuration{where}: {detail.rstrip('.')}. {_CHECK_CMD}")
+
+
+def _key_in_list_item(err: BaseException, full_key: str, overrides: Sequence[str]) -> str:
+    """The full key of an unknown key inside a list of sections given on the command line.
+
+    OmegaConf names only the key itself ('wieght') when a list such as
+    ``reward.components=[{type: vader, wieght: 1.0}]`` is merged; this finds the item that holds it:
+    ``reward.components.0.wieght``. Other keys are returned unchanged.
+    """
+    found = _COULD_NOT_OVERRIDE.search(str(err))
+    if not found or "." in full_key:
+        return full_key
+    list_key = found.group(1)
+    line = next((o for o in overrides if o.lstrip("+").split("=", 1)[0] == list_key), None)
+    if line is None or keys_at(split_key(list_key) + ["0"]) is None:
+        return full_key  # not a list of sections
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_override(line).value()
+    except (HydraException, ValueError):  # it parsed once already; if not now, keep OmegaConf's key
+        return full_key
+    items = value if isinstance(value, list) else []
+    index = next((i for i, item in enumerate(items) if isinstance(item, dict) and full_key in item), None)
+    return full_key if index is None else join_key(split_key(list_key) + [str(index), full_key])
+
+
+def _index_past_end(err: ValidationError, where: str, list_length: Callable[[str], int | None] | None) -> ConfigError | None:
+    """The error for ``reward.components.5.weight=1.0`` when the list has fewer items: how many there are."""
+    parts = split_key(err.full_key)
+    if not parts or not parts[-1].isdigit() or err.value not in ({}, None) or list_length is None:
+        return None
+    list_key, index = join_key(parts[:-1]), int(parts[-1])
+    if keys_at(parts) is None:  # the items are not sections: an ordinary type error
+        return None
+    length = list_length(list_key)
+    if length is None or index < length:
+        return None
+    noun = parts[-2] if length != 1 else parts[-2].removesuffix("s")  # "2 components", "1 component"
+    if length:
+        valid = f"indices 0 to {length - 1}" if length > 1 else "index 0"
+        have = f"there {'are' if length > 1 else 'is'} {length} {noun} ({valid})"
+    else:
+        have = f"there are no {noun} ('{list_key}' is empty)"
+    return ConfigError(
+        f"No item {index} in '{list_key}'{where}: {have}. Use an index in range, or give the whole list: "
+        f"{list_key}='[{{...}}, {{...}}]'. {_CHECK_CMD}"
+    )
 
 
 def parse_error(err: BaseException, line: str | None = None) -> ConfigError:

@@ -211,3 +211,4 @@ class TrainConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
     eval_prompts: int = _field(4, ge=0)
     threads: Optional[int] = _field(None, ge=1)
+    overwrite: bool = False

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import glob
+import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -85,16 +87,25 @@ def check_text_column(dataset: "datasets.Dataset", column: str, where: str) -> N
 
 
 @contextlib.contextmanager
-def datasets_quiet() -> Iterator[None]:
+def datasets_quiet(*, errors: bool = False) -> Iterator[None]:
     """Hide datasets' progress bars (in-memory maps, reading local files: noise on the console, and on
-    stderr in front of an error message); restore the caller's setting after. Hub downloads keep theirs."""
+    stderr in front of an error message); restore the caller's setting after. Hub downloads keep theirs.
+
+    ``errors``: also hide the library's own ERROR log lines (its json reader logs the parse error before
+    raising); the caller turns the exception into one message of ours that says the same, better.
+    """
     import datasets
 
     enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    if errors:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        logger.setLevel(level)
         if enabled:
             datasets.enable_progress_bars()
 
@@ -184,11 +195,64 @@ def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
             f"dataset.data_files mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
         )
     builder = next(iter(builders.values()))
+    _check_not_empty(paths)
     try:
-        with datasets_quiet():  # no "Generating train split" bar for a local read
+        with datasets_quiet(errors=True):  # no "Generating train split" bar for a local read
             return datasets.load_dataset(builder, data_files=paths, split="train")
     except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+        bad_line = _first_bad_json_line(paths) if builder == "json" else None
+        if bad_line is not None:
+            raise DataError(bad_line + " Fix or remove that line (jsonl: one JSON object per line).") from err
         raise DataError(
             f"Could not read dataset.data_files {paths} as {builder}: {type(err).__name__}: {err}. "
             f"Check that the files are valid {builder}{_FORMAT_HINTS.get(builder, '')}."
         ) from err
+
+
+def _check_not_empty(paths: list[str]) -> None:
+    """A DataError naming the first file with no data (datasets' readers fail on one with a traceback)."""
+    for path in paths:
+        is_compressed = path.lower().endswith(_COMPRESSION_SUFFIXES)
+        size = os.path.getsize(path)
+        # Small files are read to catch whitespace-only ones too; large ones surely hold something.
+        if size == 0 or (not is_compressed and size < 4096 and not Path(path).read_bytes().strip()):
+            raise DataError(
+                f"The data file {path} (dataset.data_files) is empty. Point dataset.data_files at files that "
+                f"hold the prompts' texts, or remove this one from the list."
+            )
+
+
+def _first_bad_json_line(paths: list[str]) -> str | None:
+    """'The data file F has a malformed JSON line: line N ...' for the first line of a JSON Lines file
+    that is not a JSON object, or None (compressed files, and a .json file that is one JSON document)."""
+    for path in paths:
+        if path.lower().endswith(_COMPRESSION_SUFFIXES):
+            continue
+        problem = _bad_line_in(path)
+        if problem is not None and path.lower().endswith(".json") and _is_one_document(path):
+            continue  # not JSON Lines at all: datasets' own message stands
+        if problem is not None:
+            return f"The data file {path} has a malformed JSON line: {problem}."
+    return None
+
+
+def _bad_line_in(path: str) -> str | None:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                return f"line {number} is not valid JSON ({err})"
+            if not isinstance(row, dict):
+                return f"line {number} is a JSON {type(row).__name__}, not an object with a text field"
+    return None
+
+
+def _is_one_document(path: str) -> bool:
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return True

@@ -85,6 +85,57 @@ def resolve_resume(resume: Optional[str], run_dir: Path, *, what: str = "checkpo
     return path
 
 
+@dataclass
+class ResumePoint:
+    """A checkpoint chosen for resuming, read and checked before any model loads."""
+
+    path: Path
+    state: dict[str, Any]  # state.json
+    config: DictConfig  # the config it was made with
+    trainer_state: dict[str, Any]  # trainer.pt
+    rng: dict[str, Any]  # this process's RNG states
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def open_checkpoint(path: Path, process_index: int) -> ResumePoint:
+    """Read every file of the checkpoint at ``path`` this process needs (CheckpointError if any is
+    missing or unreadable). trainer.pt is loaded here, once, and handed to the trainer later."""
+    state, config = read_checkpoint(path)
+    return ResumePoint(path, state, config, load_trainer_state(path), load_rng_file(path, process_index))
+
+
+def find_resume_point(resume: Optional[str], run_dir: Path, process_index: int) -> tuple[Optional[ResumePoint], list[str]]:
+    """The checkpoint ``checkpoint.resume`` asks for, and one-line notices for the console.
+
+    ``auto``: the newest checkpoint of ``run_dir`` that is complete and readable; a damaged newer one is
+    skipped with a notice (a crash or a full disk while writing, a bad copy); none at all: None and a
+    notice that the run starts fresh. A PATH: that checkpoint, and a damaged one is refused.
+    """
+    if resume != "auto":
+        path = resolve_resume(resume, run_dir)
+        return (open_checkpoint(path, process_index) if path is not None else None), []
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None, [f"checkpoint.resume=auto: no checkpoint in {run_dir}; starting a fresh run."]
+    damaged: list[CheckpointError] = []
+    for path in reversed(found):
+        try:
+            point = open_checkpoint(path, process_index)
+        except CheckpointError as err:
+            damaged.append(err)
+            continue
+        notices = [f"checkpoint.resume=auto: skipped a damaged checkpoint: {err}" for err in damaged]
+        return point, notices
+    raise CheckpointError(
+        f"checkpoint.resume=auto found no usable checkpoint in {run_dir}: every one of "
+        f"{', '.join(p.name for p in found)} is damaged (the newest: {damaged[0]}). Resume from an intact copy "
+        f"with checkpoint.resume=PATH, or start a new run with overwrite=true or in another output_dir."
+    )
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], DictConfig]:
     """``state.json`` and the config of a checkpoint, after checking it is complete."""
     if not path.is_dir():
@@ -125,7 +176,7 @@ def _check_weights_readable(path: Path) -> None:
 _BREAKING = ("model.", "dataset.", "seed", "ppo.batch_size", "ppo.mini_batch_size",
              "ppo.gradient_accumulation_steps", "ppo.use_score_scaling", "ppo.use_score_norm")
 # Changing these does not touch what is computed.
-_HARMLESS = ("steps", "epochs", "logging.", "checkpoint.", "output_dir", "eval_prompts", "threads")
+_HARMLESS = ("steps", "epochs", "logging.", "checkpoint.", "output_dir", "eval_prompts", "threads", "overwrite")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -277,5 +328,5 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 def load_rng_file(path: Path, process_index: int) -> dict[str, Any]:
     try:
         return json.loads((path / f"rng-rank{process_index}.json").read_text(encoding="utf-8"))
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         raise CheckpointError(f"{path}/rng-rank{process_index}.json is corrupt ({err}).") from err

@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,18 @@ from rlhf_cli.rewards import build_reward, score_responses
 from rlhf_cli.rollout.generation import generate_responses
 from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs
 from rlhf_cli.seeding import set_seed
+
+
+@dataclass
+class Rollout:
+    """Stages 1-3 of one step (this process's share), with their wall-clock seconds."""
+
+    batch: Any  # the PromptStream batch: input_ids, queries
+    responses: list[torch.Tensor]
+    texts: list[str]
+    scores: torch.Tensor
+    generation_seconds: float
+    reward_seconds: float
 
 
 @dataclass
@@ -63,7 +75,12 @@ def generation_settings(cfg: DictConfig, *, pad_token_id: int, eos_token_id: int
 class TrainingRun:
     """One run: its parts are built once, then :meth:`train_step` is called ``steps`` times."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = None) -> None:
+        """Build every part, in an order that writes nothing into the run directory until the run has
+        really started: config and launch checks, the run directory's and checkpoint's checks, then the
+        parts, then the first step's rollout (which checks the reward on real samples). Only then are
+        config.yaml and metrics.jsonl written (an earlier run replaced, with overwrite=true) and
+        ``on_start(run_dir)`` called (the CLI writes Hydra's .hydra/ and train.log there)."""
         self.state = launch_state()
         # Our own console shows progress; transformers' per-save tqdm bars would interleave with it.
         transformers.utils.logging.disable_progress_bar()
@@ -74,9 +91,22 @@ class TrainingRun:
             torch.set_num_threads(int(cfg.threads))
         self.run_dir = RunDirectory(Path(cfg.output_dir), is_main=self.state.is_main_process)
         self.reporter = Reporter(total_steps=0, enabled=self.state.is_main_process, progress=False)
-        # A checkpoint is checked (and loaded, below) before anything in the run directory is written.
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir.root)
-        saved = self._check_resumable(self.resume_from) if self.resume_from else None
+        # The checkpoint is read (trainer state included) and checked before any model loads.
+        self.resume, notices = ckpt.find_resume_point(cfg.checkpoint.resume, self.run_dir.root, self.state.process_index)
+        continuing = self.run_dir.check_start(
+            resume_from=self.resume.path if self.resume else None,
+            resume=cfg.checkpoint.resume,
+            overwrite=bool(cfg.overwrite),
+        )
+        for notice in notices:  # after the refusal: "starting a fresh run" must not precede one
+            self.reporter.print(notice)
+        if self.resume is not None:
+            self._check_resumable(self.resume)
+        resumed_metrics: list[str] = []
+        if continuing and self.state.is_main_process:
+            resumed_metrics, notice = self.run_dir.resumed_metrics(self.resume.step)
+            if notice:
+                self.reporter.print(notice)
 
         set_seed(int(cfg.seed))  # the value head's initialisation
         policy, self.tokenizer = load_policy_and_tokenizer(cfg.model, disable_dropout=bool(cfg.ppo.disable_dropout))
@@ -100,31 +130,37 @@ class TrainingRun:
         set_seed(int(cfg.seed) + self.state.process_index)
         self.length_rng = np.random.default_rng([int(cfg.seed), self.state.process_index, 1])
         self.loop = ckpt.LoopState()
-        if self.resume_from is not None:
-            self._restore(self.resume_from, saved)
-        # Only now, with the checkpoint loaded and every part built, is the run directory written.
-        self.run_dir.create(cfg, resumed_step=saved["step"] if saved else None)
+        if self.resume is not None:
+            self._restore(self.resume)
         self.generation = generation_settings(
             cfg,
             pad_token_id=self.trainer.pad_token_id,
             eos_token_id=self.trainer.eos_token_id,
             is_encoder_decoder=self.trainer.is_encoder_decoder,
         )
+        # The first step's rollout, done now: a reward that raises or returns unusable scores fails
+        # before anything is written. It is the very rollout step 1 uses (same RNG draws, no extra cost).
+        self.pending: Optional[Rollout] = self.rollout() if self.loop.step < self.steps else None
+        # Only now, with the checkpoint loaded, every part built and the reward checked, is the run
+        # directory written.
+        self.run_dir.create(cfg, resumed_metrics=resumed_metrics, replace=bool(cfg.overwrite))
+        if on_start is not None and self.state.is_main_process:
+            on_start(self.run_dir.root)
         self.metrics = self.run_dir.metrics()
         self.reporter = Reporter(
             total_steps=self.steps, enabled=self.state.is_main_process, progress=bool(cfg.logging.progress)
         )
 
     # Checkpoints -------------------------------------------------------------------------------
-    def _check_resumable(self, path: Path) -> dict[str, Any]:
-        """The checkpoint's state, after checking it fits this run (CheckpointError otherwise)."""
-        saved, saved_cfg = ckpt.read_checkpoint(path)
+    def _check_resumable(self, point: ckpt.ResumePoint) -> None:
+        """Check the checkpoint fits this run (CheckpointError otherwise) and report what changed."""
+        path, saved = point.path, point.state
         if int(saved["num_processes"]) != self.state.num_processes:
             raise ckpt.CheckpointError(
                 f"{path} was written by {saved['num_processes']} process(es); resume it with the same number "
                 f"(this launch has {self.state.num_processes})."
             )
-        changes = ckpt.compare_configs(saved_cfg, self.cfg)
+        changes = ckpt.compare_configs(point.config, self.cfg)
         if changes.breaking:
             raise ckpt.CheckpointError(
                 f"Cannot resume from {path}: the config changes what the checkpoint was made for — "
@@ -136,13 +172,14 @@ class TrainingRun:
             self.reporter.print(f"  changed (harmless): {line}")
         for line in changes.other:
             self.reporter.print(f"  changed (training differs from here on): {line}")
-        return saved
 
-    def _restore(self, path: Path, saved: dict[str, Any]) -> None:
+    def _restore(self, point: ckpt.ResumePoint) -> None:
         accelerator = self.trainer.accelerator
-        ckpt.load_weights(path, accelerator.unwrap_model(self.trainer.model))
-        self.trainer.load_state_dict(ckpt.load_trainer_state(path))
-        ckpt.restore_rng(ckpt.load_rng_file(path, self.state.process_index), self.length_rng)
+        saved = point.state
+        ckpt.load_weights(point.path, accelerator.unwrap_model(self.trainer.model))
+        self.trainer.load_state_dict(point.trainer_state)
+        point.trainer_state = {}  # now in the optimizer: no second copy of its state for the whole run
+        ckpt.restore_rng(point.rng, self.length_rng)
         self.stream.position = StreamPosition(int(saved["epoch"]), int(saved["batch_in_epoch"]))
         self.loop = ckpt.LoopState(
             step=int(saved["step"]),
@@ -192,9 +229,8 @@ class TrainingRun:
         gen = self.cfg.generation
         return self.length_rng.integers(int(gen.response_min_tokens), int(gen.response_max_tokens) + 1, size=n).tolist()
 
-    def train_step(self) -> dict[str, Any]:
-        """One PPO step; returns the metrics written for it."""
-        step = self.loop.step + 1
+    def rollout(self) -> Rollout:
+        """Stages 1-3 of a step: a batch of prompts, its responses, their rewards."""
         accelerator = self.trainer.accelerator
         start = time.perf_counter()
         # 1. A batch of prompts (this process's share).
@@ -213,20 +249,28 @@ class TrainingRun:
         generated = time.perf_counter()
         # 3. Reward: one float per (prompt, response).
         scores = score_responses(self.reward_fn, batch.queries, texts)
-        scored = time.perf_counter()
+        return Rollout(batch, responses, texts, scores, generated - start, time.perf_counter() - generated)
+
+    def train_step(self) -> dict[str, Any]:
+        """One PPO step; returns the metrics written for it."""
+        step = self.loop.step + 1
+        accelerator = self.trainer.accelerator
+        rollout, self.pending = self.pending or self.rollout(), None
+        batch, responses, texts, scores = rollout.batch, rollout.responses, rollout.texts, rollout.scores
         # 4. PPO step.
+        scored = time.perf_counter()
         stats = self.trainer.step(batch.input_ids, responses, scores)
-        stepped = time.perf_counter()
+        ppo_seconds = time.perf_counter() - scored
         # 5. Logging.
         all_scores = accelerator.gather(scores.to(accelerator.device))
         new_tokens = accelerator.gather(torch.tensor([sum(len(r) for r in responses)], device=accelerator.device)).sum()
-        elapsed = stepped - start
+        elapsed = rollout.generation_seconds + rollout.reward_seconds + ppo_seconds
         stats.update(reward_stats(all_scores))
         stats.update(
             {
-                "time/generation": generated - start,
-                "time/reward": scored - generated,
-                "time/ppo_step": stepped - scored,
+                "time/generation": rollout.generation_seconds,
+                "time/reward": rollout.reward_seconds,
+                "time/ppo_step": ppo_seconds,
                 "time/step": elapsed,
                 "perf/tokens_per_s": float(new_tokens) / elapsed,
                 "perf/samples_per_s": all_scores.numel() / elapsed,
@@ -306,12 +350,13 @@ class TrainingRun:
         reporter.print(f"run directory: [bold]{self.run_dir.root}[/]  (config.yaml, metrics.jsonl, final/, report.md, curves.png)")
 
 
-def run_training(cfg: DictConfig) -> RunSummary:
+def run_training(cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = None) -> RunSummary:
     """Run (or continue) a whole training job described by a composed ``rlhf train`` config.
 
+    ``on_start(run_dir)`` is called once the run has really started (see :class:`TrainingRun`).
     SIGTERM/SIGINT finish the current step, write a checkpoint and raise :class:`Preempted`.
     """
-    run = TrainingRun(cfg)
+    run = TrainingRun(cfg, on_start)
     with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
         while run.loop.step < run.steps:
             run.train_step()

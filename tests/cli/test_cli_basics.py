@@ -21,6 +21,7 @@ from rlhf_cli.config.compose import compose_train_config
 
 FAKE_ENGINE = '''
 import json, os, sys, types
+from pathlib import Path
 from omegaconf import OmegaConf
 from rlhf_cli.errors import RlhfError
 
@@ -29,7 +30,9 @@ class PretendDataError(RlhfError):
     exit_code = 3
 
 
-def run_training(cfg):
+def run_training(cfg, on_start=None):
+    if on_start is not None and cfg.seed not in (13, 14):
+        on_start(Path(cfg.output_dir))  # what the engine calls once the run has really started
     record = {
         "output_dir": cfg.output_dir,
         "seed": cfg.seed,

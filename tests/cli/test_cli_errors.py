@@ -22,7 +22,7 @@ class PretendDataError(RlhfError):
     exit_code = 3
 
 
-def run_training(cfg):
+def run_training(cfg, on_start=None):
     with open(os.environ["FAKE_ENGINE_LOG"], "a", encoding="utf-8") as handle:
         handle.write(f"{cfg.seed}\\n")
     if cfg.seed == 13:
