@@ -85,9 +85,10 @@ def test_smoke_run_ends_with_the_before_after_table(smoke_run) -> None:
     assert "Traceback" not in done.stdout + done.stderr
     assert "before / after training (held-out prompts)" in done.stdout
     table = done.stdout[done.stdout.index("before / after training"):]
-    # The last row: the mean reward of the held-out prompts before and after training.
-    signed = r"[+-]\d+\.\d{3}"
-    assert re.search(rf"│\s*mean\s*│[^│]*│\s*{signed}\s*│[^│]*│\s*{signed}\s*│", table), table
+    # The last row: the mean reward of the held-out prompts before and after training, ± its standard error.
+    mean_se = r"[+-]\d+\.\d{3} ± \d+\.\d{3}"
+    assert re.search(rf"│\s*mean ± SE\s*│[^│]*│\s*{mean_se}\s*│[^│]*│\s*{mean_se}\s*│", table), table
+    assert "2 prompts, one sample each" in " ".join(table.split()), table
     assert f"run directory: {run_dir}" in done.stdout
 
 
