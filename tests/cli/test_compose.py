@@ -224,13 +224,14 @@ def test_invalid_choice_inside_a_reward_component() -> None:
         ("dataset.prompt_min_tokens=9", "'dataset.prompt_min_tokens' (9) is larger than 'dataset.prompt_max_tokens' (8)"),
         ("generation.response_max_tokens=4", "'generation.response_min_tokens' (8) is larger"),
         ("ppo.mini_batch_size=64", "'ppo.mini_batch_size' (64) is larger than 'ppo.batch_size' (32)"),
-        ("model.tiny.n_head=3", "'model.tiny.n_embd' (128) is not divisible by 'model.tiny.n_head' (3)"),
-        ("model.kind=seq2seq", "model.source=tiny_gpt2 builds a decoder-only"),
+        ("model=tiny_gpt2 model.tiny.n_head=3", "'model.tiny.n_embd' (128) is not divisible by 'model.tiny.n_head' (3)"),
+        ("model.kind=seq2seq", "model.source=review_gpt2 is a decoder-only"),
+        ("model=tiny_gpt2 model.kind=seq2seq", "model.source=tiny_gpt2 is a decoder-only"),
     ],
 )
 def test_ranges_and_consistency(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        compose_train_config([override])
+        compose_train_config(override.split())
 
 
 @pytest.mark.parametrize(
@@ -257,7 +258,7 @@ def test_wrong_type_names_expected_type() -> None:
 
 
 def test_unknown_option_and_recipe_list_the_available_ones() -> None:
-    with pytest.raises(ConfigError, match=r"Unknown model option 'gpt3'.*gpt2, gpt2_imdb, local, t5_small, tiny_gpt2.*'gpt2'"):
+    with pytest.raises(ConfigError, match=r"Unknown model option 'gpt3'.*gpt2, gpt2_imdb, local, review_gpt2, t5_small, tiny_gpt2.*'gpt2'"):
         compose_train_config(["model=gpt3"])
     with pytest.raises(ConfigError, match=r"Unknown recipe 'smok'.*imdb_sentiment, smoke.*Did you mean 'smoke'"):
         compose_train_config(["+recipe=smok"])
