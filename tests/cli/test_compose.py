@@ -121,11 +121,13 @@ def test_batch_size_can_be_lowered_under_the_classic_recipe() -> None:
     assert (cfg.ppo.batch_size, cfg.ppo.learning_rate, cfg.model.name_or_path) == (64, 1e-5, "gpt2")
 
 
-def test_offline_default_is_the_small_tiny_gpt2_vader_run() -> None:
+def test_offline_default_is_the_review_gpt2_vader_run() -> None:
     cfg = compose_train_config()
-    assert (cfg.model.source, cfg.reward.type, cfg.dataset.source) == ("tiny_gpt2", "vader", "imdb_local")
-    assert (cfg.steps, cfg.ppo.batch_size, cfg.ppo.mini_batch_size, cfg.ppo.ppo_epochs) == (40, 32, 8, 4)
-    assert cfg.ppo.learning_rate == pytest.approx(5e-4)
+    assert (cfg.model.source, cfg.reward.type, cfg.dataset.source) == ("review_gpt2", "vader", "imdb_local")
+    assert (cfg.steps, cfg.ppo.batch_size, cfg.ppo.mini_batch_size, cfg.ppo.ppo_epochs) == (60, 32, 16, 2)
+    assert cfg.ppo.learning_rate == pytest.approx(3e-4) and cfg.ppo.init_kl_coef == pytest.approx(0.1)
+    # Held-out prompts from the test reviews (never seen by the review LM), enough for a standard error.
+    assert (cfg.dataset.eval_split, cfg.dataset.eval_size, cfg.eval_prompts) == ("test", 128, 128)
     assert (cfg.generation.response_min_tokens, cfg.generation.response_max_tokens) == (8, 12)
     assert (cfg.dataset.min_text_chars, cfg.dataset.prompt_min_tokens, cfg.dataset.prompt_max_tokens) == (200, 2, 8)
 
