@@ -3,7 +3,8 @@
 ``source: pretrained`` loads a Hub id or a local directory; ``source: review_gpt2`` loads the small
 GPT-2 pre-trained on the local IMDb train reviews that ships inside the package (the offline
 default, see ``rlhf_cli/assets/review_gpt2``); ``source: tiny_gpt2`` builds a small randomly
-initialised GPT-2 over the review tokenizer. Neither offline source needs a download. ``lora.enabled`` puts PEFT LoRA adapters on the language model.
+initialised GPT-2 over the review tokenizer. Neither offline source needs a download.
+``lora.enabled`` puts PEFT LoRA adapters on the language model.
 """
 
 from __future__ import annotations
@@ -203,7 +204,9 @@ def _load_review_gpt2(model_cfg: "ModelConfig") -> PreTrainedModelWrapper:
     from rlhf_cli.assets import review_gpt2_dir
 
     if model_cfg.kind != "causal":
-        raise ConfigError(f"model.kind={model_cfg.kind}, but model.source=review_gpt2 is a GPT-2 (causal model). Set model.kind=causal.")
+        raise ConfigError(
+            f"model.kind={model_cfg.kind}, but model.source=review_gpt2 is a GPT-2 (causal model). Set model.kind=causal."
+        )
     # The value head's random init draws from a fixed seed, as tiny_gpt2's does: the same head in
     # every run and on every rank, and the run's global generator is left as it was.
     with torch.random.fork_rng(devices=[]):
