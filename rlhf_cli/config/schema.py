@@ -38,7 +38,7 @@ def _field(
     return field(default=default, metadata=meta)
 
 
-MODEL_SOURCES = ("pretrained", "tiny_gpt2")
+MODEL_SOURCES = ("pretrained", "review_gpt2", "tiny_gpt2")
 MODEL_KINDS = ("causal", "seq2seq")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 PADDING_SIDES = ("left", "right")

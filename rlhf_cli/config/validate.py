@@ -139,12 +139,12 @@ def _check_consistency(cfg: DictConfig) -> None:
             "model.lora.target_modules=[c_attn] for GPT-2, or set it to null for PEFT's default for the architecture."
         )
     source, kind = OmegaConf.select(cfg, "model.source"), OmegaConf.select(cfg, "model.kind")
+    if source in ("tiny_gpt2", "review_gpt2") and kind not in (None, "causal"):
+        raise ConfigError(
+            f"'model.kind' is '{kind}', but model.source={source} is a decoder-only (causal) GPT-2. "
+            "Use model.kind=causal, or a pretrained seq2seq model (model=t5_small)."
+        )
     if source == "tiny_gpt2":
-        if kind not in (None, "causal"):
-            raise ConfigError(
-                f"'model.kind' is '{kind}', but model.source=tiny_gpt2 builds a decoder-only (causal) "
-                "model. Use model.kind=causal, or a pretrained seq2seq model (model=t5_small)."
-            )
         n_embd, n_head = OmegaConf.select(cfg, "model.tiny.n_embd"), OmegaConf.select(cfg, "model.tiny.n_head")
         if n_embd is not None and n_head is not None and n_embd % n_head != 0:
             raise ConfigError(

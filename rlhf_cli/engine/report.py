@@ -1,13 +1,16 @@
-"""Before/after comparison on held-out prompts.
+"""Before/after comparison on held-out prompts, and the training curves.
 
 "Before" is the reference model (the frozen initial policy), "after" the trained policy. Both
 generate under a forked, fixed-seed RNG so the report never perturbs the training stream and two
-runs with the same seed print the same table.
+runs with the same seed print the same table. One sample per prompt: the means come with their
+standard errors over prompts, and the change with the standard error of the paired differences
+(the same prompts on both sides, so prompt-to-prompt spread cancels).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,40 @@ class Comparison:
     @property
     def mean_after(self) -> float:
         return sum(self.after_rewards) / max(1, len(self.after_rewards))
+
+    @property
+    def se_before(self) -> float:
+        return standard_error(self.before_rewards)
+
+    @property
+    def se_after(self) -> float:
+        return standard_error(self.after_rewards)
+
+    @property
+    def mean_change(self) -> float:
+        return self.mean_after - self.mean_before
+
+    @property
+    def se_change(self) -> float:
+        """Standard error of the mean paired difference (after - before, prompt by prompt)."""
+        return standard_error([after - before for before, after in zip(self.before_rewards, self.after_rewards)])
+
+    def summary(self) -> str:
+        """One line: both means with their standard errors, the change, and what they are over."""
+        return (
+            f"held-out mean reward {self.mean_before:+.3f} ± {self.se_before:.3f} before → {self.mean_after:+.3f} ± "
+            f"{self.se_after:.3f} after (change {self.mean_change:+.3f} ± {self.se_change:.3f}; ± one standard error, "
+            f"{len(self.prompts)} prompts, one sample each)"
+        )
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of ``values``: sample standard deviation (n - 1) / sqrt(n); 0 for n < 2."""
+    count = len(values)
+    if count < 2:
+        return 0.0
+    mean = sum(values) / count
+    return math.sqrt(sum((value - mean) ** 2 for value in values) / (count - 1) / count)
 
 
 def _respond(model: nn.Module, prompt_ids: list[Tensor], *, seed: int, tokenizer, generation: dict, device) -> list[str]:
@@ -68,20 +105,32 @@ def compare_before_after(
     )
 
 
-def comparison_table(comparison: Comparison):
-    """The before/after comparison as a rich table for the console."""
+CONSOLE_ROWS = 8  # rows of the console table; report.md lists every prompt
+
+
+def comparison_table(comparison: Comparison, rows: int = CONSOLE_ROWS):
+    """The first ``rows`` prompts of the before/after comparison as a rich table; the means are over all of them."""
     from rich.table import Table
 
-    table = Table(title="before / after training (held-out prompts)", expand=True)
+    shown = min(rows, len(comparison.prompts))
+    hidden = len(comparison.prompts) - shown
+    more = f" ({hidden} more rows in report.md)" if hidden else ""
+    table = Table(title="before / after training (held-out prompts)", caption=comparison.summary() + more, expand=True)
     table.add_column("prompt", ratio=2, overflow="fold")
     table.add_column("before", ratio=3, overflow="fold")
     table.add_column("reward", justify="right", no_wrap=True)
     table.add_column("after", ratio=3, overflow="fold")
     table.add_column("reward", justify="right", no_wrap=True)
-    rows = zip(comparison.prompts, comparison.before, comparison.before_rewards, comparison.after, comparison.after_rewards)
-    for prompt, before, r_before, after, r_after in rows:
+    columns = zip(comparison.prompts, comparison.before, comparison.before_rewards, comparison.after, comparison.after_rewards)
+    for prompt, before, r_before, after, r_after in list(columns)[:shown]:
         table.add_row(prompt, before, f"{r_before:+.3f}", after, f"{r_after:+.3f}")
-    table.add_row("[bold]mean[/]", "", f"[bold]{comparison.mean_before:+.3f}[/]", "", f"[bold]{comparison.mean_after:+.3f}[/]")
+    table.add_row(
+        "[bold]mean ± SE[/]",
+        "",
+        f"[bold]{comparison.mean_before:+.3f} ± {comparison.se_before:.3f}[/]",
+        "",
+        f"[bold]{comparison.mean_after:+.3f} ± {comparison.se_after:.3f}[/]",
+    )
     return table
 
 
@@ -102,8 +151,15 @@ def report_markdown(comparison: Comparison, *, title: str, reward_means: list[fl
             f"over the last {window} steps {last:+.4f}.",
             "",
         ]
+    count = len(comparison.prompts)
     lines += [
-        "Held-out prompts; *before* is the initial policy (the frozen reference), *after* the trained policy, "
+        f"Held-out reward over {count} held-out prompts, one sample per prompt and model (± one standard error of the mean):",
+        "",
+        f"- before: **{comparison.mean_before:+.4f} ± {comparison.se_before:.4f}**",
+        f"- after: **{comparison.mean_after:+.4f} ± {comparison.se_after:.4f}**",
+        f"- change (paired, prompt by prompt): **{comparison.mean_change:+.4f} ± {comparison.se_change:.4f}**",
+        "",
+        "*Before* is the initial policy (the frozen reference), *after* the trained policy, "
         "both sampled with the same seed and generation settings.",
         "",
         "| prompt | response before | reward before | response after | reward after |",
@@ -112,25 +168,69 @@ def report_markdown(comparison: Comparison, *, title: str, reward_means: list[fl
     rows = zip(comparison.prompts, comparison.before, comparison.before_rewards, comparison.after, comparison.after_rewards)
     for prompt, before, r_before, after, r_after in rows:
         lines.append(f"| {_cell(prompt)} | {_cell(before)} | {r_before:+.4f} | {_cell(after)} | {r_after:+.4f} |")
-    lines.append(f"| **mean** | | **{comparison.mean_before:+.4f}** | | **{comparison.mean_after:+.4f}** |")
+    lines.append(
+        f"| **mean ± SE** | | **{comparison.mean_before:+.4f} ± {comparison.se_before:.4f}** | "
+        f"| **{comparison.mean_after:+.4f} ± {comparison.se_after:.4f}** |"
+    )
     return "\n".join(lines) + "\n"
 
 
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Centred moving average of ``values`` over ``window`` points (fewer at the ends, where the window is cut)."""
+    half = window // 2
+    out = []
+    for index in range(len(values)):
+        part = values[max(0, index - half) : index + half + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def smoothing_window(steps: int) -> int:
+    """An odd window of about a tenth of the run (1 for runs under 10 steps: nothing to smooth)."""
+    return max(1, (steps // 10) | 1)
+
+
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    """Reward, KL and KL coefficient against step, from metrics.jsonl, saved as a PNG."""
+    """The figure of :func:`curves_figure` for the rows of ``metrics_path`` (metrics.jsonl), saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    figure = curves_figure(rows)
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+
+
+def curves_figure(rows: list[dict]):
+    """Reward (with its per-step spread), KL and KL coefficient against step, one panel each.
+
+    Each panel shows the raw per-step values as points and a centred moving average as a line; the
+    reward panel also shades mean ± std of the step's samples (``env/reward_std``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; never opens a window
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     steps = [row["step"] for row in rows]
-    panels = (("env/reward_mean", "mean reward"), ("objective/kl", "KL (nats / sample)"), ("objective/kl_coef", "KL coefficient β"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(12, 3.5), constrained_layout=True)
-    for axis, (key, label) in zip(axes, panels):
-        axis.plot(steps, [row.get(key) for row in rows], marker="." if len(rows) < 50 else None)
+    window = smoothing_window(len(rows))
+    panels = (
+        ("env/reward_mean", "reward per step (mean ± std of samples)"),
+        ("objective/kl", "KL to the reference (nats / sample)"),
+        ("objective/kl_coef", "KL coefficient β"),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), constrained_layout=True)
+    for axis, (key, title) in zip(axes, panels):
+        values = [float(row.get(key, math.nan)) for row in rows]
+        if key == "env/reward_mean" and all("env/reward_std" in row for row in rows):
+            spread = [float(row["env/reward_std"]) for row in rows]
+            lower = [mean - std for mean, std in zip(values, spread)]
+            upper = [mean + std for mean, std in zip(values, spread)]
+            axis.fill_between(steps, lower, upper, color="C0", alpha=0.15, linewidth=0, label="± std of the step's samples")
+        axis.plot(steps, values, ".", color="C0", alpha=0.5, markersize=4, label="per step")
+        if window > 1:
+            axis.plot(steps, smoothed(values, window), "-", color="C3", linewidth=2, label=f"moving average ({window} steps)")
         axis.set_xlabel("step")
-        axis.set_title(label)
+        axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
-    figure.savefig(out_path, dpi=100)
-    plt.close(figure)
+    axes[0].legend(fontsize=8, loc="upper left")
+    return figure

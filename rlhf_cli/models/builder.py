@@ -1,9 +1,11 @@
 """Building the policy (a value-head model) and its tokenizer from the ``model`` config group.
 
 ``source: pretrained`` loads a Hub id or a local directory (or a llama.cpp GGUF file given as
-``model.gguf_file``, see ``models.gguf``); ``source: tiny_gpt2`` builds a small
-randomly initialised GPT-2 over the word-level tokenizer trained on the local IMDb reviews, so the
-default run needs no download. ``lora.enabled`` puts PEFT LoRA adapters on the language model.
+``model.gguf_file``, see ``models.gguf``); ``source: review_gpt2`` loads the small GPT-2
+pre-trained on the local IMDb train reviews that ships inside the package (the offline default,
+see ``rlhf_cli/assets/review_gpt2``); ``source: tiny_gpt2`` builds a small randomly initialised
+GPT-2 over the review tokenizer. Neither offline source needs a download.
+``lora.enabled`` puts PEFT LoRA adapters on the language model.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def load_policy_and_tokenizer(
     tokenizer = load_tokenizer(model_cfg)
     if model_cfg.source == "tiny_gpt2":
         policy = _build_tiny_gpt2(model_cfg, tokenizer)
+    elif model_cfg.source == "review_gpt2":
+        policy = _load_review_gpt2(model_cfg)
     else:
         policy = _load_pretrained_policy(model_cfg)
     if model_cfg.lora.enabled:
@@ -120,10 +124,14 @@ def load_tokenizer(model_cfg: "ModelConfig") -> PreTrainedTokenizerBase:
         from rlhf_cli.data.tokenizer import review_tokenizer
 
         tokenizer = review_tokenizer(model_cfg.tiny.vocab_size)
+    elif model_cfg.source == "review_gpt2":
+        from rlhf_cli.assets import review_gpt2_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(str(review_gpt2_dir(needs="tokenizer.json")))
     elif model_cfg.source == "pretrained":
         tokenizer = _load_pretrained_tokenizer(model_cfg)
     else:
-        raise ConfigError(f"model.source must be 'pretrained' or 'tiny_gpt2', got '{model_cfg.source}'.")
+        raise ConfigError(f"model.source must be 'pretrained', 'review_gpt2' or 'tiny_gpt2', got '{model_cfg.source}'.")
     _set_pad_token(tokenizer, model_cfg.pad_token)
     if model_cfg.padding_side not in ("left", "right"):
         raise ConfigError(f"model.padding_side must be 'left' or 'right', got '{model_cfg.padding_side}'.")
@@ -194,6 +202,21 @@ def _load_pretrained_policy(model_cfg: "ModelConfig") -> PreTrainedModelWrapper:
         )
     policy_class = _POLICY_CLASSES[model_cfg.kind]
     return policy_class.from_pretrained(name, config=config, dtype=_DTYPES[model_cfg.dtype], **hub_kwargs)
+
+
+def _load_review_gpt2(model_cfg: "ModelConfig") -> PreTrainedModelWrapper:
+    """The review LM shipped in the package (fp16 on disk), in ``model.dtype`` ("auto": float16)."""
+    from rlhf_cli.assets import review_gpt2_dir
+
+    if model_cfg.kind != "causal":
+        raise ConfigError(
+            f"model.kind={model_cfg.kind}, but model.source=review_gpt2 is a GPT-2 (causal model). Set model.kind=causal."
+        )
+    # The value head's random init draws from a fixed seed, as tiny_gpt2's does: the same head in
+    # every run and on every rank, and the run's global generator is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLMWithValueHead.from_pretrained(str(review_gpt2_dir()), dtype=_DTYPES[model_cfg.dtype])
 
 
 def _build_tiny_gpt2(model_cfg: "ModelConfig", tokenizer: PreTrainedTokenizerBase) -> PreTrainedModelWrapper:

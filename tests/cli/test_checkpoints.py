@@ -230,12 +230,12 @@ def test_final_and_export_load_with_transformers_and_generate(workdir, uninterru
 
 def test_report_and_curves_come_from_the_run(workdir, uninterrupted):
     report = (uninterrupted / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| ") and "**mean**" not in line and "prompt |" not in line]
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "**mean" not in line and "prompt |" not in line]
     assert len(rows) == 2  # smoke: eval_prompts=2
     before = [float(r.split("|")[3]) for r in rows]
     after = [float(r.split("|")[5]) for r in rows]
-    mean_row = next(line for line in report.splitlines() if "**mean**" in line)
-    mean_before, mean_after = (float(cell.strip(" *")) for cell in (mean_row.split("|")[3], mean_row.split("|")[5]))
+    mean_row = next(line for line in report.splitlines() if "**mean ± SE**" in line)
+    mean_before, mean_after = (float(cell.strip(" *").split(" ± ")[0]) for cell in (mean_row.split("|")[3], mean_row.split("|")[5]))
     assert mean_before == pytest.approx(sum(before) / 2, abs=1e-4)  # rows are rounded to 4 places
     assert mean_after == pytest.approx(sum(after) / 2, abs=1e-4)
     rewards = [json.loads(line)["env/reward_mean"] for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]

@@ -78,7 +78,7 @@ def assert_one_paragraph_error(stderr: str, stdout: str = "") -> str:
         (["stpes=3"], ["Unknown config key 'stpes'", "Did you mean 'steps'?"]),
         (["ppo.batch_size=abc"], ["Wrong type for 'ppo.batch_size'", "expected an integer, got 'abc'"]),
         (["model=gpt3"],
-         ["Unknown model option 'gpt3'", "Available model options: gpt2, gpt2_imdb, local, smollm2, t5_small, tiny_gpt2",
+         ["Unknown model option 'gpt3'", "Available model options: gpt2, gpt2_imdb, local, review_gpt2, smollm2, t5_small, tiny_gpt2",
           "Did you mean 'gpt2'?"]),
         (["+recipe=nope"], ["Unknown recipe 'nope'", "Available recipes: imdb_sentiment, smoke, smollm2_imdb", "rlhf recipes"]),
         (["+recipe=imdb_sentimnt"], ["Did you mean 'imdb_sentiment'?"]),

@@ -121,11 +121,13 @@ def test_batch_size_can_be_lowered_under_the_classic_recipe() -> None:
     assert (cfg.ppo.batch_size, cfg.ppo.learning_rate, cfg.model.name_or_path) == (64, 1e-5, "gpt2")
 
 
-def test_offline_default_is_the_small_tiny_gpt2_vader_run() -> None:
+def test_offline_default_is_the_review_gpt2_vader_run() -> None:
     cfg = compose_train_config()
-    assert (cfg.model.source, cfg.reward.type, cfg.dataset.source) == ("tiny_gpt2", "vader", "imdb_local")
-    assert (cfg.steps, cfg.ppo.batch_size, cfg.ppo.mini_batch_size, cfg.ppo.ppo_epochs) == (40, 32, 8, 4)
-    assert cfg.ppo.learning_rate == pytest.approx(5e-4)
+    assert (cfg.model.source, cfg.reward.type, cfg.dataset.source) == ("review_gpt2", "vader", "imdb_local")
+    assert (cfg.steps, cfg.ppo.batch_size, cfg.ppo.mini_batch_size, cfg.ppo.ppo_epochs) == (60, 32, 16, 2)
+    assert cfg.ppo.learning_rate == pytest.approx(3e-4) and cfg.ppo.init_kl_coef == pytest.approx(0.1)
+    # Held-out prompts from the test reviews (never seen by the review LM), enough for a standard error.
+    assert (cfg.dataset.eval_split, cfg.dataset.eval_size, cfg.eval_prompts) == ("test", 128, 128)
     assert (cfg.generation.response_min_tokens, cfg.generation.response_max_tokens) == (8, 12)
     assert (cfg.dataset.min_text_chars, cfg.dataset.prompt_min_tokens, cfg.dataset.prompt_max_tokens) == (200, 2, 8)
 
@@ -224,13 +226,14 @@ def test_invalid_choice_inside_a_reward_component() -> None:
         ("dataset.prompt_min_tokens=9", "'dataset.prompt_min_tokens' (9) is larger than 'dataset.prompt_max_tokens' (8)"),
         ("generation.response_max_tokens=4", "'generation.response_min_tokens' (8) is larger"),
         ("ppo.mini_batch_size=64", "'ppo.mini_batch_size' (64) is larger than 'ppo.batch_size' (32)"),
-        ("model.tiny.n_head=3", "'model.tiny.n_embd' (128) is not divisible by 'model.tiny.n_head' (3)"),
-        ("model.kind=seq2seq", "model.source=tiny_gpt2 builds a decoder-only"),
+        ("model=tiny_gpt2 model.tiny.n_head=3", "'model.tiny.n_embd' (128) is not divisible by 'model.tiny.n_head' (3)"),
+        ("model.kind=seq2seq", "model.source=review_gpt2 is a decoder-only"),
+        ("model=tiny_gpt2 model.kind=seq2seq", "model.source=tiny_gpt2 is a decoder-only"),
     ],
 )
 def test_ranges_and_consistency(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        compose_train_config([override])
+        compose_train_config(override.split())
 
 
 @pytest.mark.parametrize(
@@ -257,7 +260,7 @@ def test_wrong_type_names_expected_type() -> None:
 
 
 def test_unknown_option_and_recipe_list_the_available_ones() -> None:
-    with pytest.raises(ConfigError, match=r"Unknown model option 'gpt3'.*gpt2, gpt2_imdb, local, smollm2, t5_small, tiny_gpt2.*'gpt2'"):
+    with pytest.raises(ConfigError, match=r"Unknown model option 'gpt3'.*gpt2, gpt2_imdb, local, review_gpt2, smollm2, t5_small, tiny_gpt2.*'gpt2'"):
         compose_train_config(["model=gpt3"])
     with pytest.raises(ConfigError, match=r"Unknown recipe 'smok'.*imdb_sentiment, smoke, smollm2_imdb.*Did you mean 'smoke'"):
         compose_train_config(["+recipe=smok"])

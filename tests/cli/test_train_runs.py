@@ -85,9 +85,10 @@ def test_smoke_run_ends_with_the_before_after_table(smoke_run) -> None:
     assert "Traceback" not in done.stdout + done.stderr
     assert "before / after training (held-out prompts)" in done.stdout
     table = done.stdout[done.stdout.index("before / after training"):]
-    # The last row: the mean reward of the held-out prompts before and after training.
-    signed = r"[+-]\d+\.\d{3}"
-    assert re.search(rf"│\s*mean\s*│[^│]*│\s*{signed}\s*│[^│]*│\s*{signed}\s*│", table), table
+    # The last row: the mean reward of the held-out prompts before and after training, ± its standard error.
+    mean_se = r"[+-]\d+\.\d{3} ± \d+\.\d{3}"
+    assert re.search(rf"│\s*mean ± SE\s*│[^│]*│\s*{mean_se}\s*│[^│]*│\s*{mean_se}\s*│", table), table
+    assert "2 prompts, one sample each" in " ".join(table.split()), table
     assert f"run directory: {run_dir}" in done.stdout
 
 
@@ -339,11 +340,11 @@ LEARNING_WINDOW = 8
 
 @pytest.mark.slow
 def test_offline_default_learns(tmp_path: Path) -> None:
-    """The offline default task (tiny GPT-2, local IMDb prompts, VADER) shortened from 40 to 32 steps: the
-    mean reward of its last 8 steps exceeds that of its first 8 by more than 0.05.
+    """The offline default task (the shipped review GPT-2, local IMDb prompts, VADER) shortened from 60
+    to 32 steps: the mean reward of its last 8 steps exceeds that of its first 8 by more than 0.1.
 
-    Measured here (seeds 0-4): +0.17, +0.14, +0.08, +0.14, +0.10 (seed 0 is the run's default); one
-    step's mean over 32 samples varies by about ±0.06, so 8-step windows keep the noise near ±0.02.
+    Measured here (seeds 0-2): +0.27, +0.24, +0.26 (seed 0 is the run's default); one step's mean over
+    32 samples varies by about ±0.06, so 8-step windows keep the noise near ±0.02.
     ``threads=1`` changes nothing but speed: on a busy 2-core machine two intra-op threads per process
     made the same steps several times slower.
     """
@@ -354,4 +355,4 @@ def test_offline_default_learns(tmp_path: Path) -> None:
     assert len(rewards) == LEARNING_STEPS
     first = sum(rewards[:LEARNING_WINDOW]) / LEARNING_WINDOW
     last = sum(rewards[-LEARNING_WINDOW:]) / LEARNING_WINDOW
-    assert last - first > 0.05, (first, last, rewards)
+    assert last - first > 0.1, (first, last, rewards)

@@ -113,3 +113,20 @@ def test_installed_smoke_run_from_another_directory(venv: Path, tmp_path: Path) 
     (primary,) = [source.path for source in hydra.runtime.config_sources if source.provider == "main"]
     assert Path(primary).is_relative_to(venv) and Path(primary).name == "_configs"
     assert hydra.runtime.choices.recipe == "smoke"
+
+
+def test_installed_review_lm_loads_from_another_directory(wheel: Path, venv: Path, tmp_path: Path) -> None:
+    """The shipped review GPT-2 (the default model) is inside the wheel and loads from the installed package."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {f"rlhf_cli/assets/review_gpt2/{name}" for name in ("model.safetensors", "config.json", "tokenizer.json")} <= names
+    probe = ("import json; from rlhf_cli.assets import review_gpt2_dir; from rlhf_cli.config.schema import ModelConfig; "
+             "from rlhf_cli.models import load_policy_and_tokenizer; "
+             "policy, tok = load_policy_and_tokenizer(ModelConfig(source='review_gpt2')); "
+             "print(json.dumps({'dir': str(review_gpt2_dir()), 'layers': policy.config.n_layer, 'vocab': len(tok), "
+             "'text': tok.decode(tok('The movie was great.<br />')['input_ids'])}))")
+    done = run_in(venv, "python", "-c", probe, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert Path(found["dir"]).is_relative_to(venv)
+    assert (found["layers"], found["vocab"], found["text"]) == (4, 8000, " the movie was great.")
