@@ -75,6 +75,13 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.inner.defaults = value
 
+    # Step hooks are the inner optimiser's: they run around the masters' update (before the copy back).
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:  # type: ignore[override]
+        return self.inner.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:  # type: ignore[override]
+        return self.inner.register_step_post_hook(hook)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         """Steps 1–3 of the module docstring. A weight without a gradient leaves its master's
