@@ -136,9 +136,9 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
     installed, the mixed-precision mode suits the device, peft is installed for LoRA, and the
     sharding the launcher asked for (DeepSpeed ZeRO-3, FSDP2) is one rlhf_cli supports.
     """
+    check_precision(cfg, state.device.type)  # first: PPOConfig would refuse bf16 + mixed precision less helpfully
     ppo_config_from(cfg, num_processes=state.num_processes, tracker_dir=os.devnull)
     check_mixed_precision(cfg, state.device.type)
-    check_precision(cfg, state.device.type)
     lora = cfg.model.lora.enabled
     if lora and importlib.util.find_spec("peft") is None:
         raise ConfigError(

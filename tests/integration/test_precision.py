@@ -196,3 +196,20 @@ def test_bf16_precision_with_mixed_precision_is_refused(monkeypatch):
         PPOConfig(precision="bf16", accelerator_kwargs={"mixed_precision": "bf16"})
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         PPOConfig(precision="fp16")
+
+
+def test_the_cli_refuses_bf16_with_mixed_precision_before_loading_anything(tmp_path):
+    """`rlhf train` stops with exit code 2 and one paragraph naming both fixes; no run directory is written."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "rlhf_cli", "train", "+recipe=smoke", f"output_dir={out}",
+               "ppo.precision=bf16", "ppo.mixed_precision=bf16"]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_MIXED_PRECISION"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr
+    message = " ".join(done.stderr.split())
+    assert "ppo.precision=bf16 with ppo.mixed_precision=no" in message and "Traceback" not in done.stderr
+    assert not out.exists()
