@@ -37,18 +37,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _tokenizer(model_dir: str, fast_class: type) -> object:
+    """The directory's tokenizer.json, read directly: rlhf_cli's conversion is written by transformers 5,
+    whose tokenizer_config.json names a class (TokenizersBackend) transformers 4.46 does not have."""
+    import os
+
+    with open(os.path.join(model_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        special = {k: v for k, v in json.load(f).items() if k in ("eos_token", "bos_token", "pad_token", "unk_token") and isinstance(v, str)}
+    tokenizer = fast_class(tokenizer_file=os.path.join(model_dir, "tokenizer.json"), **special)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, set_seed
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     with open(args.prompts, encoding="utf-8") as f:
         prompts = json.load(f)
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer = _tokenizer(args.model_dir, PreTrainedTokenizerFast)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLMWithValueHead.from_pretrained(args.model_dir)
     kwargs = {"mixed_precision": args.mixed_precision} if args.mixed_precision != "no" else {}
