@@ -39,7 +39,16 @@ SCALING_LENGTHS = (8, 16, 32, 64)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny,small", help="comma-separated sizes: tiny, small (ignored with --assets)")
+    ap.add_argument("--model", default="tiny,small",
+                    help="comma-separated: tiny, small (built from config), smollm2 (the smollm2_imdb recipe's real LM; "
+                         "ignored with --assets)")
+    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2's GGUF file for --model smollm2 (default: workload.DEFAULT_GGUF)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="PPOConfig.precision: fp32, or bf16 weights with fp32 master weights")
+    ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16"),
+                    help="Accelerate's autocast (accelerator_kwargs mixed_precision), with --precision fp32")
+    ap.add_argument("--real-lm", action="store_true",
+                    help="the issue's real-LM configuration: --model smollm2, B=16, M=8, 4 epochs, 16 new tokens")
     ap.add_argument("--assets", type=Path, default=None, help="peer assets directory (make_assets.py): its model, prompts, reward")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--mini-batch-size", type=int, default=16)
@@ -94,6 +103,8 @@ class EngineBench:
             batch_size=args.batch_size,
             mini_batch_size=args.mini_batch_size,
             ppo_epochs=args.epochs,
+            precision=args.precision,
+            accelerator_kwargs={"mixed_precision": args.mixed_precision} if args.mixed_precision != "no" else {},
         )
         self.trainer = PPOTrainer(config, workload.policy, tokenizer=workload.tokenizer)
         # What the engine's generation_settings gives for the issue's sampling (top_k=0, top_p=1,
@@ -184,7 +195,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     from workload import build_workload
 
-    workload = build_workload(args.model, args.seed, args.assets)
+    workload = build_workload(args.model, args.seed, args.assets, args.gguf)
     setup_rss = current_rss_mb()  # libraries, model, prompts and reward loaded; no trainer yet
     bench = EngineBench(workload, args)
     for _ in range(args.warmup):
@@ -199,6 +210,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             "new_tokens": args.new_tokens,
             "min_new_tokens": args.min_new_tokens,
             "threads": torch.get_num_threads(),
+            "precision": args.precision,
+            "mixed_precision": args.mixed_precision,
             "steps": args.steps,
             "warmup": args.warmup,
             "seed": args.seed,
@@ -224,6 +237,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             ppo_epochs=args.epochs,
             learning_rate=args.learning_rate,
             repeats=args.limit_repeats,
+            precision="autocast" if args.mixed_precision == "bf16" else args.precision,
         )
         result["limit"] = limit
         result["limit_ratio"] = result["median_step_s"] / limit["sum_s"]
@@ -241,7 +255,7 @@ def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
         "model": args.model, "batch-size": args.batch_size, "mini-batch-size": args.mini_batch_size,
         "epochs": args.epochs, "new-tokens": args.new_tokens, "threads": args.threads, "steps": args.steps,
         "warmup": args.warmup, "seed": args.seed, "learning-rate": args.learning_rate,
-        "limit-repeats": args.limit_repeats,
+        "limit-repeats": args.limit_repeats, "precision": args.precision, "mixed-precision": args.mixed_precision,
     }
     if args.min_new_tokens is not None:
         values["min-new-tokens"] = args.min_new_tokens
@@ -251,6 +265,8 @@ def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
         argv += [f"--{key}", str(value)]
     if args.assets is not None:
         argv += ["--assets", str(args.assets)]
+    if args.gguf is not None:
+        argv += ["--gguf", str(args.gguf)]
     if args.no_limit:
         argv.append("--no-limit")
     return argv
@@ -270,7 +286,7 @@ def format_result(result: dict[str, Any]) -> str:
     c = result["config"]
     r = result
     lines = [
-        f"== {c['model']}: GPT-2 {c['n_layer']} x {c['n_embd']}, vocab {c['vocab_size']}, "
+        f"== {c['model']} ({c['precision']}, mixed_precision={c['mixed_precision']}): {c['n_layer']} layers x {c['n_embd']}, vocab {c['vocab_size']}, "
         f"{c['parameters'] / 1e6:.2f}M params; B={c['batch_size']} M={c['mini_batch_size']} epochs={c['ppo_epochs']} "
         f"new_tokens={c['new_tokens']} threads={c['threads']}; {c['steps']} steps (+{c['warmup']} warm-up), "
         f"reward {c['reward']}",
@@ -339,6 +355,8 @@ def scaling_table(results: list[dict[str, Any]], batches: list[int], lengths: li
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.real_lm:  # the issue's sizes for the real LM
+        args.model, args.batch_size, args.mini_batch_size, args.epochs, args.new_tokens = "smollm2", 16, 8, 4, 16
     if args.child:
         sys.path.insert(0, str(HERE))
         result = run_one(args)

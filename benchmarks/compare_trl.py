@@ -12,6 +12,17 @@ and then TRL's script, each in a fresh process, so the machine's load drifts ove
 generate exactly ``--new-tokens`` tokens with ``top_k=0, top_p=1``; a step is generation + scoring +
 ``step()``; the first step of each run is a warm-up and is not counted. Reports per round and as
 medians over rounds: s/step, samples/s, the samples/s ratio (ours / TRL) and peak RSS of both.
+
+``--real-lm`` compares on the issue's real LM instead: SmolLM2-135M-Instruct (the ``smollm2_imdb``
+recipe's model, converted once from its GGUF), the recipe's IMDb prompts (the same token ids on both
+sides, written to a JSON file first), VADER on the response, B=16, M=8, 4 epochs, 16 new tokens.
+Each round runs four configurations interleaved, each in a fresh process: ours fp32, TRL fp32, ours
+``precision=bf16`` (bf16 weights, fp32 masters), TRL with ``accelerator_kwargs={"mixed_precision":
+"bf16"}``; TRL's side is our ``trl_legacy_real_lm.py`` run in TRL's venv (it needs ``vaderSentiment``
+there: ``/tmp/trl-legacy-venv/bin/pip install vadersentiment``). The headline ratio takes each side
+at its faster setting.
+
+    python benchmarks/compare_trl.py --real-lm --rounds 2 --steps 3 --json real_lm.json
 """
 
 from __future__ import annotations
@@ -43,7 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
-    return ap.parse_args(argv)
+    ap.add_argument("--real-lm", action="store_true", help="SmolLM2-135M, IMDb prompts, VADER, B=16 M=8 (see above)")
+    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2's GGUF (default: workload.DEFAULT_GGUF)")
+    args = ap.parse_args(argv)
+    if args.real_lm:
+        # The issue's sizes, unless given explicitly.
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        for flag, value in (("--batch-size", 16), ("--mini-batch-size", 8), ("--steps", 3)):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
+    return args
 
 
 def ensure_assets(args: argparse.Namespace) -> None:
@@ -101,12 +121,113 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+# Real LM ----------------------------------------------------------------------------------------
+REAL_LM_VARIANTS = (("ours", "fp32"), ("trl", "fp32"), ("ours", "bf16"), ("trl", "bf16"))
+
+
+def write_real_lm_prompts(args: argparse.Namespace, path: Path) -> Path:
+    """The recipe's prompts (text and token ids) as JSON for TRL's side; returns the model directory."""
+    sys.path.insert(0, str(HERE))
+    import workload
+
+    load = workload.build_workload("smollm2", args.seed, gguf=args.gguf)
+    rows = [{"query": q, "input_ids": ids.tolist()} for q, ids in zip(load.prompts, load.query_ids)]
+    path.write_text(json.dumps(rows))
+    return workload.converted_model_dir(args.gguf)
+
+
+def run_ours_real_lm(args: argparse.Namespace, workdir: Path, precision: str) -> dict[str, Any]:
+    out = workdir / f"ours-{precision}.json"
+    command = [
+        sys.executable, str(HERE / "bench_ppo.py"), "--real-lm", "--no-limit", "--precision", precision,
+        "--steps", str(args.steps), "--warmup", "1", "--batch-size", str(args.batch_size),
+        "--mini-batch-size", str(args.mini_batch_size), "--epochs", str(args.epochs), "--new-tokens",
+        str(args.new_tokens), "--threads", str(args.threads), "--seed", str(args.seed), "--json", str(out),
+    ]
+    if args.gguf is not None:
+        command += ["--gguf", str(args.gguf)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    result = json.loads(out.read_text())["results"][0]
+    return {"median_step_s": result["median_step_s"], "peak_rss_mb": result["peak_rss_mb"], "phases_s": result["phases_s"]}
+
+
+def run_trl_real_lm(args: argparse.Namespace, workdir: Path, precision: str, model_dir: Path, prompts: Path) -> dict[str, Any]:
+    out = workdir / f"trl-{precision}.json"
+    subprocess.run(
+        [
+            str(args.trl_python), str(HERE / "trl_legacy_real_lm.py"), "--model-dir", str(model_dir),
+            "--prompts", str(prompts), "--steps", str(args.steps + 1), "--batch-size", str(args.batch_size),
+            "--mini-batch-size", str(args.mini_batch_size), "--ppo-epochs", str(args.epochs),
+            "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--seed", str(args.seed),
+            "--mixed-precision", "bf16" if precision == "bf16" else "no", "--out", str(out),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    data = json.loads(out.read_text())
+    steps = data["steps"][1:]  # the first step is the warm-up, as on our side
+    return {
+        "median_step_s": statistics.median(s["time_s"] for s in steps),
+        "peak_rss_mb": data["peak_rss_mb"],
+        "phases_s": {
+            "generation": statistics.median(s["gen_s"] for s in steps),
+            "reward": statistics.median(s["score_s"] for s in steps),
+            "step": statistics.median(s["step_s"] for s in steps),
+            "no_grad_passes": statistics.median(s["trl_time/ppo/forward_pass"] for s in steps),
+            "optimisation": statistics.median(s["trl_time/ppo/optimize_step"] for s in steps),
+        },
+        "versions": data["versions"],
+    }
+
+
+def main_real_lm(args: argparse.Namespace) -> None:
+    if not args.trl_python.exists():
+        raise SystemExit(f"{args.trl_python} does not exist: the TRL venv python (run setup_trl_legacy.sh) is needed.")
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="compare-trl-real-") as tmp:
+        prompts = Path(tmp) / "prompts.json"
+        model_dir = write_real_lm_prompts(args, prompts)
+        for index in range(args.rounds):
+            runs = {}
+            for side, precision in REAL_LM_VARIANTS:
+                if side == "ours":
+                    run = run_ours_real_lm(args, Path(tmp), precision)
+                else:
+                    run = run_trl_real_lm(args, Path(tmp), precision, model_dir, prompts)
+                runs[f"{side}_{precision}"] = run
+                print(f"round {index + 1} {side:4s} {precision}: {_describe(run, args.batch_size)} phases "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in run["phases_s"].items()), flush=True)
+            best_ours = min(runs["ours_fp32"]["median_step_s"], runs["ours_bf16"]["median_step_s"])
+            best_trl = min(runs["trl_fp32"]["median_step_s"], runs["trl_bf16"]["median_step_s"])
+            rounds.append({"runs": runs, "samples_per_s_ratio": best_trl / best_ours})
+            print(f"round {index + 1}: samples/s ours (best) / TRL (best) = {best_trl / best_ours:.2f}", flush=True)
+    names = [f"{side}_{precision}" for side, precision in REAL_LM_VARIANTS]
+    summary = {
+        name: {
+            "median_step_s": statistics.median(r["runs"][name]["median_step_s"] for r in rounds),
+            "peak_rss_mb": statistics.median(r["runs"][name]["peak_rss_mb"] for r in rounds),
+        }
+        for name in names
+    }
+    summary["samples_per_s_ratio"] = statistics.median(r["samples_per_s_ratio"] for r in rounds)
+    print(f"median over {args.rounds} rounds: samples/s ours/TRL (each at its faster setting) = {summary['samples_per_s_ratio']:.2f}")
+    for name in names:
+        print(f"  {name}: {summary[name]['median_step_s']:.2f} s/step, peak RSS {summary[name]['peak_rss_mb']:.0f} MB")
+    if args.json is not None:
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"config": config, "rounds": rounds, "summary": summary}, indent=1))
+
+
 def _describe(run: dict[str, Any], batch_size: int) -> str:
     return f"{run['median_step_s']:.3f} s/step ({batch_size / run['median_step_s']:.1f} samples/s, {run['peak_rss_mb']:.0f} MB)"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.real_lm:
+        main_real_lm(args)
+        return
     ensure_assets(args)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="compare-trl-") as tmp:

@@ -10,6 +10,11 @@ On the same batch the engine just trained on (same queries, same responses, same
    and value head on the response positions, a PPO-shaped loss (probability ratio times advantage,
    plus a squared value error).
 
+In ``precision="bf16"`` the copies of the language models hold bfloat16 weights and the Adam step
+runs on float32 masters with a copy back (the straightforward form of the engine's bf16 mode);
+``"autocast"`` runs the same float32 pieces under bfloat16 autocast. The log-softmax over the
+vocabulary is float32 in every mode, as the engine computes it.
+
 Anything the engine does beyond these (the policy's own no-gradient pass for old log-probs and
 values, GAE, statistics, input checks, packing, Python bookkeeping) is overhead relative to this
 sum. The pieces run on copies of the weights, so the trainer's state is not touched.
@@ -17,6 +22,7 @@ sum. The pieces run on copies of the weights, so the trainer's state is not touc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -42,14 +48,14 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
 
 def _response_logprobs(lm: torch.nn.Module, batch: PackedBatch, hidden: Tensor) -> Tensor:
     """Log-probabilities [B, T] of the response tokens from the hidden states of the last T + 1 positions."""
-    logits = lm.lm_head(hidden)
+    logits = lm.lm_head(hidden).float()
     return logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _response_hidden(lm: torch.nn.Module, batch: PackedBatch) -> Tensor:
     """Last-layer hidden states [B, T, H] at the positions that predict the response tokens."""
     width = batch.response_width
-    hidden = lm.transformer(
+    hidden = lm.base_model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
     ).last_hidden_state
     return hidden[:, -(width + 1) : -1]
@@ -67,14 +73,19 @@ def measure_limit(
     ppo_epochs: int,
     learning_rate: float,
     repeats: int = 3,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Median wall-clock (``*_s``) and CPU (``*_cpu_s``) seconds of each piece and their sums
     (see the module docstring).
 
-    ``policy`` is a value-head model (``pretrained_model`` a GPT-2-style ``transformer`` +
-    ``lm_head``, ``v_head``); ``reference_lm`` a plain language model.
+    ``policy`` is a value-head model (``pretrained_model`` a ``base_model`` + ``lm_head``, ``v_head``);
+    ``reference_lm`` a plain language model, in the precision the engine ran it in.
+    ``precision`` is ``fp32``, ``bf16`` (bfloat16 weights, float32 masters) or ``autocast``.
     """
     lm = copy.deepcopy(policy.pretrained_model)
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "autocast" else contextlib.nullcontext
+    )
     v_head = copy.deepcopy(policy.v_head)
     lm.eval()  # the engine runs with dropout disabled; eval() makes sure no dropout mask is drawn
     batch = pack_batch(queries, responses, pad_token_id=pad_token_id, is_encoder_decoder=False)
@@ -83,6 +94,10 @@ def measure_limit(
 
     @torch.no_grad()
     def generation() -> None:
+        with autocast():
+            _generate()
+
+    def _generate() -> None:
         lm.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
@@ -97,12 +112,28 @@ def measure_limit(
     @torch.no_grad()
     def reference_forward() -> None:
         width = batch.response_width
-        out = reference_lm(**batch.model_inputs(), logits_to_keep=width + 1)
-        logits = out.logits[:, :-1]
+        with autocast():
+            out = reference_lm(**batch.model_inputs(), logits_to_keep=width + 1)
+        logits = out.logits[:, :-1].float()
         logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
-    params = list(lm.parameters()) + list(v_head.parameters())
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    lm_params = [p for p in lm.parameters() if p.requires_grad]
+    if precision == "bf16":
+        masters = [p.detach().float() for p in lm_params]  # lm is already bfloat16 (a copy of the engine's)
+        params = masters + list(v_head.parameters())
+    else:
+        masters = []
+        params = lm_params + list(v_head.parameters())
+    fused = lm_params[0].device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(params, lr=learning_rate, fused=fused or None)
+
+    @torch.no_grad()
+    def adam_step() -> None:
+        for weight, master in zip(lm_params, masters):
+            master.grad = weight.grad.float()
+        optimizer.step()
+        for weight, master in zip(lm_params, masters):
+            weight.copy_(master)
     generator = torch.Generator().manual_seed(0)
     advantages = torch.randn(batch.response_ids.shape, generator=generator)
     returns = torch.randn(batch.response_ids.shape, generator=generator)
@@ -114,14 +145,16 @@ def measure_limit(
         lm.train()
         for _ in range(ppo_epochs):
             for mb, adv, ret in selected:
-                hidden = _response_hidden(lm, mb)
-                logprobs = _response_logprobs(lm, mb, hidden)
-                values = v_head(hidden)
+                with autocast():
+                    hidden = _response_hidden(lm, mb)
+                    logprobs = _response_logprobs(lm, mb, hidden)
+                    values = v_head(hidden)
                 ratio = torch.exp(logprobs - logprobs.detach())
                 loss = -(adv * ratio).mean() + 0.1 * (values - ret).square().mean()
                 loss.backward()
-                optimizer.step()
+                adam_step()
                 optimizer.zero_grad()
+                lm.zero_grad(set_to_none=True)
 
     pieces: dict[str, float] = {}
     for name, fn in (("generation", generation), ("reference_forward", reference_forward), ("optimisation", optimisation)):

@@ -24,7 +24,10 @@ from bench_ppo import EngineBench  # noqa: E402  (sets the offline environment v
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="small", help="tiny or small (ignored with --assets)")
+    ap.add_argument("--model", default="small", help="tiny, small or smollm2 (ignored with --assets)")
+    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2's GGUF for --model smollm2")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="PPOConfig.precision")
+    ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16"), help="Accelerate's autocast")
     ap.add_argument("--assets", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--mini-batch-size", type=int, default=16)
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    bench = EngineBench(build_workload(args.model, args.seed, args.assets), args)
+    bench = EngineBench(build_workload(args.model, args.seed, args.assets, args.gguf), args)
     bench.step()  # warm-up
     if args.profiler == "cprofile":
         profiler = cProfile.Profile()

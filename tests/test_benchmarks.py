@@ -30,13 +30,15 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_reduced_tiny_run_reports_every_number(tmp_path):
-    """One tiny configuration, two measured steps: the printout and the JSON carry every field, and
-    the numbers are consistent with each other (phases add up, fixed lengths, ratios)."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_reduced_tiny_run_reports_every_number(tmp_path, precision):
+    """One tiny configuration, two measured steps, in fp32 and in bf16 (bf16 weights, fp32 masters; the
+    limit in the same precision): the printout and the JSON carry every field, and the numbers are
+    consistent with each other (phases add up, fixed lengths, ratios)."""
     out = tmp_path / "bench.json"
     proc = _run(
         "--model", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "8", "--mini-batch-size", "4",
-        "--epochs", "1", "--new-tokens", "4", "--limit-repeats", "1", "--json", str(out),
+        "--epochs", "1", "--new-tokens", "4", "--limit-repeats", "1", "--precision", precision, "--json", str(out),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for text in ("median step", "samples/s", "generated tokens/s", "peak RSS", "limit (plain torch)", "engine/limit", *PHASES):
@@ -49,6 +51,7 @@ def test_reduced_tiny_run_reports_every_number(tmp_path):
     assert (config["model"], config["n_layer"], config["n_embd"], config["vocab_size"]) == ("tiny", 2, 128, 546)
     assert (config["batch_size"], config["mini_batch_size"], config["ppo_epochs"], config["new_tokens"]) == (8, 4, 1, 4)
     assert config["threads"] == 1 and config["steps"] == 2 and config["warmup"] == 1
+    assert config["precision"] == precision and f"({precision}, mixed_precision=no)" in proc.stdout
 
     steps = result["steps"]
     assert len(steps) == 2
@@ -134,3 +137,12 @@ def test_compare_trl_says_what_is_missing(tmp_path):
     args = compare.parse_args(["--trl-python", str(tmp_path / "no-venv" / "python"), "--assets", str(tmp_path / "assets")])
     with pytest.raises(SystemExit, match="setup_trl_legacy.sh"):
         compare.ensure_assets(args)
+
+
+def test_compare_trl_real_lm_says_what_is_missing(tmp_path):
+    """The real-LM comparison takes the issue's sizes and stops at once without TRL's venv."""
+    compare = _load("compare_trl")
+    args = compare.parse_args(["--real-lm", "--trl-python", str(tmp_path / "no-venv" / "python")])
+    assert (args.batch_size, args.mini_batch_size, args.epochs, args.new_tokens) == (16, 8, 4, 16)
+    with pytest.raises(SystemExit, match="setup_trl_legacy.sh"):
+        compare.main_real_lm(args)

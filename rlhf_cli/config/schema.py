@@ -49,6 +49,8 @@ REWARD_OUTPUTS = ("logit", "probability")
 DATASET_SOURCES = ("imdb_local", "hub", "files")
 KL_PENALTIES = ("kl", "abs", "mse", "full")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+# ppo.precision: fp32 weights, or bf16 weights with fp32 master weights (rlhf_cli.ppo.precision).
+PRECISIONS = ("fp32", "bf16")
 TRACKERS = ("tensorboard", "wandb")
 
 
@@ -166,6 +168,7 @@ class PPOSection:
     weight_decay: float = _field(0.0, ge=0)
     adam_eps: float = _field(1e-8, gt=0)
     mixed_precision: Optional[str] = _field(None, choices=MIXED_PRECISIONS)
+    precision: str = _field("fp32", choices=PRECISIONS)
 
 
 @dataclass

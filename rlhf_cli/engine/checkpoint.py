@@ -3,7 +3,8 @@
 A checkpoint ``<run dir>/checkpoints/step-N/`` holds everything an exact continuation needs:
 
 * ``weights.safetensors`` — policy + value head (the whole value-head module, LoRA adapters included);
-* ``trainer.pt`` — optimizer/scheduler state, KL coefficient, running score moments, the mini-batch
+* ``trainer.pt`` — optimizer/scheduler state (with ``ppo.precision=bf16``: the float32 master weights
+  and Adam moments; ``weights.safetensors`` then holds the bfloat16 weights, the masters rounded), KL coefficient, running score moments, the mini-batch
   shuffling generator (tensors and plain numbers only: loaded with ``weights_only=True``);
 * ``rng-rank{R}.json`` — each process's python, numpy, torch (and CUDA) RNG states and its response
   length generator;
@@ -174,7 +175,8 @@ def _check_weights_readable(path: Path) -> None:
 # Comparing configs -----------------------------------------------------------------------------------
 # Changing these makes the saved state meaningless (other weights, other data order or shapes).
 _BREAKING = ("model.", "dataset.", "seed", "ppo.batch_size", "ppo.mini_batch_size",
-             "ppo.gradient_accumulation_steps", "ppo.use_score_scaling", "ppo.use_score_norm")
+             "ppo.gradient_accumulation_steps", "ppo.use_score_scaling", "ppo.use_score_norm",
+             "ppo.precision")  # bf16's optimiser state holds float32 masters; fp32's does not
 # Changing these does not touch what is computed.
 _HARMLESS = ("steps", "epochs", "logging.", "checkpoint.", "output_dir", "eval_prompts", "threads", "overwrite")
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.ppo.config import DEFAULT_MINI_BATCH_SIZE, PPOConfig
+from rlhf_cli.ppo import precision as precision_support
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
 
 # Keys of the ppo group that are passed to PPOConfig under the same name.
@@ -24,7 +25,7 @@ _PPO_KEYS = (
     "learning_rate", "gradient_accumulation_steps", "ppo_epochs", "adap_kl_ctrl", "init_kl_coef",
     "kl_penalty", "target", "horizon", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
     "max_grad_norm", "early_stopping", "target_kl", "ratio_threshold", "use_score_scaling",
-    "use_score_norm", "score_clip", "whiten_rewards", "disable_dropout", "weight_decay", "adam_eps",
+    "use_score_norm", "score_clip", "whiten_rewards", "disable_dropout", "weight_decay", "adam_eps", "precision",
 )
 
 # Tracker name -> the package Accelerate needs for it.
@@ -81,8 +82,8 @@ def check_mixed_precision(cfg: DictConfig, device_type: str) -> None:
     if mode == "fp16" and device_type == "cpu":
         raise ConfigError(
             f"{source} needs a GPU, but this run is on the CPU: PyTorch has no float16 autocast for CPU "
-            "training, and Accelerate would silently train in float32. Use ppo.mixed_precision=bf16 (CPU "
-            "autocast supports bfloat16) or ppo.mixed_precision=no."
+            "training, and Accelerate would silently train in float32. Use ppo.precision=bf16 (bfloat16 weights with "
+            "float32 masters), ppo.mixed_precision=bf16 (CPU autocast supports bfloat16) or ppo.mixed_precision=no."
         )
     if mode == "bf16" and device_type != "cpu" and not is_bf16_available(True):
         raise ConfigError(
@@ -94,6 +95,29 @@ def check_mixed_precision(cfg: DictConfig, device_type: str) -> None:
             f"{source} with model.dtype=float16: fp16 mixed precision keeps float32 master weights and scales "
             "the loss, and its gradient scaler cannot unscale float16 gradients. Set model.dtype=float32 (the "
             "forward pass still runs in float16)."
+        )
+
+
+def check_precision(cfg: DictConfig, device_type: str) -> None:
+    """A ConfigError if ``ppo.precision`` cannot run on ``device_type`` or clashes with mixed precision."""
+    if cfg.ppo.precision != "bf16":
+        return
+    mode, source = mixed_precision_of(cfg)
+    if mode != "no":
+        raise ConfigError(
+            f"ppo.precision=bf16 already computes in bfloat16 (bfloat16 weights, float32 master weights), and "
+            f"{source} would add Accelerate's autocast on top. Use one of them: ppo.precision=bf16 with "
+            "ppo.mixed_precision=no, or ppo.precision=fp32 with ppo.mixed_precision=bf16."
+        )
+    if device_type == "cpu" and not precision_support.cpu_supports_bf16():
+        raise ConfigError(
+            "ppo.precision=bf16 needs a CPU with native bfloat16 support (AVX-512 or AMX), which this one lacks: "
+            "PyTorch would emulate bfloat16 far slower than float32. Use ppo.precision=fp32."
+        )
+    if device_type != "cpu" and not is_bf16_available(True):
+        raise ConfigError(
+            f"ppo.precision=bf16 needs bfloat16 support, which this {device_type} device lacks (on NVIDIA: Ampere "
+            "or newer). Use ppo.precision=fp32, optionally with ppo.mixed_precision=fp16."
         )
 
 
@@ -112,6 +136,7 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
     installed, the mixed-precision mode suits the device, peft is installed for LoRA, and the
     sharding the launcher asked for (DeepSpeed ZeRO-3, FSDP2) is one rlhf_cli supports.
     """
+    check_precision(cfg, state.device.type)  # first: PPOConfig would refuse bf16 + mixed precision less helpfully
     ppo_config_from(cfg, num_processes=state.num_processes, tracker_dir=os.devnull)
     check_mixed_precision(cfg, state.device.type)
     lora = cfg.model.lora.enabled

@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
+from rlhf_cli.config.schema import PRECISIONS
+
 KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
 DEFAULT_MINI_BATCH_SIZE = 128
 # The fields the other sizes derive from: assigning one of them refreshes the derived ones.
@@ -56,7 +58,8 @@ class PPOConfig:
 
     Different from TRL on purpose: ``forward_batch_size`` sets the samples per no-gradient forward
     pass (TRL deprecated it as an alias of ``mini_batch_size``); ``disable_dropout`` (ours) switches
-    dropout off during PPO.
+    dropout off during PPO; ``precision="bf16"`` (ours) trains with bfloat16 weights and float32
+    master weights (:mod:`rlhf_cli.ppo.precision`).
     """
 
     # experiment
@@ -130,6 +133,9 @@ class PPOConfig:
     # Deliberate difference from legacy TRL: dropout makes old and new logprobs disagree on the
     # same weights, so it is switched off in policy, value head and reference during PPO.
     disable_dropout: bool = True
+    # Ours: "bf16" computes with bfloat16 weights and keeps float32 master weights and Adam moments in
+    # the optimiser (see rlhf_cli.ppo.precision); "fp32" trains as legacy TRL does.
+    precision: str = "fp32"
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "mini_batch_size":
@@ -208,6 +214,13 @@ class PPOConfig:
     def _validate(self) -> None:
         if self.forward_batch_size is not None and self.forward_batch_size < 1:
             raise ValueError(f"PPOConfig.forward_batch_size must be positive or None, got {self.forward_batch_size!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"PPOConfig.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
+        if self.precision == "bf16" and self.accelerator_kwargs.get("mixed_precision") not in (None, "no"):
+            raise ValueError(
+                "PPOConfig.precision='bf16' already computes in bfloat16; drop mixed_precision from "
+                "accelerator_kwargs (or use precision='fp32' with Accelerate's mixed precision)."
+            )
         if self.kl_penalty not in KL_PENALTY_MODES:
             raise ValueError(f"PPOConfig.kl_penalty must be one of {', '.join(KL_PENALTY_MODES)}; got {self.kl_penalty!r}.")
         for name in ("learning_rate", "target", "horizon", "target_kl", "ratio_threshold"):

@@ -36,6 +36,7 @@ from rlhf_cli.ppo.functional import (
 )
 from rlhf_cli.ppo.inputs import check_step_inputs
 from rlhf_cli.ppo.kl_control import make_kl_controller
+from rlhf_cli.ppo.precision import apply_precision
 from rlhf_cli.ppo.running_moments import RunningMoments
 from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats
 from rlhf_cli.ppo.trl_compat import TRLCompatMixin, fill_runtime_fields
@@ -170,6 +171,8 @@ class PPOTrainer(TRLCompatMixin):
                 weight_decay=self.config.weight_decay,
                 fused=fused or None,
             )
+        # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
+        optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.dataset = dataset

@@ -251,3 +251,25 @@ def test_report_and_curves_come_from_the_run(workdir, uninterrupted):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (copy / "report.md").read_text().split("\n", 1)[1] == report.split("\n", 1)[1]
+
+
+def test_bf16_precision_resumes_bit_exactly(workdir, tmp_path):
+    """precision=bf16: the checkpoint carries the float32 masters and Adam moments, so a run stopped
+    after step 2 and resumed equals the uninterrupted 4-step run bit for bit (metrics and weights)."""
+    common = ["+recipe=smoke", "reward=vader", "ppo.precision=bf16", "checkpoint.every=2"]
+
+    def run(out: Path, steps: int, *extra: str) -> None:
+        args = [sys.executable, "-m", "rlhf_cli", "train", *common, f"output_dir={out}", f"steps={steps}", *extra]
+        result = subprocess.run(args, cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+
+    run(tmp_path / "whole", 4)
+    run(tmp_path / "split", 2)
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "step-2" / "trainer.pt", weights_only=True)
+    assert {m.dtype for m in saved["optimizer"]["masters"]} == {torch.float32}
+    run(tmp_path / "split", 4, "checkpoint.resume=auto")
+    ma, mb = _metrics(tmp_path / "whole"), _metrics(tmp_path / "split")
+    assert [row["step"] for row in mb] == [1, 2, 3, 4] and ma == mb
+    wa, wb = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa["transformer.wte.weight"].dtype == torch.bfloat16  # final/ holds the bf16 weights

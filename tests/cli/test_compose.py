@@ -194,7 +194,8 @@ def choice_fields() -> list[tuple[str, tuple[str, ...]]]:
 def test_every_enumerated_field_is_covered() -> None:
     keys = {key for key, _ in choice_fields()}
     assert keys == {"model.source", "model.kind", "model.dtype", "model.padding_side", "reward.type", "reward.text",
-                    "reward.output", "dataset.source", "ppo.kl_penalty", "ppo.mixed_precision", "logging.trackers"}
+                    "reward.output", "dataset.source", "ppo.kl_penalty", "ppo.mixed_precision", "ppo.precision",
+                    "logging.trackers"}
 
 
 @pytest.mark.parametrize(("key", "choices"), choice_fields())

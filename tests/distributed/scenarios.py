@@ -39,12 +39,20 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "adam": dict(config=dict(mini_batch_size=8, ppo_epochs=2, learning_rate=3e-4), optimizer="adam"),
     # LoRA: the reference is the policy with its adapter disabled.
     "lora": dict(config=dict(mini_batch_size=4, ppo_epochs=1), optimizer="sgd", lora=True),
+    # precision=bf16 (a user-given SGD stepping float32 masters; DDP all-reduces bfloat16 gradients).
+    # The float32 masters are compared. The forward passes round activations to bfloat16 (2^-9), the
+    # gradients are all-reduced in bfloat16, and once a master's rounding to bfloat16 flips (a layer-norm
+    # weight near 1 then moves by 2^-7, about its whole update) later gradients differ too: 1 and 2
+    # processes measured 7e-2 apart (relative to the largest update) after one update, and chaotically
+    # more after several at lr 0.5 — so one update per step here. 0.15 holds the rounding with margin
+    # and still catches a halved gradient (0.5 apart; "bf16" is in MUTANTS).
+    "bf16": dict(config=dict(mini_batch_size=8, ppo_epochs=1, precision="bf16"), optimizer="sgd", rtol=0.15),
 }
 
 # Scenarios the 2-process launch also runs with a deliberately wrong gradient scale (the ×P of
 # ``PPOTrainer._train_minibatch`` left out), to show the comparison catches it. Not "minibatches":
 # its gradient clipping rescales a halved gradient back to the same norm and hides the error.
-MUTANTS = ("accumulation", "lora")
+MUTANTS = ("accumulation", "lora", "bf16")
 
 
 def tokenizer():
@@ -105,7 +113,7 @@ def run_steps(
         trainer.accelerator.backward = lambda loss, **kwargs: backward(loss * backward_scale, **kwargs)
     share = GLOBAL_BATCH // num_processes
     rows = slice(process_index * share, (process_index + 1) * share)
-    initial = {k: v.detach().cpu().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+    initial = _weights(trainer)
     weights, stats, steps = [], [], []
     for step in range(STEPS):
         branches.update(updates=0, decisions=[])
@@ -114,10 +122,19 @@ def run_steps(
         if SCENARIOS[name].get("response_masks"):
             masks = [(torch.arange(len(r)) > 0).long() if len(r) > 1 else torch.ones(1, dtype=torch.long) for r in responses[rows]]
         step_stats = trainer.step(queries[rows], responses[rows], scores[rows], response_masks=masks)
-        weights.append({k: v.detach().cpu().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()})
+        weights.append(_weights(trainer))
         stats.append({k: float(v) for k, v in step_stats.items() if isinstance(v, float) and not k.startswith("time/")})
         steps.append({"updates": branches["updates"], "decisions": list(branches["decisions"])})
     return {"weights": weights, "stats": stats, "branches": steps, "initial": initial}
+
+
+def _weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    """The model's state dict, with each bfloat16 weight replaced by its float32 master (precision=bf16):
+    updates smaller than a bfloat16 step (layer norms near 1 move by less than 2^-7) show only there."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    masters = {id(w): m for w, m in getattr(trainer.optimizer.optimizer, "pairs", [])}
+    # keep_vars: the Parameter objects themselves, so tied weights (GPT-2's lm_head) find their master too.
+    return {k: masters.get(id(v), v).detach().cpu().clone() for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def _record_branches(trainer: PPOTrainer) -> dict[str, Any]:
@@ -143,5 +160,6 @@ def checksum(state_dict: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         digest.update(key.encode())
-        digest.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+        # Raw bytes through uint8: numpy has no bfloat16 (the bf16 scenario's weights).
+        digest.update(state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

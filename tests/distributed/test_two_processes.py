@@ -68,6 +68,8 @@ def test_ranks_hold_identical_weights_after_every_step(ranks, name):
 
 
 def _rtol(name: str) -> float:
+    if "rtol" in SCENARIOS[name]:
+        return SCENARIOS[name]["rtol"]
     return ADAM_RTOL if SCENARIOS[name]["optimizer"] == "adam" else SGD_RTOL
 
 
