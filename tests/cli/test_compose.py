@@ -117,6 +117,18 @@ def test_imdb_sentiment_recipe_undoes_every_offline_default() -> None:
             assert cfg[group][key] == default, f"{group}.{key}"
 
 
+def test_imdb_sentiment_recipe_is_a_true_delta() -> None:
+    """DESIGN §5: the recipe sets inside a group only what train.yaml's offline default changed (no
+    restated TRL value), and the composed run still has TRL's controller and sampling settings."""
+    train_yaml = OmegaConf.load(CONFIGS / "train.yaml")
+    recipe_yaml = OmegaConf.load(paths.recipe_files()["imdb_sentiment"])
+    for group in ("ppo", "generation"):
+        assert set(recipe_yaml[group]) == set(train_yaml[group]), group
+    cfg = compose_train_config(["+recipe=imdb_sentiment"])
+    assert (cfg.ppo.adap_kl_ctrl, cfg.ppo.target, cfg.ppo.horizon) == (True, 6.0, 10000.0)
+    assert (cfg.generation.top_k, cfg.generation.top_p, cfg.generation.do_sample) == (0, 1.0, True)
+
+
 def test_batch_size_can_be_lowered_under_the_classic_recipe() -> None:
     """DESIGN §2: `+recipe=imdb_sentiment ppo.learning_rate=1e-5 ppo.batch_size=64 model=gpt2`."""
     cfg = compose_train_config(["+recipe=imdb_sentiment", "ppo.learning_rate=1e-5", "ppo.batch_size=64", "model=gpt2"])
