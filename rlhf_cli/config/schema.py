@@ -232,6 +232,6 @@ class TrainConfig:
     steps: int = _field(100, ge=1)
     epochs: Optional[int] = _field(None, ge=1)
     output_dir: str = "${hydra:runtime.output_dir}"
-    eval_prompts: int = _field(4, ge=0)
+    eval_prompts: int = _field(128, ge=0)
     threads: Optional[int] = _field(None, ge=1)
     overwrite: bool = False

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from rlhf_cli.config import paths
 from rlhf_cli.config.compose import compose_train_config
-from rlhf_cli.config.schema import GenerationSection, LoggingSection, PPOSection, TrainConfig
+from rlhf_cli.config.schema import CheckpointSection, GenerationSection, LoggingSection, PPOSection, TrainConfig
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.ppo.config import PPOConfig, command_line_fields
 
@@ -147,8 +147,9 @@ def test_offline_default_is_the_review_gpt2_vader_run() -> None:
 
 
 def test_generation_group_defaults_are_the_schema_defaults() -> None:
-    """The YAML (what users read) and the schema agree on TRL's defaults, key for key."""
-    assert OmegaConf.to_container(OmegaConf.load(CONFIGS / "generation/default.yaml")) == dataclasses.asdict(GenerationSection())
+    """The schema writes the generation defaults (TRL's), once: the group file writes no value."""
+    assert OmegaConf.to_container(OmegaConf.load(CONFIGS / "generation/default.yaml")) == {}
+    assert compose_train_config(["generation=default", "+recipe=imdb_sentiment"]).generation == OmegaConf.structured(GenerationSection())
 
 
 def test_ppo_group_defaults_are_ppo_config_defaults() -> None:
@@ -167,9 +168,17 @@ def test_ppo_group_defaults_are_ppo_config_defaults() -> None:
     assert library["mini_batch_size"] == 128 and PPOSection().mini_batch_size is None  # the automatic size
 
 
-def test_logging_node_has_the_schema_defaults() -> None:
-    logging_node = OmegaConf.load(CONFIGS / "train.yaml").logging
-    assert OmegaConf.to_container(logging_node) == dataclasses.asdict(LoggingSection())
+def test_train_yaml_writes_only_the_offline_default() -> None:
+    """train.yaml sets no value the schema already has: only the offline default block's deviations
+    (steps, threads and the ppo/generation numbers); logging and checkpoint come from the schema."""
+    train_yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
+    train_yaml.pop("defaults"), train_yaml.pop("hydra")
+    assert set(train_yaml) == {"steps", "threads", "ppo", "generation"}
+    defaults = TrainConfig()
+    assert (train_yaml["steps"], train_yaml["threads"]) != (defaults.steps, defaults.threads)
+    cfg = compose_train_config()
+    assert OmegaConf.to_container(cfg.logging) == dataclasses.asdict(LoggingSection())
+    assert OmegaConf.to_container(cfg.checkpoint) == dataclasses.asdict(CheckpointSection())
 
 
 def test_smoke_recipe_is_tiny() -> None:
