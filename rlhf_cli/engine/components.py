@@ -15,7 +15,9 @@ from accelerate import PartialState
 from accelerate.utils import is_bf16_available, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_cli.engine.sizes import per_process
 from rlhf_cli.errors import ConfigError
+from rlhf_cli.models.builder import check_peft_installed
 from rlhf_cli.config.schema import TRACKERS
 from rlhf_cli.ppo.config import PPOConfig, command_line_fields, default_mini_batch_size
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
@@ -25,16 +27,6 @@ _GLOBAL_SIZES = ("batch_size", "mini_batch_size", "forward_batch_size")
 
 # Tracker name -> the package Accelerate needs for it.
 _TRACKER_PACKAGES = {name: name for name in TRACKERS}  # each tracker's package has its name
-
-
-def per_process(global_size: int, num_processes: int, key: str) -> int:
-    """``global_size`` split evenly over the processes, or a ConfigError naming both numbers."""
-    if global_size % num_processes != 0:
-        raise ConfigError(
-            f"{key}={global_size} is not divisible by the {num_processes} processes of this launch; "
-            f"choose a multiple of {num_processes} (each process takes an equal share)."
-        )
-    return global_size // num_processes
 
 
 def check_trackers(trackers: list[str]) -> list[str]:
@@ -110,12 +102,8 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
     """
     ppo_config_from(cfg, num_processes=state.num_processes, tracker_dir=os.devnull)
     check_mixed_precision(cfg, state.device.type)
-    lora = cfg.model.lora.enabled
-    if lora and importlib.util.find_spec("peft") is None:
-        raise ConfigError(
-            "model.lora.enabled=true needs the 'peft' package, which is not installed. Run `pip install peft` "
-            "(or `pip install 'rlhf-cli[peft]'`), or set model.lora.enabled=false to train all weights."
-        )
+    if cfg.model.lora.enabled:
+        check_peft_installed()
     if parse_flag_from_env("ACCELERATE_USE_FSDP") or _launcher_zero_stage() == 3:
         kind = "FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else "DeepSpeed ZeRO-3"
         raise ConfigError(

@@ -1,24 +1,21 @@
 """PPO: configuration, pure math, KL controllers and the trainer.
 
-``PPOConfig`` and ``PPOTrainer`` are imported lazily: the command line's schema
-(``rlhf_cli.config.schema``) derives its ppo group from ``rlhf_cli.ppo.config`` and must not pay
-for importing torch through the trainer.
+``PPOTrainer`` is imported on first use: the command line's schema (``rlhf_cli.config.schema``)
+derives its ppo group from ``rlhf_cli.ppo.config`` and must not pay for importing torch.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-_EXPORTS = {"PPOConfig": "rlhf_cli.ppo.config", "PPOTrainer": "rlhf_cli.ppo.trainer"}
+from rlhf_cli.ppo.config import PPOConfig
 
-__all__ = list(_EXPORTS)
+__all__ = ["PPOConfig", "PPOTrainer"]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name != "PPOTrainer":
         raise AttributeError(f"module 'rlhf_cli.ppo' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    from rlhf_cli.ppo.trainer import PPOTrainer
+
+    return PPOTrainer
