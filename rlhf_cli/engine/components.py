@@ -1,7 +1,9 @@
 """Turning the composed run config into the engine's parts: process state, PPOConfig, trackers, step count.
 
 The run config speaks in global sizes (all processes together); PPOConfig, like legacy TRL,
-in per-process sizes. The division happens here, once, with errors that name the numbers.
+in per-process sizes. The division happens here, once (:func:`rlhf_cli.engine.sizes.per_process`),
+with errors that name the numbers. The knobs passed to PPOConfig are derived from PPOConfig itself
+(:func:`rlhf_cli.ppo.config.command_line_fields`), never listed by hand.
 :func:`check_launch` checks everything about the launch that can be known before a model loads.
 """
 

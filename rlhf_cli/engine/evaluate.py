@@ -1,7 +1,8 @@
 """``rlhf eval RUN_DIR``: the before/after comparison of a finished run, on demand.
 
 "Before" is the initial policy rebuilt from the run's config (the same weights the run started
-from), "after" the run's ``final/``. Writes report.md and curves.png into the run directory.
+from), "after" the run's ``final/``. Writes report.md and curves.png into the run directory, through the
+same held-out path as the end of training (:mod:`rlhf_cli.engine.heldout`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,11 @@
 """The training loop behind ``rlhf train``: prompts → generation → reward → PPO step → logging.
 
-Stage numbers in comments follow DESIGN §4.
+Stage numbers in comments follow DESIGN §4. :class:`TrainingRun` is built in named parts, in the
+order that writes nothing until the run has started (``_check_start``, ``_build_parts``,
+``_seed_rollouts``, the first rollout, ``_start``). Each step's scores are gathered once, by
+``PPOTrainer.step`` (``trainer.gathered_scores``): ``env/reward_*``, the sample table and the
+trackers (through :func:`rlhf_cli.logging.tracker_logs`) all read them. The held-out comparison
+and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlhf eval``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (DESIGN §7).
 
-Inside the trainer everything stays a tensor on the device; :func:`flatten_step_stats` makes the
-one host transfer per step and returns plain floats (and a few numpy arrays for histograms).
+Pure functions (no collectives, no optimiser): :func:`minibatch_stats` assembles one mini-batch's
+stats; inside the trainer everything stays a tensor on the device; :func:`assemble_step_stats`
+makes the one host transfer per step and returns TRL's flat dict (plain floats and a few numpy
+arrays for histograms) with the typed values the step's control flow reads.
 """
 
 from __future__ import annotations

@@ -4,6 +4,13 @@ The trainer orchestrates; the math lives in :mod:`rlhf_cli.ppo.functional`. One 
 DESIGN §4 stage 4: (a) score processing, (b) packing, (c) one no-gradient pass each of policy and
 reference, (d) per-token rewards and GAE, (e) PPO epochs over shuffled mini-batches, (f) stats and
 the KL controller update.
+
+Where things live: construction in named parts (``_reference_model``, ``_default_optimizer``,
+``_prepare``, ``_init_ppo_state``; a different optimiser or model dtype hooks in there), the math in
+``functional``, statistics assembly as pure functions in ``stats`` (``minibatch_stats``,
+``assemble_step_stats``, whose typed :class:`~rlhf_cli.ppo.stats.StepStats` drive the KL controller
+and the skipped-mini-batch warning), collectives in ``distributed``, the one timer in ``timing``,
+TRL's protected methods in ``trl_compat``.
 """
 
 from __future__ import annotations
