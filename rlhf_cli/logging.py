@@ -42,6 +42,20 @@ def json_safe(stats: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def tracker_logs(
+    scalars: dict[str, float], batch: dict[str, Sequence[Any]], rewards: Sequence[float], columns: Sequence[str] = ("query", "response")
+) -> dict[str, Any]:
+    """What a step sends to the Accelerate trackers: its scalar stats plus a ``game_log`` markdown
+    table of the ``columns`` of ``batch`` with each row's reward (``rewards`` may run longer: zip stops)."""
+    logs: dict[str, Any] = dict(scalars)
+    shown = [c for c in columns if c in batch]
+    if shown:
+        header = "| " + " | ".join([*shown, "reward"]) + " |\n|" + "---|" * (len(shown) + 1) + "\n"
+        rows = zip(*[batch[c] for c in shown], rewards)
+        logs["game_log"] = header + "".join("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |\n" for row in rows)
+    return logs
+
+
 class MetricsFile:
     """metrics.jsonl: one JSON object per step, appended and flushed as the run goes."""
 

@@ -6,14 +6,32 @@ fields), so ``__post_init__`` would not run: enumerations and ranges are declare
 (``choices``, ``ge``, ``gt``, ``le``, ``pattern``) and checked by :func:`rlhf_cli.config.validate.validate`
 right after composition.
 
-The YAML files under configs/ carry the user-facing defaults and their comments; the defaults here
-match the group defaults (legacy TRL's values) so the schema also composes on its own.
+Where each default is written (one rule: a value is written once, by its owner)
+---------------------------------------------------------------------------------
+* The ppo group belongs to the library. ``rlhf_cli.ppo.config.PPOConfig`` is legacy TRL's config and
+  keeps TRL's defaults for library users; :data:`PPOSection` is *generated* from it (every field not in
+  ``ppo.config.LIBRARY_ONLY_FIELDS``, with its type and default), plus the run-only ``mixed_precision``.
+  configs/ppo/default.yaml therefore writes no value, only what each key means, and
+  ``engine.components.ppo_config_from`` passes the same derived field list back to PPOConfig. A new PPO
+  knob is one new PPOConfig field: settable as ``ppo.NAME=...``, shown by ``rlhf train --cfg job``.
+  Only the command line's ranges (``_PPO_LIMITS``) are written here.
+* The other sections have no library twin: their defaults are written here and the group YAML files
+  repeat them with their comments (tests/cli/test_compose.py pins the two equal).
+* The offline default (a bare ``rlhf train`` that finishes in minutes on a CPU) is the one named place
+  for deviations from TRL's values: the "Offline default" block at the end of configs/train.yaml.
+  Recipes are deltas on top of it (DESIGN §5) and set back only what that block changed.
+* Each enumeration (KL modes, trackers, ...) is declared once, here or by its owner, and imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from rlhf_cli.ppo import config as ppo_config
+from rlhf_cli.ppo.config import KL_PENALTY_MODES, PRECISIONS
 
 
 def _field(
@@ -47,10 +65,8 @@ REWARD_TYPES = REWARD_SOURCE_TYPES + ("weighted_sum",)
 REWARD_TEXTS = ("response", "full")
 REWARD_OUTPUTS = ("logit", "probability")
 DATASET_SOURCES = ("imdb_local", "hub", "files")
-KL_PENALTIES = ("kl", "abs", "mse", "full")
+KL_PENALTIES = KL_PENALTY_MODES
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
-# ppo.precision: fp32 weights, or bf16 weights with fp32 master weights (rlhf_cli.ppo.precision).
-PRECISIONS = ("fp32", "bf16")
 TRACKERS = ("tensorboard", "wandb")
 
 
@@ -139,36 +155,40 @@ class DatasetConfig:
     max_samples: Optional[int] = _field(None, ge=1)
 
 
-@dataclass
-class PPOSection:
-    learning_rate: float = _field(1.41e-5, gt=0)
-    batch_size: int = _field(128, ge=1)
-    mini_batch_size: Optional[int] = _field(None, ge=1)
-    gradient_accumulation_steps: int = _field(1, ge=1)
-    ppo_epochs: int = _field(4, ge=1)
-    adap_kl_ctrl: bool = True
-    init_kl_coef: float = _field(0.2, ge=0)
-    kl_penalty: str = _field("kl", choices=KL_PENALTIES)
-    target: float = _field(6.0, gt=0)
-    horizon: float = _field(10000.0, gt=0)
-    gamma: float = _field(1.0, ge=0, le=1)
-    lam: float = _field(0.95, ge=0, le=1)
-    cliprange: float = _field(0.2, gt=0)
-    cliprange_value: float = _field(0.2, gt=0)
-    vf_coef: float = _field(0.1, ge=0)
-    max_grad_norm: Optional[float] = _field(None, gt=0)
-    early_stopping: bool = False
-    target_kl: float = _field(1.0, gt=0)
-    ratio_threshold: float = _field(10.0, gt=0)
-    use_score_scaling: bool = False
-    use_score_norm: bool = False
-    score_clip: Optional[float] = _field(None, gt=0)
-    whiten_rewards: bool = False
-    disable_dropout: bool = True
-    weight_decay: float = _field(0.0, ge=0)
-    adam_eps: float = _field(1e-8, gt=0)
-    mixed_precision: Optional[str] = _field(None, choices=MIXED_PRECISIONS)
-    precision: str = _field("fp32", choices=PRECISIONS)
+# Ranges the command line enforces on the ppo knobs (checked by ``validate``; PPOConfig runs its own
+# checks when the run builds it). Values, types and the list of knobs come from PPOConfig.
+_PPO_LIMITS: Dict[str, Dict[str, Any]] = {
+    "learning_rate": dict(gt=0), "batch_size": dict(ge=1), "forward_batch_size": dict(ge=1),
+    "mini_batch_size": dict(ge=1), "gradient_accumulation_steps": dict(ge=1), "ppo_epochs": dict(ge=1),
+    "init_kl_coef": dict(ge=0), "kl_penalty": dict(choices=KL_PENALTIES), "target": dict(gt=0),
+    "horizon": dict(gt=0), "gamma": dict(ge=0, le=1), "lam": dict(ge=0, le=1), "cliprange": dict(gt=0),
+    "cliprange_value": dict(gt=0), "vf_coef": dict(ge=0), "max_grad_norm": dict(gt=0),
+    "target_kl": dict(gt=0), "ratio_threshold": dict(gt=0), "score_clip": dict(gt=0),
+    "weight_decay": dict(ge=0), "adam_eps": dict(gt=0), "precision": dict(choices=PRECISIONS),
+}
+# Knobs of the ppo group that PPOConfig does not have: they go to Accelerate, not to PPO.
+_PPO_RUN_FIELDS = [
+    ("mixed_precision", Optional[str], _field(None, choices=MIXED_PRECISIONS)),
+]
+
+
+def _ppo_section() -> type:
+    """The ppo group's dataclass, generated from PPOConfig: one field per command-line knob of
+    PPOConfig (:func:`rlhf_cli.ppo.config.command_line_fields`) with its type and default, plus
+    :data:`_PPO_RUN_FIELDS`. Adding a field to PPOConfig adds the knob here, to ``--cfg job`` and to
+    the run's PPOConfig (``engine.components.ppo_config_from``)."""
+    hints = typing.get_type_hints(ppo_config.PPOConfig)
+    fields = [
+        (f.name, hints[f.name], _field(f.default, **_PPO_LIMITS.get(f.name, {})))
+        for f in ppo_config.command_line_fields()
+    ]
+    section = dataclasses.make_dataclass("PPOSection", fields + _PPO_RUN_FIELDS)
+    section.__module__ = __name__
+    section.__doc__ = "The ppo group: PPOConfig's knobs with TRL's defaults (sizes global), plus mixed_precision."
+    return section
+
+
+PPOSection = _ppo_section()
 
 
 @dataclass
@@ -212,6 +232,6 @@ class TrainConfig:
     steps: int = _field(100, ge=1)
     epochs: Optional[int] = _field(None, ge=1)
     output_dir: str = "${hydra:runtime.output_dir}"
-    eval_prompts: int = _field(4, ge=0)
+    eval_prompts: int = _field(128, ge=0)
     threads: Optional[int] = _field(None, ge=1)
     overwrite: bool = False

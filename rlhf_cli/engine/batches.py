@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rlhf_cli.engine.sizes import per_process
 from rlhf_cli.errors import ConfigError
 
 
@@ -36,11 +37,7 @@ class PromptStream:
     """Endless iterator of per-process prompt batches over shuffled epochs (drop-last)."""
 
     def __init__(self, dataset, *, global_batch_size: int, process_index: int, num_processes: int, seed: int) -> None:
-        if global_batch_size % num_processes != 0:
-            raise ConfigError(
-                f"ppo.batch_size={global_batch_size} is not divisible by the {num_processes} processes of this "
-                f"launch; choose a batch size that is a multiple of {num_processes}."
-            )
+        per_process(global_batch_size, num_processes, "ppo.batch_size")  # the launch check's rule and message
         if len(dataset) < global_batch_size:
             raise ConfigError(
                 f"The training set has {len(dataset)} prompts, fewer than one batch (ppo.batch_size={global_batch_size}). "

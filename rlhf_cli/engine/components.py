@@ -1,7 +1,9 @@
 """Turning the composed run config into the engine's parts: process state, PPOConfig, trackers, step count.
 
 The run config speaks in global sizes (all processes together); PPOConfig, like legacy TRL,
-in per-process sizes. The division happens here, once, with errors that name the numbers.
+in per-process sizes. The division happens here, once (:func:`rlhf_cli.engine.sizes.per_process`),
+with errors that name the numbers. The knobs passed to PPOConfig are derived from PPOConfig itself
+(:func:`rlhf_cli.ppo.config.command_line_fields`), never listed by hand.
 :func:`check_launch` checks everything about the launch that can be known before a model loads.
 """
 
@@ -15,31 +17,19 @@ from accelerate import PartialState
 from accelerate.utils import is_bf16_available, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_cli.engine.sizes import per_process
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.ppo.config import DEFAULT_MINI_BATCH_SIZE, PPOConfig
+from rlhf_cli.models.builder import check_peft_installed
+from rlhf_cli.config.schema import TRACKERS
+from rlhf_cli.ppo.config import PPOConfig, command_line_fields, default_mini_batch_size
 from rlhf_cli.ppo import precision as precision_support
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
 
-# Keys of the ppo group that are passed to PPOConfig under the same name.
-_PPO_KEYS = (
-    "learning_rate", "gradient_accumulation_steps", "ppo_epochs", "adap_kl_ctrl", "init_kl_coef",
-    "kl_penalty", "target", "horizon", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
-    "max_grad_norm", "early_stopping", "target_kl", "ratio_threshold", "use_score_scaling",
-    "use_score_norm", "score_clip", "whiten_rewards", "disable_dropout", "weight_decay", "adam_eps", "precision",
-)
+# Sizes of the ppo group that are global on the command line and per process in PPOConfig.
+_GLOBAL_SIZES = ("batch_size", "mini_batch_size", "forward_batch_size")
 
 # Tracker name -> the package Accelerate needs for it.
-_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-def per_process(global_size: int, num_processes: int, key: str) -> int:
-    """``global_size`` split evenly over the processes, or a ConfigError naming both numbers."""
-    if global_size % num_processes != 0:
-        raise ConfigError(
-            f"{key}={global_size} is not divisible by the {num_processes} processes of this launch; "
-            f"choose a multiple of {num_processes} (each process takes an equal share)."
-        )
-    return global_size // num_processes
+_TRACKER_PACKAGES = {name: name for name in TRACKERS}  # each tracker's package has its name
 
 
 def check_trackers(trackers: list[str]) -> list[str]:
@@ -139,12 +129,8 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
     check_precision(cfg, state.device.type)  # first: PPOConfig would refuse bf16 + mixed precision less helpfully
     ppo_config_from(cfg, num_processes=state.num_processes, tracker_dir=os.devnull)
     check_mixed_precision(cfg, state.device.type)
-    lora = cfg.model.lora.enabled
-    if lora and importlib.util.find_spec("peft") is None:
-        raise ConfigError(
-            "model.lora.enabled=true needs the 'peft' package, which is not installed. Run `pip install peft` "
-            "(or `pip install 'rlhf-cli[peft]'`), or set model.lora.enabled=false to train all weights."
-        )
+    if cfg.model.lora.enabled:
+        check_peft_installed()
     if parse_flag_from_env("ACCELERATE_USE_FSDP") or _launcher_zero_stage() == 3:
         kind = "FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else "DeepSpeed ZeRO-3"
         raise ConfigError(
@@ -157,20 +143,20 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
 
 
 def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) -> PPOConfig:
-    """The per-process PPOConfig of a run."""
+    """The per-process PPOConfig of a run: every PPOConfig knob of the ppo group under its own name
+    (the global sizes divided over the processes), plus what the run sets from elsewhere."""
     ppo = cfg.ppo
-    batch = per_process(int(ppo.batch_size), num_processes, "ppo.batch_size")
-    global_mini = ppo.mini_batch_size if ppo.mini_batch_size is not None else min(int(ppo.batch_size), DEFAULT_MINI_BATCH_SIZE)
-    mini = per_process(int(global_mini), num_processes, "ppo.mini_batch_size")
+    kwargs = _ppo_knobs(ppo)
+    kwargs["mini_batch_size"] = ppo.mini_batch_size if ppo.mini_batch_size is not None else default_mini_batch_size(ppo.batch_size)
+    for key in _GLOBAL_SIZES:
+        if kwargs[key] is not None:
+            kwargs[key] = per_process(kwargs[key], num_processes, f"ppo.{key}")
     trackers = check_trackers(list(cfg.logging.trackers))
-    kwargs: dict[str, Any] = {key: OmegaConf.to_object(ppo[key]) if OmegaConf.is_config(ppo[key]) else ppo[key] for key in _PPO_KEYS}
     # Unset: Accelerate reads the launcher's choice itself.
     accelerator_kwargs = {"mixed_precision": str(ppo.mixed_precision)} if ppo.mixed_precision is not None else {}
     try:
         return PPOConfig(
             seed=int(cfg.seed),
-            batch_size=batch,
-            mini_batch_size=mini,
             log_with=trackers or None,
             tracker_project_name=cfg.logging.project,
             project_kwargs={"project_dir": tracker_dir, "logging_dir": tracker_dir},
@@ -180,6 +166,14 @@ def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) ->
     except ValueError as err:
         # PPOConfig speaks per process; the user wrote global sizes under ppo.*.
         raise ConfigError(f"The ppo settings are inconsistent: {err} (sizes under ppo.* are global, over {num_processes} process(es)).") from err
+
+
+def _ppo_knobs(ppo: DictConfig) -> dict[str, Any]:
+    """The ppo group's values of PPOConfig's command-line fields, as plain Python values."""
+    return {
+        f.name: OmegaConf.to_object(ppo[f.name]) if OmegaConf.is_config(ppo[f.name]) else ppo[f.name]
+        for f in command_line_fields()
+    }
 
 
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:

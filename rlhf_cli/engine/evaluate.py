@@ -1,7 +1,8 @@
 """``rlhf eval RUN_DIR``: the before/after comparison of a finished run, on demand.
 
 "Before" is the initial policy rebuilt from the run's config (the same weights the run started
-from), "after" the run's ``final/``. Writes report.md and curves.png into the run directory.
+from), "after" the run's ``final/``. Writes report.md and curves.png into the run directory, through the
+same held-out path as the end of training (:mod:`rlhf_cli.engine.heldout`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf_cli.engine.report import Comparison, compare_before_after, plot_curves, report_markdown
+from rlhf_cli.engine.heldout import compare_on_heldout, model_generation_settings, write_report
+from rlhf_cli.engine.report import Comparison, plot_curves
 from rlhf_cli.errors import RlhfError
 
 
@@ -27,10 +29,7 @@ def evaluate_run(run_dir: Path, *, prompts: int | None = None) -> Comparison:
     """Compare the run's initial and final policy on held-out prompts; write report.md and curves.png."""
     import json
 
-    import torch
-
     from rlhf_cli.data.prompts import build_prompt_data
-    from rlhf_cli.engine.train import generation_settings
     from rlhf_cli.models import load_policy_and_tokenizer
     from rlhf_cli.rewards import build_reward
     from rlhf_cli.seeding import set_seed
@@ -52,26 +51,20 @@ def evaluate_run(run_dir: Path, *, prompts: int | None = None) -> Comparison:
     rows = min(int(prompts if prompts is not None else cfg.eval_prompts), len(data.heldout))
     if rows < 1:
         raise RlhfError(f"No held-out prompts to evaluate on (dataset.eval_size={cfg.dataset.eval_size}, eval_prompts={cfg.eval_prompts}).")
-    heldout = data.heldout.select(range(rows))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generation = generation_settings(
-        cfg, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, is_encoder_decoder=before.is_encoder_decoder
-    )
-    generation["max_new_tokens"] = int(cfg.generation.response_max_tokens)
-    comparison = compare_before_after(
+    comparison = compare_on_heldout(
+        cfg,
+        data.heldout,
+        rows,
         before_model=before,
         after_model=after,
-        prompt_ids=[torch.tensor(ids, dtype=torch.long) for ids in heldout["input_ids"]],
-        prompts=list(heldout["query"]),
         tokenizer=tokenizer,
         reward_fn=build_reward(cfg.reward),
-        generation=generation,
-        seed=int(cfg.seed),
+        generation=model_generation_settings(cfg, tokenizer, before),
         device="cpu",
     )
     reward_means = []
     if metrics_path.is_file():
         reward_means = [json.loads(line)["env/reward_mean"] for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         plot_curves(metrics_path, run_dir / "curves.png")
-    (run_dir / "report.md").write_text(report_markdown(comparison, title=f"rlhf_cli run {run_dir.name}", reward_means=reward_means), encoding="utf-8")
+    write_report(run_dir, comparison, reward_means)
     return comparison

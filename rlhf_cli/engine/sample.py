@@ -188,16 +188,13 @@ def generate_and_score(
     prompts give the same samples, and two models are compared on common random numbers."""
     import torch
 
-    from rlhf_cli.engine.train import generation_settings
+    from rlhf_cli.engine.heldout import model_generation_settings
     from rlhf_cli.rewards import build_reward, score_responses
     from rlhf_cli.rollout.generation import generate_responses
 
     _check_counts(samples_per_prompt, max_new_tokens)
     budget = int(cfg.generation.response_max_tokens) if max_new_tokens is None else int(max_new_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generation = generation_settings(
-        cfg, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, is_encoder_decoder=policy.is_encoder_decoder
-    )
+    generation = model_generation_settings(cfg, tokenizer, policy)
     # Prompt-major order: the n samples of a prompt are adjacent rows of the table.
     queries = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids for _ in range(samples_per_prompt)]
     texts = [text for text in prompts for _ in range(samples_per_prompt)]

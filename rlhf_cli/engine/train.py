@@ -1,12 +1,16 @@
 """The training loop behind ``rlhf train``: prompts → generation → reward → PPO step → logging.
 
-Stage numbers in comments follow DESIGN §4.
+Stage numbers in comments follow DESIGN §4. :class:`TrainingRun` is built in named parts, in the
+order that writes nothing until the run has started (``_check_start``, ``_build_parts``,
+``_seed_rollouts``, the first rollout, ``_start``). Each step's scores are gathered once, by
+``PPOTrainer.step`` (``trainer.gathered_scores``): ``env/reward_*``, the sample table and the
+trackers (through :func:`rlhf_cli.logging.tracker_logs`) all read them. The held-out comparison
+and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlhf eval``.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +26,14 @@ from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine.batches import PromptStream, StreamPosition
 from rlhf_cli.engine.components import check_launch, launch_state, ppo_config_from, total_steps
 from rlhf_cli.engine.export import save_final
-from rlhf_cli.engine.report import Comparison, compare_before_after, comparison_table, plot_curves, report_markdown
+from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
+from rlhf_cli.engine.report import Comparison, comparison_table, plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.signals import Preempted, StopRequest
-from rlhf_cli.logging import Reporter
+from rlhf_cli.logging import Reporter, tracker_logs
 from rlhf_cli.models import load_policy_and_tokenizer
-from rlhf_cli.ppo.stats import reward_stats
+from rlhf_cli.ppo.stats import reward_stats, scalar_stats
+from rlhf_cli.ppo.timing import PhaseTimer
 from rlhf_cli.ppo.trainer import PPOTrainer
 from rlhf_cli.rewards import build_reward, score_responses
 from rlhf_cli.rollout.generation import generate_responses
@@ -57,21 +63,6 @@ class RunSummary:
     comparison: Comparison | None = None
 
 
-def generation_settings(cfg: DictConfig, *, pad_token_id: int, eos_token_id: int | None, is_encoder_decoder: bool) -> dict[str, Any]:
-    """Keyword arguments for :func:`generate_responses` (budgets excluded)."""
-    gen = cfg.generation
-    return dict(
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        is_encoder_decoder=is_encoder_decoder,
-        batch_size=gen.batch_size,
-        do_sample=bool(gen.do_sample),
-        top_k=int(gen.top_k),
-        top_p=float(gen.top_p),
-        temperature=float(gen.temperature),
-    )
-
-
 class TrainingRun:
     """One run: its parts are built once, then :meth:`train_step` is called ``steps`` times."""
 
@@ -85,6 +76,18 @@ class TrainingRun:
         # Our own console shows progress; transformers' per-save tqdm bars would interleave with it.
         transformers.utils.logging.disable_progress_bar()
         self.cfg = shared_resolved_config(cfg, self.state)
+        resumed_metrics = self._check_start()
+        self._build_parts()
+        self._seed_rollouts()
+        # The first step's rollout, done now: a reward that raises or returns unusable scores fails
+        # before anything is written. It is the very rollout step 1 uses (same RNG draws, no extra cost).
+        self.pending: Optional[Rollout] = self.rollout() if self.loop.step < self.steps else None
+        self._start(resumed_metrics, on_start)
+
+    # Construction, in order ----------------------------------------------------------------------
+    def _check_start(self) -> list[str]:
+        """Launch, run-directory and checkpoint checks, before any model loads; returns the metrics
+        lines a continued run keeps."""
         cfg = self.cfg
         check_launch(cfg, self.state)  # sizes, precision, LoRA, sharding: before any model loads
         if cfg.threads:
@@ -107,7 +110,11 @@ class TrainingRun:
             resumed_metrics, notice = self.run_dir.resumed_metrics(self.resume.step)
             if notice:
                 self.reporter.print(notice)
+        return resumed_metrics
 
+    def _build_parts(self) -> None:
+        """Policy and tokenizer, prompts, reward, trainer, prompt stream and step count."""
+        cfg = self.cfg
         set_seed(int(cfg.seed))  # the value head's initialisation
         policy, self.tokenizer = load_policy_and_tokenizer(cfg.model, disable_dropout=bool(cfg.ppo.disable_dropout))
         self.data = build_prompt_data(cfg.dataset, self.tokenizer, seed=int(cfg.seed))
@@ -125,24 +132,28 @@ class TrainingRun:
             seed=int(cfg.seed),
         )
         self.steps = total_steps(cfg, self.stream.batches_per_epoch)
+
+    def _seed_rollouts(self) -> None:
+        """Sampling and length generators, the loop state, and (when resuming) the checkpoint's state."""
+        seed = int(self.cfg.seed)
         # Sampling differs per rank (different prompts deserve independent samples), and response
         # lengths come from their own generator so they do not shift the sampling stream.
-        set_seed(int(cfg.seed) + self.state.process_index)
-        self.length_rng = np.random.default_rng([int(cfg.seed), self.state.process_index, 1])
+        set_seed(seed + self.state.process_index)
+        self.length_rng = np.random.default_rng([seed, self.state.process_index, 1])
         self.loop = ckpt.LoopState()
         if self.resume is not None:
             self._restore(self.resume)
         self.generation = generation_settings(
-            cfg,
+            self.cfg,
             pad_token_id=self.trainer.pad_token_id,
             eos_token_id=self.trainer.eos_token_id,
             is_encoder_decoder=self.trainer.is_encoder_decoder,
         )
-        # The first step's rollout, done now: a reward that raises or returns unusable scores fails
-        # before anything is written. It is the very rollout step 1 uses (same RNG draws, no extra cost).
-        self.pending: Optional[Rollout] = self.rollout() if self.loop.step < self.steps else None
-        # Only now, with the checkpoint loaded, every part built and the reward checked, is the run
-        # directory written.
+
+    def _start(self, resumed_metrics: list[str], on_start: Optional[Callable[[Path], None]]) -> None:
+        """Only now, with the checkpoint loaded, every part built and the reward checked, is the run
+        directory written."""
+        cfg = self.cfg
         self.run_dir.create(cfg, resumed_metrics=resumed_metrics, replace=bool(cfg.overwrite))
         if on_start is not None and self.state.is_main_process:
             on_start(self.run_dir.root)
@@ -232,62 +243,67 @@ class TrainingRun:
     def rollout(self) -> Rollout:
         """Stages 1-3 of a step: a batch of prompts, its responses, their rewards."""
         accelerator = self.trainer.accelerator
-        start = time.perf_counter()
+        timer = PhaseTimer()
         # 1. A batch of prompts (this process's share).
-        batch = self.stream.next_batch()
-        # 2. Rollout: batched generation with the KV cache, cut at EOS.
-        with generation_model(accelerator, self.trainer.model) as model:
-            responses = generate_responses(
-                model,
-                batch.input_ids,
-                max_new_tokens=self._budgets(len(batch.input_ids)),
-                device=accelerator.device,
-                **self.generation,
-                **synced_generation_kwargs(accelerator),
-            )
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        generated = time.perf_counter()
+        with timer("generation"):
+            batch = self.stream.next_batch()
+            # 2. Rollout: batched generation with the KV cache, cut at EOS.
+            with generation_model(accelerator, self.trainer.model) as model:
+                responses = generate_responses(
+                    model,
+                    batch.input_ids,
+                    max_new_tokens=self._budgets(len(batch.input_ids)),
+                    device=accelerator.device,
+                    **self.generation,
+                    **synced_generation_kwargs(accelerator),
+                )
+            texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         # 3. Reward: one float per (prompt, response).
-        scores = score_responses(self.reward_fn, batch.queries, texts)
-        return Rollout(batch, responses, texts, scores, generated - start, time.perf_counter() - generated)
+        with timer("reward"):
+            scores = score_responses(self.reward_fn, batch.queries, texts)
+        return Rollout(batch, responses, texts, scores, timer.seconds["generation"], timer.seconds["reward"])
 
     def train_step(self) -> dict[str, Any]:
         """One PPO step; returns the metrics written for it."""
         step = self.loop.step + 1
-        accelerator = self.trainer.accelerator
         rollout, self.pending = self.pending or self.rollout(), None
-        batch, responses, texts, scores = rollout.batch, rollout.responses, rollout.texts, rollout.scores
         # 4. PPO step.
-        scored = time.perf_counter()
-        stats = self.trainer.step(batch.input_ids, responses, scores)
-        ppo_seconds = time.perf_counter() - scored
-        # 5. Logging.
-        all_scores = accelerator.gather(scores.to(accelerator.device))
-        new_tokens = accelerator.gather(torch.tensor([sum(len(r) for r in responses)], device=accelerator.device)).sum()
-        elapsed = rollout.generation_seconds + rollout.reward_seconds + ppo_seconds
+        timer = PhaseTimer()
+        with timer("ppo_step"):
+            stats = self.trainer.step(rollout.batch.input_ids, rollout.responses, rollout.scores)
+        # 5. Logging. The step gathered every process's scores once; env/reward_* come from them.
+        all_scores = self.trainer.gathered_scores
         stats.update(reward_stats(all_scores))
-        stats.update(
-            {
-                "time/generation": rollout.generation_seconds,
-                "time/reward": rollout.reward_seconds,
-                "time/ppo_step": ppo_seconds,
-                "time/step": elapsed,
-                "perf/tokens_per_s": float(new_tokens) / elapsed,
-                "perf/samples_per_s": all_scores.numel() / elapsed,
-            }
-        )
-        self._log(step, stats, batch.queries, texts, scores.tolist())
+        stats.update(self._throughput(rollout, timer.seconds["ppo_step"], all_scores.numel()))
+        self._log(step, stats, rollout.batch.queries, rollout.texts, all_scores)
         self.loop.step = step
         self.loop.epoch, self.loop.batch_in_epoch = self.stream.position.epoch, self.stream.position.batch_in_epoch
         self.loop.reward_means.append(stats["env/reward_mean"])
         return stats
 
-    def _log(self, step: int, stats: dict[str, Any], queries: list[str], texts: list[str], rewards: list[float]) -> None:
+    def _throughput(self, rollout: Rollout, ppo_seconds: float, samples: int) -> dict[str, float]:
+        """time/* and perf/* of a step (new tokens summed over the processes)."""
+        accelerator = self.trainer.accelerator
+        new_tokens = accelerator.gather(torch.tensor([sum(len(r) for r in rollout.responses)], device=accelerator.device)).sum()
+        elapsed = rollout.generation_seconds + rollout.reward_seconds + ppo_seconds
+        return {
+            "time/generation": rollout.generation_seconds,
+            "time/reward": rollout.reward_seconds,
+            "time/ppo_step": ppo_seconds,
+            "time/step": elapsed,
+            "perf/tokens_per_s": float(new_tokens) / elapsed,
+            "perf/samples_per_s": samples / elapsed,
+        }
+
+    def _log(self, step: int, stats: dict[str, Any], queries: list[str], texts: list[str], all_scores: torch.Tensor) -> None:
+        """metrics.jsonl, the console and the trackers (through rlhf_cli.logging); main process only."""
         log = self.cfg.logging
-        if self.trainer.config.log_with:
-            self.trainer.log_stats(stats, {"query": queries, "response": texts}, rewards)
         if not self.state.is_main_process:
             return
+        rewards = all_scores[: len(queries)].tolist()  # this process's own rows come first in rank order
+        if self.trainer.config.log_with:
+            logs = tracker_logs(scalar_stats(stats), {"query": queries, "response": texts}, rewards)
+            self.trainer.accelerator.log(logs, step=self.trainer.current_step)
         self.metrics.write(step, stats)
         self.reporter.advance(step, stats)
         if log.log_every and step % int(log.log_every) == 0:
@@ -306,10 +322,7 @@ class TrainingRun:
             save_final(policy, self.tokenizer, self.run_dir.final_dir)
             comparison = self._compare(policy)
             if comparison is not None:
-                self.run_dir.report_path.write_text(
-                    report_markdown(comparison, title=f"rlhf_cli run {self.run_dir.root.name}", reward_means=self.loop.reward_means),
-                    encoding="utf-8",
-                )
+                write_report(self.run_dir.root, comparison, self.loop.reward_means)
             plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path)
             self._print_summary(self.loop.reward_means, comparison)
         accelerator.wait_for_everyone()
@@ -321,20 +334,16 @@ class TrainingRun:
         rows = min(int(self.cfg.eval_prompts), len(self.data.heldout))
         if rows == 0:
             return None
-        heldout = self.data.heldout.select(range(rows))
-        prompt_ids = [torch.tensor(ids, dtype=torch.long) for ids in heldout["input_ids"]]
-        generation = dict(self.generation, max_new_tokens=int(self.cfg.generation.response_max_tokens))
         with self.trainer.reference_context() as reference:
-            before_model = self.trainer.accelerator.unwrap_model(reference)
-            return compare_before_after(
-                before_model=before_model,
+            return compare_on_heldout(
+                self.cfg,
+                self.data.heldout,
+                rows,
+                before_model=self.trainer.accelerator.unwrap_model(reference),
                 after_model=policy,
-                prompt_ids=prompt_ids,
-                prompts=list(heldout["query"]),
                 tokenizer=self.tokenizer,
                 reward_fn=self.reward_fn,
-                generation=generation,
-                seed=int(self.cfg.seed),
+                generation=self.generation,
                 device=self.trainer.accelerator.device,
             )
 

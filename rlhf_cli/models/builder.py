@@ -77,17 +77,23 @@ def load_policy_and_tokenizer(
     return policy, tokenizer
 
 
+def check_peft_installed() -> None:
+    """A ConfigError unless peft is installed (model.lora.enabled=true needs it); checked by the launch
+    checks before any model loads, and again here for callers that build a model directly."""
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError(
+            "model.lora.enabled=true needs the 'peft' package, which is not installed. Run `pip install peft` "
+            "(or `pip install 'rlhf-cli[peft]'`), or set model.lora.enabled=false to train all weights."
+        )
+
+
 def _with_lora(policy: PreTrainedModelWrapper, model_cfg: "ModelConfig") -> PreTrainedModelWrapper:
     """``policy`` with LoRA adapters (``model.lora``) on its language model, and the same value head.
 
     PEFT freezes the language model's own weights; only the adapters and the value head train.
     """
     lora = model_cfg.lora
-    if importlib.util.find_spec("peft") is None:
-        raise ConfigError(
-            "model.lora.enabled=true needs the 'peft' package, which is not installed. Run `pip install peft` "
-            "(or `pip install 'rlhf-cli[peft]'`), or set model.lora.enabled=false to train all weights."
-        )
+    check_peft_installed()
     import peft
 
     language_model = policy.pretrained_model

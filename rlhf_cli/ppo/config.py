@@ -12,10 +12,26 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
-from rlhf_cli.config.schema import PRECISIONS
-
+# The per-token KL estimates of the penalty (the one declaration; the schema and ppo.functional import it).
 KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
+# The weights the policy computes with (the one declaration; see rlhf_cli.ppo.precision).
+PRECISIONS = ("fp32", "bf16")
 DEFAULT_MINI_BATCH_SIZE = 128
+# Fields that are not knobs of the command line's ppo group (every other field is one, with the
+# default written below; see rlhf_cli/config/schema.py): TRL's bookkeeping and the fields the run
+# fills in from elsewhere (seed, trackers, model, launch) or derives from the sizes.
+LIBRARY_ONLY_FIELDS = frozenset({
+    # experiment bookkeeping and tracker plumbing: the run sets these from seed / logging.*
+    "exp_name", "seed", "log_with", "task_name", "model_name", "query_dataset", "reward_model",
+    "remove_unused_columns", "tracker_kwargs", "accelerator_kwargs", "project_kwargs",
+    "tracker_project_name", "push_to_hub_if_best_kwargs", "steps", "compare_steps",
+    # accepted for TRL scripts without effect
+    "optimize_cuda_cache", "optimize_device_cache", "dataset_num_proc",
+    # set from model.* or filled in by the trainer
+    "gradient_checkpointing", "is_encoder_decoder", "is_peft_model",
+    # derived sizes
+    "world_size", "backward_batch_size", "global_backward_batch_size", "global_batch_size",
+})
 # The fields the other sizes derive from: assigning one of them refreshes the derived ones.
 _SIZE_FIELDS = ("batch_size", "mini_batch_size", "gradient_accumulation_steps")
 
@@ -78,11 +94,16 @@ class PPOConfig:
     push_to_hub_if_best_kwargs: dict[str, Any] = field(default_factory=dict)
     steps: int = 20000
 
-    # optimisation
+    # The knobs of the command line's ppo group, in the order `rlhf train --cfg job` shows them
+    # (every field not in LIBRARY_ONLY_FIELDS is one; see rlhf_cli/config/schema.py).
     learning_rate: float = 1.41e-5
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = None
+    # sizes (per process here; global on the command line)
+    batch_size: int = 128
+    mini_batch_size: Optional[int] = None
+    gradient_accumulation_steps: int = 1
+    ppo_epochs: int = 4
+    # samples per no-gradient forward pass (old logprobs/values, reference); None: the whole batch
+    forward_batch_size: Optional[int] = None
 
     # KL penalty and its controller
     adap_kl_ctrl: bool = True
@@ -97,23 +118,10 @@ class PPOConfig:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
-
-    # sizes (per process)
-    batch_size: int = 128
-    # samples per no-gradient forward pass (old logprobs/values, reference); None: the whole batch
-    forward_batch_size: Optional[int] = None
-    mini_batch_size: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    world_size: Optional[int] = None
-    ppo_epochs: int = 4
-
-    # memory (accepted for TRL scripts; see the class docstring)
-    optimize_cuda_cache: Optional[bool] = None
-    optimize_device_cache: bool = False
+    max_grad_norm: Optional[float] = None
 
     early_stopping: bool = False
     target_kl: float = 1.0
-    compare_steps: int = 1
     ratio_threshold: float = 10.0
 
     # scores and rewards
@@ -122,6 +130,23 @@ class PPOConfig:
     score_clip: Optional[float] = None
     whiten_rewards: bool = False
 
+    # Deliberate difference from legacy TRL: dropout makes old and new logprobs disagree on the
+    # same weights, so it is switched off in policy, value head and reference during PPO.
+    disable_dropout: bool = True
+
+    # optimiser
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    # Ours: "bf16" computes with bfloat16 weights and keeps float32 master weights and Adam moments in
+    # the optimiser (see rlhf_cli.ppo.precision); "fp32" trains as legacy TRL does.
+    precision: str = "fp32"
+
+    # Library-only fields (LIBRARY_ONLY_FIELDS): accepted for TRL scripts, filled in by the trainer,
+    # or derived from the sizes.
+    world_size: Optional[int] = None
+    optimize_cuda_cache: Optional[bool] = None
+    optimize_device_cache: bool = False
+    compare_steps: int = 1
     gradient_checkpointing: bool = False
     is_encoder_decoder: Optional[bool] = None
     is_peft_model: Optional[bool] = None
@@ -129,13 +154,6 @@ class PPOConfig:
     global_backward_batch_size: Optional[int] = None
     global_batch_size: Optional[int] = None
     dataset_num_proc: Optional[int] = None
-
-    # Deliberate difference from legacy TRL: dropout makes old and new logprobs disagree on the
-    # same weights, so it is switched off in policy, value head and reference during PPO.
-    disable_dropout: bool = True
-    # Ours: "bf16" computes with bfloat16 weights and keeps float32 master weights and Adam moments in
-    # the optimiser (see rlhf_cli.ppo.precision); "fp32" trains as legacy TRL does.
-    precision: str = "fp32"
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "mini_batch_size":
@@ -164,7 +182,7 @@ class PPOConfig:
         """Recompute the automatic mini-batch size and ``backward_batch_size`` from the current sizes."""
         batch, accumulation = self.batch_size, self.gradient_accumulation_steps
         if self.__dict__.get("_auto_mini_batch", False) and _is_positive_int(batch):
-            object.__setattr__(self, "mini_batch_size", min(batch, DEFAULT_MINI_BATCH_SIZE))
+            object.__setattr__(self, "mini_batch_size", default_mini_batch_size(batch))
         if _is_positive_int(self.mini_batch_size) and _is_positive_int(accumulation):
             object.__setattr__(self, "backward_batch_size", self.mini_batch_size * accumulation)
 
@@ -238,6 +256,16 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}.")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True (normalisation uses the running moments).")
+
+
+def default_mini_batch_size(batch_size: int) -> int:
+    """The mini-batch size ``mini_batch_size=None`` stands for: the whole batch, up to 128 (TRL: 128)."""
+    return min(batch_size, DEFAULT_MINI_BATCH_SIZE)
+
+
+def command_line_fields() -> list[dataclasses.Field]:
+    """PPOConfig's fields that the command line's ppo group exposes, in declaration order."""
+    return [f for f in dataclasses.fields(PPOConfig) if f.name not in LIBRARY_ONLY_FIELDS]
 
 
 def _is_positive_int(value: Any) -> bool:

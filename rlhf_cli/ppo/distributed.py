@@ -103,3 +103,19 @@ def own_share(rows: Tensor, process_index: int, num_processes: int) -> Tensor:
     """Rank ``process_index``'s contiguous share of ``rows`` (a global mini-batch): [M] -> [M / P]."""
     size = rows.shape[0] // num_processes
     return rows[process_index * size : (process_index + 1) * size]
+
+
+def sum_across_processes(accelerator: Accelerator, value: Tensor) -> Tensor:
+    """``value`` summed over the processes (itself on one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(value, reduction="sum")
+
+
+def sum_shares(accelerator: Accelerator, rows: list[tuple[Tensor, ...]], share_columns: list[int]) -> list[Tensor]:
+    """Add up the processes' shares of the columns ``share_columns`` of a table of 0-d tensors (one row
+    per mini-batch; the other columns are already global): one collective per step. Returns the rows
+    as 1-D float tensors."""
+    table = torch.stack([torch.stack([t.float() for t in row]) for row in rows])
+    table[:, share_columns] = accelerator.reduce(table[:, share_columns].contiguous(), reduction="sum")
+    return list(table.unbind())

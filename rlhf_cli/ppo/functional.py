@@ -15,9 +15,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from rlhf_cli.ppo.config import KL_PENALTY_MODES
 from rlhf_cli.ppo.running_moments import RunningMoments
 
-KL_MODES = ("kl", "abs", "mse")
+# The modes computed from sampled-token logprobs; "full" needs both models' logits (full_kl).
+KL_MODES = tuple(mode for mode in KL_PENALTY_MODES if mode != "full")
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 

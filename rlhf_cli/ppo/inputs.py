@@ -52,12 +52,24 @@ def check_scores(scores: Any, expected: int) -> Tensor:
     if isinstance(scores, Tensor):
         if scores.dim() > 1 or (scores.dim() == 1 and scores.shape[0] != expected):
             raise ValueError(f"scores must hold one number per sample ({expected}), got a tensor of shape {tuple(scores.shape)}.")
-        scores = list(scores.reshape(-1))
+        return _checked_tensor(scores, expected)
     if not isinstance(scores, (list, tuple)):
         raise TypeError(f"scores must be a list of numbers or 0-d tensors, got {type(scores).__name__}.")
     if len(scores) != expected:
         raise ValueError(f"scores has {len(scores)} entries but the batch has {expected} (config.batch_size).")
     return torch.tensor([_score_value(i, s) for i, s in enumerate(scores)], dtype=torch.float32)
+
+
+def _checked_tensor(scores: Tensor, expected: int) -> Tensor:
+    """A score tensor as float32 [B] on the CPU in one transfer (not one host sync per sample)."""
+    values = scores.detach().reshape(-1).float().cpu().clone()  # never a view of the caller's tensor
+    if values.numel() != expected:
+        raise ValueError(f"scores has {values.numel()} entries but the batch has {expected} (config.batch_size).")
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        index = int((~finite).nonzero()[0])
+        raise ValueError(f"scores[{index}] is {float(values[index])}: scores must be finite numbers.")
+    return values
 
 
 def check_step_inputs(
@@ -86,3 +98,22 @@ def check_step_inputs(
                 raise ValueError(f"response_masks[{i}] masks out every token of responses[{i}]; at least one must count.")
             masks.append(mask)
     return queries, responses, score_tensor, masks
+
+
+def token_ids(tokenizer: Any, model_config: Any) -> tuple[int, int | None]:
+    """(pad id, EOS id) for generation. Padding: the tokenizer's pad, else its EOS, else the model
+    config's pad or EOS, else 0 (any id is safe: padded positions are masked out). EOS: the
+    tokenizer's, else the model config's. One rule for the trainer (``PPOTrainer.pad_token_id``) and the held-out
+    evaluation (``engine.heldout``)."""
+    pad = next(
+        (
+            value
+            for source in (tokenizer, model_config)
+            if source is not None
+            for value in (getattr(source, "pad_token_id", None), getattr(source, "eos_token_id", None))
+            if isinstance(value, int)
+        ),
+        0,
+    )
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return pad, eos if eos is not None else getattr(model_config, "eos_token_id", None)

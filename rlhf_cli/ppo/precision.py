@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.config.schema import PRECISIONS
+from rlhf_cli.ppo.config import PRECISIONS
 
 
 

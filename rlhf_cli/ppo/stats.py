@@ -1,7 +1,9 @@
 """Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (DESIGN §7).
 
-Inside the trainer everything stays a tensor on the device; :func:`flatten_step_stats` makes the
-one host transfer per step and returns plain floats (and a few numpy arrays for histograms).
+Pure functions (no collectives, no optimiser): :func:`minibatch_stats` assembles one mini-batch's
+stats; inside the trainer everything stays a tensor on the device; :func:`assemble_step_stats`
+makes the one host transfer per step and returns TRL's flat dict (plain floats and a few numpy
+arrays for histograms) with the typed values the step's control flow reads.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from rlhf_cli.ppo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
 
 
 class MiniBatchStats(NamedTuple):
@@ -35,7 +39,8 @@ class MiniBatchStats(NamedTuple):
     skipped: Tensor  # 1.0 when the ratio threshold zeroed this mini-batch's loss
 
 
-_TRAIN_NAMES = {
+# TRL's flat names of the MiniBatchStats fields (ppo.trl_compat maps them back).
+TRAIN_NAMES = {
     "policy_loss": "ppo/loss/policy",
     "value_loss": "ppo/loss/value",
     "total_loss": "ppo/loss/total",
@@ -55,6 +60,60 @@ _TRAIN_NAMES = {
 }
 
 
+# MiniBatchStats fields that each process computes as its share of a mean over the global mini-batch
+# (they depend on its own forward pass); the others are computed from the whole mini-batch's rollout.
+SHARE_FIELDS = (
+    "policy_loss", "value_loss", "total_loss", "entropy", "approxkl", "policykl", "clipfrac",
+    "vpred", "val_error", "val_clipfrac",
+)
+
+
+class WholeMiniBatch(NamedTuple):
+    """Rollout tensors of a whole global mini-batch (every process holds them): [M, t]."""
+
+    advantages: Tensor
+    returns: Tensor
+    old_values: Tensor
+    mask: Tensor
+
+
+def minibatch_stats(
+    pl: PolicyLoss,
+    vl: ValueLoss,
+    loss: Tensor,
+    logits: Tensor,
+    mask: Tensor,
+    token_count: Tensor,
+    ratio_mean: Tensor,
+    ratio_threshold: float,
+    whole: WholeMiniBatch,
+) -> MiniBatchStats:
+    """The stats of one optimisation mini-batch (pure: no gradient, no collective). ``pl``, ``vl``,
+    ``loss``, ``logits`` and ``mask`` are this process's share; ``whole`` is the global mini-batch."""
+    skipped = (ratio_mean > ratio_threshold).float()
+    keep = 1.0 - skipped  # legacy TRL reports zero losses for a skipped mini-batch
+    with torch.no_grad():
+        return MiniBatchStats(
+            policy_loss=pl.loss.detach() * keep,
+            value_loss=vl.loss.detach() * keep,
+            total_loss=loss.detach(),
+            entropy=masked_mean(entropy_from_logits(logits.detach()), mask, count=token_count),
+            approxkl=pl.approxkl,
+            policykl=pl.policykl,
+            clipfrac=pl.clipfrac,
+            advantages_mean=masked_mean(whole.advantages, whole.mask),
+            ratio=ratio_mean,
+            returns_mean=masked_mean(whole.returns, whole.mask),
+            returns_var=masked_var(whole.returns, whole.mask),
+            vpred=vl.vpred_mean,
+            val_error=vl.error,
+            val_clipfrac=vl.clipfrac,
+            val_mean=masked_mean(whole.old_values, whole.mask),
+            val_var=masked_var(whole.old_values, whole.mask),
+            skipped=skipped,
+        )
+
+
 class RolloutStats(NamedTuple):
     """Per-step quantities of the whole (global) batch."""
 
@@ -68,15 +127,23 @@ class RolloutStats(NamedTuple):
     ref_logprobs: Tensor  # [b, T]
 
 
-def flatten_step_stats(
+class StepStats(NamedTuple):
+    """A step's stats on the host: TRL's flat dict, and the typed values the step's control flow reads."""
+
+    flat: dict[str, float | np.ndarray]  # legacy TRL's names (DESIGN §7)
+    kl: float  # mean summed KL per sample: what the KL controller is updated with
+    skipped_minibatches: int  # mini-batches whose loss the ratio threshold zeroed
+
+
+def assemble_step_stats(
     rollout: RolloutStats,
     minibatches: Sequence[MiniBatchStats],
     *,
     kl_coef: float,
     learning_rate: float,
     timings: dict[str, float],
-) -> dict[str, float | np.ndarray]:
-    """Legacy TRL's stats dict: objective/*, ppo/*, tokens/*, time/ppo/*."""
+) -> StepStats:
+    """Legacy TRL's stats dict (objective/*, ppo/*, tokens/*, time/ppo/*) and the typed values of a step."""
     # One host transfer for all mini-batch scalars: [num_minibatches, num_fields].
     table = torch.stack([torch.stack([t.float() for t in mb]) for mb in minibatches]).cpu()
     means = table.mean(dim=0)
@@ -101,8 +168,8 @@ def flatten_step_stats(
     stats["tokens/responses_len_mean"] = float(rlen.mean())
     stats["tokens/responses_len_std"] = float(rlen.std()) if rlen.numel() > 1 else 0.0
     for index, field in enumerate(fields):
-        if field in _TRAIN_NAMES:
-            stats[_TRAIN_NAMES[field]] = float(means[index])
+        if field in TRAIN_NAMES:
+            stats[TRAIN_NAMES[field]] = float(means[index])
     returns_var = stats["ppo/returns/var"]
     stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / returns_var if returns_var > 0 else 0.0
     stats["ppo/skipped_minibatches"] = float(table[:, fields.index("skipped")].sum())
@@ -110,7 +177,21 @@ def flatten_step_stats(
     stats["ppo/learning_rate"] = float(learning_rate)
     for name, seconds in timings.items():
         stats[f"time/ppo/{name}"] = float(seconds)
-    return stats
+    return StepStats(stats, kl=stats["objective/kl"], skipped_minibatches=int(stats["ppo/skipped_minibatches"]))
+
+
+
+
+def flatten_step_stats(
+    rollout: RolloutStats,
+    minibatches: Sequence[MiniBatchStats],
+    *,
+    kl_coef: float,
+    learning_rate: float,
+    timings: dict[str, float],
+) -> dict[str, float | np.ndarray]:
+    """Legacy TRL's stats dict only (see :func:`assemble_step_stats`)."""
+    return assemble_step_stats(rollout, minibatches, kl_coef=kl_coef, learning_rate=learning_rate, timings=timings).flat
 
 
 def scalar_stats(stats: dict[str, object]) -> dict[str, float]:

@@ -4,12 +4,18 @@ The trainer orchestrates; the math lives in :mod:`rlhf_cli.ppo.functional`. One 
 DESIGN §4 stage 4: (a) score processing, (b) packing, (c) one no-gradient pass each of policy and
 reference, (d) per-token rewards and GAE, (e) PPO epochs over shuffled mini-batches, (f) stats and
 the KL controller update.
+
+Where things live: construction in named parts (``_reference_model``, ``_default_optimizer``,
+``_prepare``, ``_init_ppo_state``; a different optimiser or model dtype hooks in there), the math in
+``functional``, statistics assembly as pure functions in ``stats`` (``minibatch_stats``,
+``assemble_step_stats``, whose typed :class:`~rlhf_cli.ppo.stats.StepStats` drive the KL controller
+and the skipped-mini-batch warning), collectives in ``distributed``, the one timer in ``timing``,
+TRL's protected methods in ``trl_compat``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -21,36 +27,34 @@ from torch import Tensor, nn
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model, disable_dropout
 from rlhf_cli.ppo.config import PPOConfig
-from rlhf_cli.ppo.distributed import cpu_process_group_needed, gather_rows, gather_samples, own_share
-from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
-from rlhf_cli.ppo.functional import (
-    Advantages,
-    entropy_from_logits,
-    masked_mean,
-    masked_var,
-    per_token_rewards,
-    policy_loss,
-    process_scores,
-    ratio_guard,
-    value_loss,
+from rlhf_cli.ppo.distributed import (
+    cpu_process_group_needed,
+    gather_rows,
+    gather_samples,
+    own_share,
+    sum_across_processes,
+    sum_shares,
 )
-from rlhf_cli.ppo.inputs import check_step_inputs
+from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
+from rlhf_cli.ppo.functional import Advantages, per_token_rewards, policy_loss, process_scores, ratio_guard, value_loss
+from rlhf_cli.ppo.inputs import check_step_inputs, token_ids
 from rlhf_cli.ppo.kl_control import make_kl_controller
 from rlhf_cli.ppo.precision import apply_precision
 from rlhf_cli.ppo.running_moments import RunningMoments
-from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats
+from rlhf_cli.ppo.stats import (
+    SHARE_FIELDS,
+    MiniBatchStats,
+    RolloutStats,
+    StepStats,
+    WholeMiniBatch,
+    assemble_step_stats,
+    minibatch_stats,
+)
+from rlhf_cli.ppo.timing import PhaseTimer
 from rlhf_cli.ppo.trl_compat import TRLCompatMixin, fill_runtime_fields
-from rlhf_cli.rollout.packing import PackedBatch, pack_batch
+from rlhf_cli.rollout.packing import PackedBatch
 from rlhf_cli.rollout.unwrap import zero_stage
 from rlhf_cli.seeding import set_seed
-
-
-# MiniBatchStats fields that each process computes as its share of a mean over the global mini-batch
-# (they depend on its own forward pass); the others are computed from the whole mini-batch's rollout.
-_SHARE_FIELDS = (
-    "policy_loss", "value_loss", "total_loss", "entropy", "approxkl", "policykl", "clipfrac",
-    "vpred", "val_error", "val_clipfrac",
-)
 
 
 def make_accelerator(config: PPOConfig) -> Accelerator:
@@ -71,17 +75,35 @@ def make_accelerator(config: PPOConfig) -> Accelerator:
     return Accelerator(log_with=config.log_with, project_config=ProjectConfiguration(**config.project_kwargs), **kwargs)
 
 
-class _Timer:
-    """Wall-clock seconds per named phase of a step."""
+def _checked_arguments(
+    config: Optional[PPOConfig], model: Any, ref_model: Any
+) -> PPOConfig:
+    """The trainer's config (TRL's defaults when None), after checking the types of its arguments."""
+    config = config if config is not None else PPOConfig()
+    if not isinstance(config, PPOConfig):
+        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}.")
+    if not isinstance(model, PreTrainedModelWrapper):
+        raise TypeError(
+            "model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead "
+            f"(got {type(model).__name__}); wrap a transformers model with "
+            "AutoModelForCausalLMWithValueHead.from_pretrained(model)."
+        )
+    if ref_model is not None and not isinstance(ref_model, PreTrainedModelWrapper):
+        raise TypeError(f"ref_model must be a value-head model like model, or None; got {type(ref_model).__name__}.")
+    return config
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+def _shared_layers(ref_model: Any, num_shared_layers: Optional[int]) -> Optional[int]:
+    """``num_shared_layers``, or None (with a warning) when an explicit reference makes it meaningless."""
+    if ref_model is not None and num_shared_layers is not None:
+        warnings.warn(
+            "num_shared_layers is ignored when ref_model is given: the reference is that model and no "
+            "layers are shared with the policy.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return num_shared_layers
 
 
 class PPOTrainer(TRLCompatMixin):
@@ -111,32 +133,38 @@ class PPOTrainer(TRLCompatMixin):
         training_data_collator: Optional[Callable] = None,
     ) -> None:
         """TRL 0.11's arguments. ``training_data_collator`` is accepted for TRL scripts but has no
-        effect: ``step()`` packs its model inputs itself (see :mod:`rlhf_cli.rollout.packing`)."""
+        effect: ``step()`` packs its model inputs itself (see :mod:`rlhf_cli.rollout.packing`).
+
+        Built in this order: arguments checked, accelerator and sizes, reference model, optimiser,
+        everything prepared by Accelerate, PPO state (KL controller, score moments, shuffling), trackers."""
         if training_data_collator is not None:
             warnings.warn("training_data_collator has no effect in rlhf_cli: step() packs model inputs itself.", UserWarning, stacklevel=2)
-        self.config = config if config is not None else PPOConfig()
-        if not isinstance(self.config, PPOConfig):
-            raise TypeError(f"config must be a PPOConfig, got {type(self.config).__name__}.")
-        if not isinstance(model, PreTrainedModelWrapper):
-            raise TypeError(
-                "model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead "
-                f"(got {type(model).__name__}); wrap a transformers model with "
-                "AutoModelForCausalLMWithValueHead.from_pretrained(model)."
-            )
-        if ref_model is not None and not isinstance(ref_model, PreTrainedModelWrapper):
-            raise TypeError(f"ref_model must be a value-head model like model, or None; got {type(ref_model).__name__}.")
-        if ref_model is not None and num_shared_layers is not None:
-            warnings.warn(
-                "num_shared_layers is ignored when ref_model is given: the reference is that model and no "
-                "layers are shared with the policy.",
-                UserWarning,
-                stacklevel=2,
-            )
-            num_shared_layers = None
+        self.config = _checked_arguments(config, model, ref_model)
+        num_shared_layers = _shared_layers(ref_model, num_shared_layers)
         self.config.check_sizes()  # the config as it is now, not as it was constructed
         self.accelerator = make_accelerator(self.config)
         self.sizes = self.config.sizes(self.accelerator.num_processes)
         fill_runtime_fields(self.config, self.sizes, model)
+        self._check_sharding(model, ref_model)
+        set_seed(self.config.seed)
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = model.is_encoder_decoder
+        self.is_peft_model = model.is_peft_model
+        ref_model = self._reference_model(model, ref_model, num_shared_layers)
+        optimizer = optimizer if optimizer is not None else self._default_optimizer(model)
+        # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
+        optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self._prepare(model, optimizer, ref_model, dataset, data_collator, lr_scheduler)
+        self._init_ppo_state()
+        if self.accelerator.is_main_process and self.config.log_with is not None:
+            self.accelerator.init_trackers(
+                self.config.tracker_project_name, config=self.config.to_dict(), init_kwargs=self.config.tracker_kwargs
+            )
+
+    # Construction ------------------------------------------------------------------------------
+    def _check_sharding(self, model: PreTrainedModelWrapper, ref_model: Optional[PreTrainedModelWrapper]) -> None:
         if zero_stage(self.accelerator) == 3 and not (ref_model is None and model.is_peft_model):
             raise ConfigError(
                 "DeepSpeed ZeRO-3 shards the policy's parameters over the processes, but a separate reference "
@@ -146,35 +174,44 @@ class PPOTrainer(TRLCompatMixin):
                 "PEFT model with ref_model=None: the reference is then the policy with its adapter disabled), or "
                 "launch with ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
             )
-        set_seed(self.config.seed)
-        self.tokenizer = tokenizer
-        self.is_encoder_decoder = model.is_encoder_decoder
-        self.is_peft_model = model.is_peft_model
 
-        # The reference: an explicit model, the adapter-less policy (PEFT), or a frozen copy.
+    def _reference_model(
+        self, model: PreTrainedModelWrapper, ref_model: Optional[PreTrainedModelWrapper], num_shared_layers: Optional[int]
+    ) -> Optional[PreTrainedModelWrapper]:
+        """The reference: an explicit model, the adapter-less policy (PEFT: None), or a frozen copy;
+        dropout switched off in policy and reference when the config asks."""
         if ref_model is None and not self.is_peft_model:
             ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
         if self.config.disable_dropout:
             disable_dropout(model)
             if ref_model is not None:
                 disable_dropout(ref_model)
+        return ref_model
 
-        if optimizer is None:
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            # The fused kernel updates all parameters in one pass: 5x faster than torch's per-tensor
-            # default on CPU (12 ms vs 60 ms per step for a 6 x 384 GPT-2), run 16x per PPO step.
-            fused = self.accelerator.device.type in ("cpu", "cuda")
-            optimizer = torch.optim.Adam(
-                trainable,
-                lr=self.config.learning_rate,
-                eps=self.config.adam_eps,
-                weight_decay=self.config.weight_decay,
-                fused=fused or None,
-            )
-        # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
-        optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
-        if self.config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+    def _default_optimizer(self, model: PreTrainedModelWrapper) -> torch.optim.Optimizer:
+        """Adam over the trainable parameters (the optimiser a trainer builds when none is given)."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # The fused kernel updates all parameters in one pass: 5x faster than torch's per-tensor
+        # default on CPU (12 ms vs 60 ms per step for a 6 x 384 GPT-2), run 16x per PPO step.
+        fused = self.accelerator.device.type in ("cpu", "cuda")
+        return torch.optim.Adam(
+            trainable,
+            lr=self.config.learning_rate,
+            eps=self.config.adam_eps,
+            weight_decay=self.config.weight_decay,
+            fused=fused or None,
+        )
+
+    def _prepare(
+        self,
+        model: PreTrainedModelWrapper,
+        optimizer: torch.optim.Optimizer,
+        ref_model: Optional[PreTrainedModelWrapper],
+        dataset: Any,
+        data_collator: Optional[Callable],
+        lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler],
+    ) -> None:
+        """Model, optimiser, dataloader and scheduler through ``accelerator.prepare``; the reference to the device."""
         self.dataset = dataset
         self.model = model  # prepared below; prepare_dataloader reads its forward signature
         self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset is not None else None
@@ -183,7 +220,7 @@ class PPOTrainer(TRLCompatMixin):
                 "No dataset was given to PPOTrainer: make sure config.batch_size matches the number of samples "
                 f"you pass to step() (batch_size={self.config.batch_size}).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         # Accelerate wraps the scheduler (trainer.lr_scheduler.scheduler is the user's); see make_accelerator.
         extras = [x for x in (self.dataloader, lr_scheduler) if x is not None]
@@ -192,6 +229,9 @@ class PPOTrainer(TRLCompatMixin):
         self.lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
 
+    def _init_ppo_state(self) -> None:
+        """KL controller, running score moments, mini-batch shuffling and the step counter (what
+        :meth:`state_dict` saves)."""
         self.kl_ctl = make_kl_controller(
             self.config.adap_kl_ctrl, self.config.init_kl_coef, self.config.target, self.config.horizon
         )
@@ -200,10 +240,8 @@ class PPOTrainer(TRLCompatMixin):
         # generation sampling and shuffling do not perturb each other.
         self.shuffle_generator = torch.Generator().manual_seed(self.config.seed)
         self.current_step = 0
-        if self.accelerator.is_main_process and self.config.log_with is not None:
-            self.accelerator.init_trackers(
-                self.config.tracker_project_name, config=self.config.to_dict(), init_kwargs=self.config.tracker_kwargs
-            )
+        # The raw scores of the last step's global batch (all processes, rank order), gathered once.
+        self.gathered_scores: Optional[Tensor] = None
 
     # Token ids ---------------------------------------------------------------------------------
     @property
@@ -212,20 +250,12 @@ class PPOTrainer(TRLCompatMixin):
 
     @property
     def pad_token_id(self) -> int:
-        """Padding id: the tokenizer's pad, else its EOS, else the model config's; any id is safe
-        because padded positions are masked out of attention and of every loss."""
-        for source in (self.tokenizer, self._unwrapped.config):
-            for name in ("pad_token_id", "eos_token_id"):
-                value = getattr(source, name, None) if source is not None else None
-                if isinstance(value, int):
-                    return value
-        return 0
+        """Padding id (see :func:`rlhf_cli.ppo.inputs.token_ids`)."""
+        return token_ids(self.tokenizer, self._unwrapped.config)[0]
 
     @property
     def eos_token_id(self) -> Optional[int]:
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            return self.tokenizer.eos_token_id
-        return getattr(self._unwrapped.config, "eos_token_id", None)
+        return token_ids(self.tokenizer, self._unwrapped.config)[1]
 
     # Reference model ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -254,82 +284,83 @@ class PPOTrainer(TRLCompatMixin):
     ) -> dict[str, Any]:
         """One PPO step on ``config.batch_size`` samples per process; returns legacy TRL's stats dict
         (DESIGN §7), computed over the global batch of all processes and the same on every process."""
-        timer = _Timer()
-        step_start = time.perf_counter()
+        timer = PhaseTimer()
         queries, responses, scores, response_masks = check_step_inputs(
             queries, responses, scores, response_masks, self.config.batch_size
         )
-        device = self.accelerator.device
-
         # (a) The global batch, on every process; then score scaling/normalisation/clipping.
-        scores = scores.to(device)
-        if self.accelerator.num_processes > 1:
-            queries, responses, response_masks = gather_samples(queries, responses, response_masks)
-            scores = self.accelerator.gather(scores)
+        queries, responses, response_masks = self._gather_batch(queries, responses, scores, response_masks)
         scores = process_scores(
-            scores,
+            self.gathered_scores,
             running=self.running,
             use_score_norm=self.config.use_score_norm,
             score_clip=self.config.score_clip,
         )
-
-        # (b) Pack into response-aligned model inputs.
-        decoder_start = getattr(self._unwrapped.config, "decoder_start_token_id", None) if self.is_encoder_decoder else None
-        batch = pack_batch(
-            queries,
-            responses,
-            pad_token_id=self.pad_token_id,
-            is_encoder_decoder=self.is_encoder_decoder,
-            decoder_start_token_id=decoder_start,
-            response_masks=response_masks,
-            device=device,
-        )
+        # (b) Pack into response-aligned model inputs (TRLCompatMixin._pack, also TRL's prepare_model_inputs).
+        batch = self._pack(queries, responses, response_masks)
         mask = batch.response_mask
-
         # (c) Old logprobs and values (policy) and reference logprobs: one no-gradient pass each.
         with timer("forward_pass"):
             rollout = self._score_global_batch(batch)
-
         # (d) Per-token rewards (−β·KL, score on the last token) and GAE advantages. Every process
         # holds the whole batch, so whitening uses the statistics of the global batch.
-        # compute_rewards and compute_advantages may be overridden (TRL's extension points).
         kl_coef = self.kl_ctl.value
         with timer("compute_rewards"):
-            if rollout.full_kl is None:
-                rewards, non_score, kl = self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask)
-            else:  # kl_penalty="full": computed per chunk in the forward pass (see trl_compat)
-                kl = rollout.full_kl
-                rewards, non_score = per_token_rewards(scores, kl, mask, kl_coef)
+            rewards, non_score, kl = self._rewards(scores, rollout, mask, kl_coef)
         with timer("compute_advantages"):
             _, whitened, returns = self.compute_advantages(rollout.values, rewards, mask)
             advantages = Advantages(whitened, returns)
-
         # (e) PPO epochs over shuffled mini-batches.
         with timer("optimize_step"):
-            minibatch_stats = self._optimise(batch, rollout, advantages)
-
+            minibatches = self._optimise(batch, rollout, advantages)
         # (f) Stats over the global batch, then the KL controller and scheduler.
         with timer("calc_stats"):
             rollout_stats = self._rollout_stats(batch, rollout, kl, non_score, scores)
-            timer.seconds["total"] = time.perf_counter() - step_start
-            stats = flatten_step_stats(
+            timer.seconds["total"] = timer.elapsed()
+            result = assemble_step_stats(
                 rollout_stats,
-                minibatch_stats,
+                minibatches,
                 kl_coef=kl_coef,
                 learning_rate=self.optimizer.param_groups[0]["lr"],
                 timings=timer.seconds,
             )
-        if stats["ppo/skipped_minibatches"] > 0:
+        self._finish_step(result, batch.batch_size)
+        return result.flat
+
+    def _gather_batch(
+        self, queries: list[Tensor], responses: list[Tensor], scores: Tensor, response_masks: Optional[list[Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor], Optional[list[Tensor]]]:
+        """Every process's samples in rank order (the global batch); the raw scores, gathered once,
+        are kept in :attr:`gathered_scores`."""
+        scores = scores.to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            queries, responses, response_masks = gather_samples(queries, responses, response_masks)
+            scores = self.accelerator.gather(scores)
+        self.gathered_scores = scores
+        return queries, responses, response_masks
+
+    def _rewards(self, scores: Tensor, rollout: RolloutScores, mask: Tensor, kl_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token rewards, non-score rewards and KL. ``compute_rewards`` (and ``compute_advantages``)
+        may be overridden: TRL's extension points."""
+        if rollout.full_kl is None:
+            return self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask)
+        # kl_penalty="full": computed per chunk in the forward pass (see trl_compat)
+        rewards, non_score = per_token_rewards(scores, rollout.full_kl, mask, kl_coef)
+        return rewards, non_score, rollout.full_kl
+
+    def _finish_step(self, result: StepStats, batch_size: int) -> None:
+        """Warn about skipped mini-batches, update the KL controller and scheduler, count the step:
+        from the step's typed values, not its flattened metric names."""
+        if result.skipped_minibatches > 0:
             warnings.warn(
                 f"The mean probability ratio exceeded ratio_threshold={self.config.ratio_threshold} in "
-                f"{int(stats['ppo/skipped_minibatches'])} mini-batch(es) of step {self.current_step}; their loss was zeroed.",
-                stacklevel=2,
+                f"{result.skipped_minibatches} mini-batch(es) of step {self.current_step}; their loss was zeroed.",
+                stacklevel=3,
             )
-        self.kl_ctl.update(stats["objective/kl"], batch.batch_size)
+        self.kl_ctl.update(result.kl, batch_size)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.current_step += 1
-        return stats
 
     def _score_global_batch(self, batch: PackedBatch) -> RolloutScores:
         """Rollout scores [B, T] of the global batch: each process scores its own samples (rows
@@ -372,17 +403,16 @@ class PPOTrainer(TRLCompatMixin):
     ) -> MiniBatchStats:
         """One optimisation mini-batch: ``rows`` are its global rows; this process trains on its share.
 
-        Fields named in ``_SHARE_FIELDS`` are this process's share of a mean over the global
+        Fields named in ``stats.SHARE_FIELDS`` are this process's share of a mean over the global
         mini-batch (summed over processes in :meth:`_sum_shares`); the others are already global.
         """
         cfg = self.config
         processes = self.accelerator.num_processes
+        own_rows = rows if processes == 1 else own_share(rows, self.accelerator.process_index, processes)
         whole = batch.select(rows)
-        mb = whole if processes == 1 else batch.select(own_share(rows, self.accelerator.process_index, processes))
+        mb = whole if processes == 1 else batch.select(own_rows)
         token_count = whole.response_mask.sum()
-        device = mb.response_ids.device
-        own_index = (rows if processes == 1 else own_share(rows, self.accelerator.process_index, processes)).to(device)
-        whole_index = rows.to(device)
+        own_index, whole_index = own_rows.to(mb.response_ids.device), rows.to(mb.response_ids.device)
 
         def take(t: Tensor) -> Tensor:
             return t[own_index, : mb.response_width]
@@ -391,65 +421,43 @@ class PPOTrainer(TRLCompatMixin):
             return t[whole_index, : whole.response_width]
 
         mask = mb.response_mask
-        old_logprobs, old_values = take(rollout.logprobs), take(rollout.values)
-        mb_advantages, mb_returns = take(advantages.advantages), take(advantages.returns)
         with self.accelerator.accumulate(self.model):
             out = response_outputs(self.model, mb)
-            pl = policy_loss(out.logprobs, old_logprobs, mb_advantages, mask, cfg.cliprange, token_count=token_count)
-            vl = value_loss(out.values, old_values, mb_returns, mask, cfg.cliprange_value, token_count=token_count)
+            pl = policy_loss(out.logprobs, take(rollout.logprobs), take(advantages.advantages), mask, cfg.cliprange, token_count=token_count)
+            vl = value_loss(out.values, take(rollout.values), take(advantages.returns), mask, cfg.cliprange_value, token_count=token_count)
             ratio_mean = self._sum_across_processes(pl.ratio_mean.detach())
             loss = ratio_guard(pl.loss + cfg.vf_coef * vl.loss, ratio_mean, cfg.ratio_threshold)
-            # The loss is this process's share of the global mini-batch mean; DDP averages the
-            # gradients over the processes, so scaling by their number gives the mean's gradient.
-            self.accelerator.backward(loss * processes)
-            if cfg.max_grad_norm is not None and self.accelerator.sync_gradients:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-        skipped = (ratio_mean > cfg.ratio_threshold).float()
-        keep = 1.0 - skipped  # legacy TRL reports zero losses for a skipped mini-batch
-        whole_mask = whole.response_mask
-        with torch.no_grad():
-            old_values_whole, returns_whole = take_whole(rollout.values), take_whole(advantages.returns)
-            return MiniBatchStats(
-                policy_loss=pl.loss.detach() * keep,
-                value_loss=vl.loss.detach() * keep,
-                total_loss=loss.detach(),
-                entropy=masked_mean(entropy_from_logits(out.logits.detach()), mask, count=token_count),
-                approxkl=pl.approxkl,
-                policykl=pl.policykl,
-                clipfrac=pl.clipfrac,
-                advantages_mean=masked_mean(take_whole(advantages.advantages), whole_mask),
-                ratio=ratio_mean,
-                returns_mean=masked_mean(returns_whole, whole_mask),
-                returns_var=masked_var(returns_whole, whole_mask),
-                vpred=vl.vpred_mean,
-                val_error=vl.error,
-                val_clipfrac=vl.clipfrac,
-                val_mean=masked_mean(old_values_whole, whole_mask),
-                val_var=masked_var(old_values_whole, whole_mask),
-                skipped=skipped,
-            )
+            self._backward_and_step(loss, processes)
+        whole_rollout = WholeMiniBatch(
+            take_whole(advantages.advantages), take_whole(advantages.returns), take_whole(rollout.values), whole.response_mask
+        )
+        return minibatch_stats(pl, vl, loss, out.logits, mask, token_count, ratio_mean, cfg.ratio_threshold, whole_rollout)
+
+    def _backward_and_step(self, loss: Tensor, processes: int) -> None:
+        """Backward pass, gradient clipping and the optimiser step (inside ``accelerator.accumulate``)."""
+        # The loss is this process's share of the global mini-batch mean; DDP averages the
+        # gradients over the processes, so scaling by their number gives the mean's gradient.
+        self.accelerator.backward(loss * processes)
+        if self.config.max_grad_norm is not None and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
 
     def _should_stop_early(self, policykl: Tensor) -> bool:
         """Stop the epochs when the policy moved too far (agreed across processes: one host sync)."""
         policykl = self._sum_across_processes(policykl)
         return bool(policykl > 1.5 * self.config.target_kl)
 
-    # Multi-process helpers ---------------------------------------------------------------------
+    # Multi-process helpers (the collectives live in ppo.distributed) -----------------------------
     def _sum_across_processes(self, value: Tensor) -> Tensor:
-        if self.accelerator.num_processes == 1:
-            return value
-        return self.accelerator.reduce(value, reduction="sum")
+        return sum_across_processes(self.accelerator, value)
 
     def _sum_shares(self, collected: list[MiniBatchStats]) -> list[MiniBatchStats]:
         """Add up the processes' shares of every mini-batch's means (one collective per step)."""
         if self.accelerator.num_processes == 1:
             return collected
-        columns = [MiniBatchStats._fields.index(name) for name in _SHARE_FIELDS]
-        table = torch.stack([torch.stack([t.float() for t in mb]) for mb in collected])
-        table[:, columns] = self.accelerator.reduce(table[:, columns].contiguous(), reduction="sum")
-        return [MiniBatchStats(*row.unbind()) for row in table]
+        columns = [MiniBatchStats._fields.index(name) for name in SHARE_FIELDS]
+        return [MiniBatchStats(*row.unbind()) for row in sum_shares(self.accelerator, collected, columns)]
 
     def _rollout_stats(
         self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor

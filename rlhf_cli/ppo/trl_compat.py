@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from rlhf_cli.logging import tracker_logs
 from rlhf_cli.ppo.config import Sizes
 from rlhf_cli.ppo.dataloader import build_dataloader, is_hf_dataset, remove_unused_columns
 from rlhf_cli.ppo.forward import response_outputs
@@ -43,7 +44,7 @@ from rlhf_cli.ppo.functional import (
     value_loss,
 )
 from rlhf_cli.ppo.inputs import check_step_inputs
-from rlhf_cli.ppo.stats import MiniBatchStats, RolloutStats, flatten_step_stats, reward_stats, scalar_stats
+from rlhf_cli.ppo.stats import TRAIN_NAMES, MiniBatchStats, RolloutStats, flatten_step_stats, reward_stats, scalar_stats
 from rlhf_cli.ppo.trl_generation import TRLGenerationMixin
 from rlhf_cli.rollout.packing import PackedBatch, pack_batch
 
@@ -271,7 +272,7 @@ class TRLCompatMixin(TRLGenerationMixin):
             ref_logprobs=data["ref_logprobs"],
         )
         train = {f"ppo/{key}": torch.as_tensor(value).float().mean(dim=0) for key, value in data["train_stats"].items()}
-        means = MiniBatchStats(*(train.get(_TRL_NAME.get(name, ""), torch.tensor(float("nan"))) for name in MiniBatchStats._fields))
+        means = MiniBatchStats(*(train.get(TRAIN_NAMES.get(name, ""), torch.tensor(float("nan"))) for name in MiniBatchStats._fields))
         stats = flatten_step_stats(
             rollout,
             [means._replace(skipped=torch.tensor(0.0))],
@@ -297,17 +298,10 @@ class TRLCompatMixin(TRLGenerationMixin):
         """Send the step's scalar stats, reward mean/std and a sample table to the trackers."""
         rewards = torch.as_tensor([float(r) for r in rewards], dtype=torch.float32, device=self.accelerator.device)
         rewards = self.accelerator.gather(rewards).cpu()
-        logs = {**scalar_stats(stats), **reward_stats(rewards)}
         if self.config.log_with is None or not self.accelerator.is_main_process:
             return
-        columns = [c for c in columns_to_log if c in batch]
-        if columns:
-            header = "| " + " | ".join([*columns, "reward"]) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
-            rows = zip(*[batch[c] for c in columns], rewards.tolist())
-            body = "".join("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |\n" for row in rows)
-            logs["game_log"] = header + body
+        logs = tracker_logs({**scalar_stats(stats), **reward_stats(rewards)}, batch, rewards.tolist(), columns_to_log)
         self.accelerator.log(logs, step=self.current_step)
-
 
 
 def fill_runtime_fields(config: Any, sizes: Sizes, model: nn.Module) -> None:
@@ -317,27 +311,6 @@ def fill_runtime_fields(config: Any, sizes: Sizes, model: nn.Module) -> None:
     config.global_backward_batch_size = sizes.global_backward_batch_size
     config.is_encoder_decoder = bool(model.is_encoder_decoder)
     config.is_peft_model = bool(model.is_peft_model)
-
-
-# Names in TRL's train stats of the MiniBatchStats fields.
-_TRL_NAME = {
-    "policy_loss": "ppo/loss/policy",
-    "value_loss": "ppo/loss/value",
-    "total_loss": "ppo/loss/total",
-    "entropy": "ppo/policy/entropy",
-    "approxkl": "ppo/policy/approxkl",
-    "policykl": "ppo/policy/policykl",
-    "clipfrac": "ppo/policy/clipfrac",
-    "advantages_mean": "ppo/policy/advantages_mean",
-    "ratio": "ppo/policy/ratio",
-    "returns_mean": "ppo/returns/mean",
-    "returns_var": "ppo/returns/var",
-    "vpred": "ppo/val/vpred",
-    "val_error": "ppo/val/error",
-    "val_clipfrac": "ppo/val/clipfrac",
-    "val_mean": "ppo/val/mean",
-    "val_var": "ppo/val/var",
-}
 
 
 def _trl_response_columns(queries: Sequence[Tensor], responses: Sequence[Tensor], attention_mask: Tensor) -> list[int]:

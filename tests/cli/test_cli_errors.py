@@ -119,7 +119,8 @@ def test_misspelt_key_in_a_packaged_group_file_names_its_path(tmp_path: Path) ->
     configs = tmp_path / "configs"
     shutil.copytree(paths.config_dir(), configs)
     default = configs / "ppo" / "default.yaml"
-    default.write_text(default.read_text(encoding="utf-8").replace("cliprange_value:", "clip_range_value:"))
+    # The packaged file sets no value (the defaults are PPOConfig's): the typo is a key a user adds.
+    default.write_text(default.read_text(encoding="utf-8").replace("{}", "clip_range_value: 0.2"))
     done = rlhf("train", "--config-path", str(configs), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     message = assert_one_paragraph_error(done.stderr, done.stdout)

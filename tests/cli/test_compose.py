@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from rlhf_cli.config import paths
 from rlhf_cli.config.compose import compose_train_config
-from rlhf_cli.config.schema import GenerationSection, LoggingSection, PPOSection, TrainConfig
+from rlhf_cli.config.schema import CheckpointSection, GenerationSection, LoggingSection, PPOSection, TrainConfig
 from rlhf_cli.errors import ConfigError
+from rlhf_cli.ppo.config import PPOConfig, command_line_fields
 
 CONFIGS = paths.config_dir()
 GROUPS = ("model", "reward", "dataset", "ppo", "generation")
@@ -112,7 +113,20 @@ def test_imdb_sentiment_recipe_undoes_every_offline_default() -> None:
     for group, key in offline_keys:
         assert key in recipe_yaml.get(group, {}), f"imdb_sentiment must set {group}.{key} back"
         if group in ("ppo", "generation"):
-            assert cfg[group][key] == OmegaConf.load(CONFIGS / group / "default.yaml")[key], f"{group}.{key}"
+            default = getattr(PPOSection() if group == "ppo" else GenerationSection(), key)
+            assert cfg[group][key] == default, f"{group}.{key}"
+
+
+def test_imdb_sentiment_recipe_is_a_true_delta() -> None:
+    """DESIGN §5: the recipe sets inside a group only what train.yaml's offline default changed (no
+    restated TRL value), and the composed run still has TRL's controller and sampling settings."""
+    train_yaml = OmegaConf.load(CONFIGS / "train.yaml")
+    recipe_yaml = OmegaConf.load(paths.recipe_files()["imdb_sentiment"])
+    for group in ("ppo", "generation"):
+        assert set(recipe_yaml[group]) == set(train_yaml[group]), group
+    cfg = compose_train_config(["+recipe=imdb_sentiment"])
+    assert (cfg.ppo.adap_kl_ctrl, cfg.ppo.target, cfg.ppo.horizon) == (True, 6.0, 10000.0)
+    assert (cfg.generation.top_k, cfg.generation.top_p, cfg.generation.do_sample) == (0, 1.0, True)
 
 
 def test_batch_size_can_be_lowered_under_the_classic_recipe() -> None:
@@ -132,18 +146,39 @@ def test_offline_default_is_the_review_gpt2_vader_run() -> None:
     assert (cfg.dataset.min_text_chars, cfg.dataset.prompt_min_tokens, cfg.dataset.prompt_max_tokens) == (200, 2, 8)
 
 
-@pytest.mark.parametrize(
-    ("yaml_path", "schema"),
-    [("ppo/default.yaml", PPOSection), ("generation/default.yaml", GenerationSection)],
-)
-def test_group_defaults_are_the_schema_defaults(yaml_path: str, schema: type) -> None:
-    """The YAML (what users read) and the schema agree on TRL's defaults, key for key."""
-    assert OmegaConf.to_container(OmegaConf.load(CONFIGS / yaml_path)) == dataclasses.asdict(schema())
+def test_generation_group_defaults_are_the_schema_defaults() -> None:
+    """The schema writes the generation defaults (TRL's), once: the group file writes no value."""
+    assert OmegaConf.to_container(OmegaConf.load(CONFIGS / "generation/default.yaml")) == {}
+    assert compose_train_config(["generation=default", "+recipe=imdb_sentiment"]).generation == OmegaConf.structured(GenerationSection())
 
 
-def test_logging_node_has_the_schema_defaults() -> None:
-    logging_node = OmegaConf.load(CONFIGS / "train.yaml").logging
-    assert OmegaConf.to_container(logging_node) == dataclasses.asdict(LoggingSection())
+def test_ppo_group_defaults_are_ppo_config_defaults() -> None:
+    """The ppo group has PPOConfig's knobs with PPOConfig's (TRL's) defaults, key for key, plus the
+    run-only mixed_precision: one source, and the group file writes no value of its own."""
+    assert OmegaConf.to_container(OmegaConf.load(CONFIGS / "ppo/default.yaml")) == {}
+    library = PPOConfig().to_dict()
+    knobs = [f.name for f in command_line_fields()]
+    declared = {f.name: f.default for f in command_line_fields()}
+    assert dataclasses.asdict(PPOSection()) == {**declared, "mixed_precision": None}
+    assert {name: library[name] for name in knobs if name != "mini_batch_size"} == {
+        name: value for name, value in declared.items() if name != "mini_batch_size"}
+    # Everything the old hand-written list passed, the sizes, and forward_batch_size (new to the CLI).
+    assert {"learning_rate", "kl_penalty", "adam_eps", "disable_dropout", "batch_size", "mini_batch_size",
+            "forward_batch_size", "gradient_accumulation_steps"} <= set(knobs)
+    assert library["mini_batch_size"] == 128 and PPOSection().mini_batch_size is None  # the automatic size
+
+
+def test_train_yaml_writes_only_the_offline_default() -> None:
+    """train.yaml sets no value the schema already has: only the offline default block's deviations
+    (steps, threads and the ppo/generation numbers); logging and checkpoint come from the schema."""
+    train_yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
+    train_yaml.pop("defaults"), train_yaml.pop("hydra")
+    assert set(train_yaml) == {"steps", "threads", "ppo", "generation"}
+    defaults = TrainConfig()
+    assert (train_yaml["steps"], train_yaml["threads"]) != (defaults.steps, defaults.threads)
+    cfg = compose_train_config()
+    assert OmegaConf.to_container(cfg.logging) == dataclasses.asdict(LoggingSection())
+    assert OmegaConf.to_container(cfg.checkpoint) == dataclasses.asdict(CheckpointSection())
 
 
 def test_smoke_recipe_is_tiny() -> None:

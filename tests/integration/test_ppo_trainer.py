@@ -314,3 +314,30 @@ def test_peft_policy_uses_itself_without_adapter_as_reference(word_tokenizer):
         if name in frozen:
             assert torch.equal(frozen[name], value), f"base weight {name} changed"
     assert all("lora" in n or "v_head" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
+def test_step_keeps_the_raw_scores_it_gathered_once(word_tokenizer):
+    """The engine reads env/reward_* from trainer.gathered_scores: the raw (unscaled, unclipped) scores
+    of the global batch, while the step itself uses the processed ones (ppo/mean_scores)."""
+    config = PPOConfig(batch_size=4, mini_batch_size=2, use_score_scaling=True, score_clip=0.5, seed=0)
+    trainer = PPOTrainer(config, _policy(word_tokenizer), tokenizer=word_tokenizer)
+    queries, responses, _ = _ragged_batch(4, seed=3, vocab=len(word_tokenizer))
+    raw = torch.tensor([3.0, -2.0, 0.25, 1.5], dtype=torch.float64)
+    stats = trainer.step(queries, responses, raw)
+    torch.testing.assert_close(trainer.gathered_scores.cpu(), raw.float(), rtol=0, atol=0)
+    assert abs(stats["ppo/mean_scores"] - float(raw.float().mean())) > 0.1  # processed, not raw
+    raw[0] = 100.0  # the trainer keeps its own copy, not a view of the caller's tensor
+    assert float(trainer.gathered_scores[0]) == 3.0
+
+
+def test_tensor_scores_are_checked_like_a_list_of_scores():
+    """check_scores converts a tensor in one transfer, to the same float32 values and errors as a list."""
+    from rlhf_cli.ppo.inputs import check_scores
+
+    values = torch.tensor([0.1, -1e-3, 7.25, 1 / 3], dtype=torch.float64)
+    as_list = check_scores([torch.tensor(float(v), dtype=torch.float64) for v in values], 4)
+    torch.testing.assert_close(check_scores(values, 4), as_list, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"scores\[2\] is nan: scores must be finite numbers"):
+        check_scores(torch.tensor([0.0, 1.0, float("nan"), 2.0]), 4)
+    with pytest.raises(ValueError, match=r"scores has 1 entries but the batch has 4"):
+        check_scores(torch.tensor(1.0), 4)
