@@ -18,7 +18,7 @@ What ``RUN_DIR_OR_CHECKPOINT`` may be:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,6 +48,9 @@ class Samples:
     responses: list[str]
     rewards: list[float]
     samples_per_prompt: int
+    # Tokens each response generated (re-encoding the decoded text need not give the same count:
+    # byte-level BPE can decode a partial UTF-8 character, and encoding picks its own merges).
+    response_tokens: list[int] = field(default_factory=list)
 
     @property
     def num_prompts(self) -> int:
@@ -206,7 +209,7 @@ def generate_and_score(
         responses = generate_responses(policy, queries, max_new_tokens=budget, device=device, **generation)
     decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
     rewards = score_responses(build_reward(cfg.reward), texts, decoded).tolist()
-    return Samples(label, texts, decoded, rewards, samples_per_prompt)
+    return Samples(label, texts, decoded, rewards, samples_per_prompt, [len(r) for r in responses])
 
 
 def sample_run(

@@ -84,7 +84,7 @@ def _cases(inputs: Path) -> list[Case]:
         Case("min_above_max", ("generation.response_min_tokens=9", "generation.response_max_tokens=3"),
              ("'generation.response_min_tokens' (9) is larger than",)),
         Case("mini_batch_above_batch", ("ppo.mini_batch_size=64",), ("'ppo.mini_batch_size' (64) is larger than",)),
-        Case("heads_do_not_divide", ("model.tiny.n_embd=65",), ("not divisible by 'model.tiny.n_head'",)),
+        Case("heads_do_not_divide", ("model=tiny_gpt2", "model.tiny.n_embd=65"), ("not divisible by 'model.tiny.n_head'",)),
         Case("unparsable_override", ("ppo.batch_size=[",), ("Cannot parse the command-line override",)),
         Case("callable_without_function", ("reward=callable",), ("'reward.function' is empty",)),
         Case("pretrained_without_path", ("model=local",), ("'model.name_or_path' is empty",)),

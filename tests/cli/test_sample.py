@@ -88,11 +88,11 @@ def test_samples_use_the_runs_prompts_reward_and_seed(run_dir: Path, one_thread)
     vader = SentimentIntensityAnalyzer()
     assert samples.rewards == pytest.approx([vader.polarity_scores(r)["compound"] for r in samples.responses], abs=1e-6)
     # The run's generation length, and a new budget when asked.
-    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in samples.responses]
-    assert max(lengths) <= cfg.generation.response_max_tokens
+    assert len(samples.response_tokens) == len(samples.responses)
+    assert max(samples.response_tokens) <= cfg.generation.response_max_tokens
     short = sample_run(run_dir, ["this movie"], samples_per_prompt=4, max_new_tokens=1)
     assert short.prompts == ["this movie"] * 4
-    assert all(len(tokenizer(r, add_special_tokens=False)["input_ids"]) <= 1 for r in short.responses)
+    assert short.response_tokens and all(n <= 1 for n in short.response_tokens)
     # The seed (default: the run's) fixes the samples; the n samples of a prompt differ among themselves.
     assert sample_run(run_dir, samples_per_prompt=3).responses == samples.responses
     assert sample_run(run_dir, samples_per_prompt=3, seed=int(cfg.seed)).responses == samples.responses
