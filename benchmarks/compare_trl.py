@@ -92,6 +92,30 @@ def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"median_step_s": result["median_step_s"], "peak_rss_mb": result["peak_rss_mb"], "phases_s": result["phases_s"]}
 
 
+# TRL-side record field -> our phase name (a field a script does not record is left out).
+_TRL_PHASES = {
+    "generation": "gen_s",
+    "reward": "score_s",
+    "step": "step_s",
+    "no_grad_passes": "trl_time/ppo/forward_pass",
+    "optimisation": "trl_time/ppo/optimize_step",
+}
+
+
+def _trl_summary(out: Path) -> dict[str, Any]:
+    """Medians of a TRL-side run's JSON record, its warm-up step left out as on our side."""
+    data = json.loads(out.read_text())
+    steps = data["steps"][1:]
+    return {
+        "median_step_s": statistics.median(s["time_s"] for s in steps),
+        "peak_rss_mb": data["peak_rss_mb"],
+        "phases_s": {
+            phase: statistics.median(s[field] for s in steps) for phase, field in _TRL_PHASES.items() if field in steps[0]
+        },
+        "versions": data["versions"],
+    }
+
+
 def run_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out = workdir / "trl.json"
     subprocess.run(
@@ -106,19 +130,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    data = json.loads(out.read_text())
-    steps = data["steps"][1:]  # the first step is the warm-up, as on our side
-    return {
-        "median_step_s": statistics.median(s["time_s"] for s in steps),
-        "peak_rss_mb": data["peak_rss_mb"],
-        "phases_s": {
-            "generation": statistics.median(s["gen_s"] for s in steps),
-            "reward": statistics.median(s["score_s"] for s in steps),
-            "no_grad_passes": statistics.median(s["trl_time/ppo/forward_pass"] for s in steps),
-            "optimisation": statistics.median(s["trl_time/ppo/optimize_step"] for s in steps),
-        },
-        "versions": data["versions"],
-    }
+    return _trl_summary(out)
 
 
 # Real LM ----------------------------------------------------------------------------------------
@@ -165,20 +177,7 @@ def run_trl_real_lm(args: argparse.Namespace, workdir: Path, precision: str, mod
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    data = json.loads(out.read_text())
-    steps = data["steps"][1:]  # the first step is the warm-up, as on our side
-    return {
-        "median_step_s": statistics.median(s["time_s"] for s in steps),
-        "peak_rss_mb": data["peak_rss_mb"],
-        "phases_s": {
-            "generation": statistics.median(s["gen_s"] for s in steps),
-            "reward": statistics.median(s["score_s"] for s in steps),
-            "step": statistics.median(s["step_s"] for s in steps),
-            "no_grad_passes": statistics.median(s["trl_time/ppo/forward_pass"] for s in steps),
-            "optimisation": statistics.median(s["trl_time/ppo/optimize_step"] for s in steps),
-        },
-        "versions": data["versions"],
-    }
+    return _trl_summary(out)
 
 
 def main_real_lm(args: argparse.Namespace) -> None:
