@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from rlhf_cli.ppo import config as ppo_config
-from rlhf_cli.ppo.config import KL_PENALTY_MODES, PRECISIONS
+from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS
+from rlhf_cli.ppo.config import KL_LOSS_ESTIMATORS, KL_PENALTY_MODES, PRECISIONS
 
 
 def _field(
@@ -165,6 +166,8 @@ _PPO_LIMITS: Dict[str, Dict[str, Any]] = {
     "cliprange_value": dict(gt=0), "vf_coef": dict(ge=0), "max_grad_norm": dict(gt=0),
     "target_kl": dict(gt=0), "ratio_threshold": dict(gt=0), "score_clip": dict(gt=0),
     "weight_decay": dict(ge=0), "adam_eps": dict(gt=0), "precision": dict(choices=PRECISIONS),
+    "advantage_estimator": dict(choices=ADVANTAGE_ESTIMATORS), "kl_loss_coef": dict(ge=0),
+    "kl_loss_estimator": dict(choices=KL_LOSS_ESTIMATORS),
 }
 # Knobs of the ppo group that PPOConfig does not have: they go to Accelerate, not to PPO.
 _PPO_RUN_FIELDS = [
@@ -191,6 +194,11 @@ def _ppo_section() -> type:
 PPOSection = _ppo_section()
 
 
+def _library_default(name: str) -> Any:
+    """The default of a PPOConfig field that the command line sets from another group."""
+    return next(f.default for f in dataclasses.fields(ppo_config.PPOConfig) if f.name == name)
+
+
 @dataclass
 class GenerationSection:
     response_min_tokens: int = _field(4, ge=1)
@@ -199,6 +207,8 @@ class GenerationSection:
     top_p: float = _field(1.0, gt=0, le=1)
     temperature: float = _field(1.0, gt=0)
     do_sample: bool = True
+    # PPOConfig.samples_per_prompt: the library's field, its default written there.
+    samples_per_prompt: int = _field(_library_default("samples_per_prompt"), ge=1)
     batch_size: Optional[int] = _field(None, ge=1)
 
 

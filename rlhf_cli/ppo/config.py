@@ -12,10 +12,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
+from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS, estimator_named, estimators_without_groups
+
 # The per-token KL estimates of the penalty (the one declaration; the schema and ppo.functional import it).
 KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
 # The weights the policy computes with (the one declaration; see rlhf_cli.ppo.precision).
 PRECISIONS = ("fp32", "bf16")
+# Estimators of KL(π‖π_ref) from sampled tokens for the KL *loss* term (Schulman, "Approximating KL
+# Divergence", 2020; see rlhf_cli.ppo.functional.kl_loss_terms). k3 is GRPO's.
+KL_LOSS_ESTIMATORS = ("k1", "k2", "k3")
 DEFAULT_MINI_BATCH_SIZE = 128
 # Fields that are not knobs of the command line's ppo group (every other field is one, with the
 # default written below; see rlhf_cli/config/schema.py): TRL's bookkeeping and the fields the run
@@ -25,6 +30,8 @@ LIBRARY_ONLY_FIELDS = frozenset({
     "exp_name", "seed", "log_with", "task_name", "model_name", "query_dataset", "reward_model",
     "remove_unused_columns", "tracker_kwargs", "accelerator_kwargs", "project_kwargs",
     "tracker_project_name", "push_to_hub_if_best_kwargs", "steps", "compare_steps",
+    # a knob of the command line's generation group (generation.samples_per_prompt), not of ppo
+    "samples_per_prompt",
     # accepted for TRL scripts without effect
     "optimize_cuda_cache", "optimize_device_cache", "dataset_num_proc",
     # set from model.* or filled in by the trainer
@@ -105,12 +112,25 @@ class PPOConfig:
     # samples per no-gradient forward pass (old logprobs/values, reference); None: the whole batch
     forward_batch_size: Optional[int] = None
 
+    # Advantages: "gae" (PPO with a value head, TRL's), or a critic-free estimator of
+    # rlhf_cli.ppo.advantages ("grpo", "rloo", "reinforce_pp"): no value head is run or trained.
+    advantage_estimator: str = "gae"
+    # grpo: divide by the group's reward std (GRPO); False: only subtract the group mean (Dr. GRPO).
+    grpo_scale_by_std: bool = True
+
     # KL penalty and its controller
+    # Put −β·KL into the per-token rewards (TRL's PPO; β from the controller below). False: no
+    # reward-side penalty (β reported as 0); use kl_loss_coef to keep the policy near the reference.
+    kl_in_reward: bool = True
     adap_kl_ctrl: bool = True
     init_kl_coef: float = 0.2
     kl_penalty: str = "kl"
     target: float = 6.0
     horizon: float = 10000.0
+    # Weight of a KL(π‖π_ref) term added to the loss (GRPO's way; 0: none), estimated per token by
+    # kl_loss_estimator from the sampled tokens.
+    kl_loss_coef: float = 0.0
+    kl_loss_estimator: str = "k3"
 
     # advantages and losses
     gamma: float = 1.0
@@ -143,6 +163,10 @@ class PPOConfig:
 
     # Library-only fields (LIBRARY_ONLY_FIELDS): accepted for TRL scripts, filled in by the trainer,
     # or derived from the sizes.
+    # Responses per prompt (G): step() takes its samples in prompt-major order, the G responses of each
+    # prompt next to each other; batch_size counts responses and must be a multiple of G, so a group
+    # never straddles two processes or two steps. On the command line: generation.samples_per_prompt.
+    samples_per_prompt: int = 1
     world_size: Optional[int] = None
     optimize_cuda_cache: Optional[bool] = None
     optimize_device_cache: bool = False
@@ -220,6 +244,15 @@ class PPOConfig:
             value = getattr(self, name)
             if not _is_positive_int(value):
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}.")
+        group = self.samples_per_prompt
+        if not _is_positive_int(group):
+            raise ValueError(f"PPOConfig.samples_per_prompt must be a positive integer, got {group!r}.")
+        if self.batch_size % group != 0:
+            raise ValueError(
+                f"PPOConfig sizes disagree: batch_size={self.batch_size} (responses per step, per process) is not "
+                f"divisible by samples_per_prompt={group}: a prompt's group of {group} responses would straddle "
+                f"two processes or two steps. Choose a batch_size that is a multiple of {group}."
+            )
         backward = self.mini_batch_size * self.gradient_accumulation_steps
         if self.batch_size % backward != 0:
             raise ValueError(
@@ -239,12 +272,13 @@ class PPOConfig:
                 "PPOConfig.precision='bf16' already computes in bfloat16; drop mixed_precision from "
                 "accelerator_kwargs (or use precision='fp32' with Accelerate's mixed precision)."
             )
+        self.check_estimator()
         if self.kl_penalty not in KL_PENALTY_MODES:
             raise ValueError(f"PPOConfig.kl_penalty must be one of {', '.join(KL_PENALTY_MODES)}; got {self.kl_penalty!r}.")
         for name in ("learning_rate", "target", "horizon", "target_kl", "ratio_threshold"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PPOConfig.{name} must be positive, got {getattr(self, name)!r}.")
-        for name in ("cliprange", "cliprange_value", "vf_coef", "init_kl_coef", "weight_decay"):
+        for name in ("cliprange", "cliprange_value", "vf_coef", "init_kl_coef", "weight_decay", "kl_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPOConfig.{name} must not be negative, got {getattr(self, name)!r}.")
         for name in ("gamma", "lam"):
@@ -256,6 +290,31 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}.")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True (normalisation uses the running moments).")
+
+    def check_estimator(self) -> None:
+        """Raise ValueError when the advantage estimator, the KL-loss estimator or the group size is not usable."""
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"PPOConfig.advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; got {self.advantage_estimator!r}."
+            )
+        if self.kl_loss_estimator not in KL_LOSS_ESTIMATORS:
+            raise ValueError(
+                f"PPOConfig.kl_loss_estimator must be one of {', '.join(KL_LOSS_ESTIMATORS)}; got {self.kl_loss_estimator!r}."
+            )
+        needed = estimator_named(self.advantage_estimator).min_group_size
+        if self.samples_per_prompt < needed:
+            raise ValueError(
+                f"PPOConfig.advantage_estimator={self.advantage_estimator!r} compares the responses of one prompt "
+                f"with each other and needs samples_per_prompt >= {needed}, got {self.samples_per_prompt}: a "
+                f"group of one has no spread (its advantage would be 0 or undefined). Set samples_per_prompt "
+                f"to {needed} or more (e.g. 4), or use an advantage_estimator that needs no group: "
+                f"{', '.join(estimators_without_groups())}."
+            )
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the advantage estimator needs the value head (only ``gae`` does)."""
+        return estimator_named(self.advantage_estimator).needs_critic
 
 
 def default_mini_batch_size(batch_size: int) -> int:
