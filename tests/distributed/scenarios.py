@@ -3,6 +3,10 @@
 Sizes are global (both processes together); :func:`make_trainer` divides them by the number of
 processes. Process r receives rows r·b … (r+1)·b − 1 of each global batch, and the 1-process
 reference receives the whole batch in this order (the convention of ``rlhf_cli.ppo.distributed``).
+
+Grouped scenarios (``samples_per_prompt`` G > 1) lay the global batch out prompt-major, as
+``PPOTrainer.step`` takes it: rows g·G … g·G + G − 1 are the G responses of prompt g, so process r's
+rows are whole groups exactly when b is a multiple of G (:func:`run_steps` asserts it).
 """
 
 from __future__ import annotations
@@ -47,24 +51,48 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # more after several at lr 0.5 — so one update per step here. 0.15 holds the rounding with margin
     # and still catches a halved gradient (0.5 apart; "bf16" is in MUTANTS).
     "bf16": dict(config=dict(mini_batch_size=8, ppo_epochs=1, precision="bf16"), optimizer="sgd", rtol=0.15),
+    # GRPO: two prompts with four responses each (one whole group per process), no critic, no KL in
+    # the reward but GRPO's k3 KL loss instead. SGD with momentum, so the optimiser keeps state for
+    # exactly the parameters it updated: the value head must not be among them.
+    "grpo": dict(
+        config=dict(advantage_estimator="grpo", samples_per_prompt=4, mini_batch_size=4, ppo_epochs=2,
+                    kl_in_reward=False, kl_loss_coef=0.2, kl_loss_estimator="k3"),
+        optimizer="sgd_momentum",
+    ),
+    # REINFORCE++: critic-free, with its advantages whitened over the whole global batch (a per-process
+    # whitening would differ from one process's) and the KL penalty in the per-token rewards.
+    "reinforce_pp": dict(
+        config=dict(advantage_estimator="reinforce_pp", mini_batch_size=4, ppo_epochs=2),
+        optimizer="sgd_momentum",
+    ),
 }
+# Critic-free scenarios: the value head must keep its initial weights and hold no optimiser state.
+CRITIC_FREE = ("grpo", "reinforce_pp")
+SGD_MOMENTUM = 0.5
 
 # Scenarios the 2-process launch also runs with a deliberately wrong gradient scale (the ×P of
 # ``PPOTrainer._train_minibatch`` left out), to show the comparison catches it. Not "minibatches":
 # its gradient clipping rescales a halved gradient back to the same norm and hides the error.
-MUTANTS = ("accumulation", "lora", "bf16")
+MUTANTS = ("accumulation", "lora", "bf16", "grpo")
 
 
 def tokenizer():
     return make_word_tokenizer()
 
 
-def global_batch(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-    """Ragged queries (1–6 tokens), responses (1–8 tokens) and scores of step ``step``."""
+def group_size(name: str) -> int:
+    """Responses per prompt (G) of scenario ``name``."""
+    return SCENARIOS[name]["config"].get("samples_per_prompt", 1)
+
+
+def global_batch(step: int, group: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """Ragged queries (1–6 tokens), responses (1–8 tokens) and scores of step ``step``: GLOBAL_BATCH
+    responses to GLOBAL_BATCH / ``group`` prompts, each prompt repeated ``group`` times in a row."""
     vocab = len(tokenizer())
     gen = torch.Generator().manual_seed(100 + step)
     lengths = lambda high: int(torch.randint(1, high, (1,), generator=gen))  # noqa: E731
-    queries = [torch.randint(3, vocab, (lengths(7),), generator=gen) for _ in range(GLOBAL_BATCH)]
+    prompts = [torch.randint(3, vocab, (lengths(7),), generator=gen) for _ in range(GLOBAL_BATCH // group)]
+    queries = [prompt for prompt in prompts for _ in range(group)]
     responses = [torch.randint(3, vocab, (lengths(9),), generator=gen) for _ in range(GLOBAL_BATCH)]
     scores = [float(s) for s in 2 * torch.randn(GLOBAL_BATCH, generator=gen)]
     return queries, responses, scores
@@ -86,9 +114,28 @@ def make_trainer(name: str, num_processes: int) -> PPOTrainer:
             language_model = peft.get_peft_model(language_model, lora)
     torch.manual_seed(5)  # the value head's init
     policy = AutoModelForCausalLMWithValueHead.from_pretrained(language_model)
+    # Every trainable parameter, the value head's too, as a user would pass them: leaving the value head
+    # alone under a critic-free estimator is the trainer's job.
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=config.learning_rate) if scenario["optimizer"] == "sgd" else None
-    return PPOTrainer(config, policy, tokenizer=tokenizer(), optimizer=optimizer)
+    optimizers = {
+        "sgd": lambda: torch.optim.SGD(trainable, lr=config.learning_rate),
+        "sgd_momentum": lambda: torch.optim.SGD(trainable, lr=config.learning_rate, momentum=SGD_MOMENTUM),
+        "adam": lambda: None,  # the trainer's default
+    }
+    return PPOTrainer(config, policy, tokenizer=tokenizer(), optimizer=optimizers[scenario["optimizer"]]())
+
+
+def split_group_refusal(num_processes: int) -> str | None:
+    """The error of building the ``grpo`` scenario's trainer for a global batch of three groups of four:
+    on two processes each would get six responses, one and a half groups. None if it was accepted."""
+    group = group_size("grpo")
+    knobs = {**SCENARIOS["grpo"]["config"], "mini_batch_size": 1}
+    try:
+        config = PPOConfig(batch_size=3 * group // num_processes, **knobs)
+        PPOTrainer(config, AutoModelForCausalLMWithValueHead.from_pretrained(make_tiny_gpt2(tokenizer(), seed=7)))
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def run_steps(
@@ -113,11 +160,13 @@ def run_steps(
         trainer.accelerator.backward = lambda loss, **kwargs: backward(loss * backward_scale, **kwargs)
     share = GLOBAL_BATCH // num_processes
     rows = slice(process_index * share, (process_index + 1) * share)
+    group = group_size(name)
     initial = _weights(trainer)
     weights, stats, steps = [], [], []
     for step in range(STEPS):
         branches.update(updates=0, decisions=[])
-        queries, responses, scores = global_batch(step)
+        queries, responses, scores = global_batch(step, group)
+        held = whole_groups(queries[rows], rows.start, group)
         masks = None
         if SCENARIOS[name].get("response_masks"):
             masks = [(torch.arange(len(r)) > 0).long() if len(r) > 1 else torch.ones(1, dtype=torch.long) for r in responses[rows]]
@@ -125,7 +174,34 @@ def run_steps(
         weights.append(_weights(trainer))
         stats.append({k: float(v) for k, v in step_stats.items() if isinstance(v, float) and not k.startswith("time/")})
         steps.append({"updates": branches["updates"], "decisions": list(branches["decisions"])})
-    return {"weights": weights, "stats": stats, "branches": steps, "initial": initial}
+    return {
+        "weights": weights, "stats": stats, "branches": steps, "initial": initial,
+        "groups": held, "optimizer_state": _parameters_with_optimizer_state(trainer),
+    }
+
+
+def whole_groups(queries: list[torch.Tensor], first_row: int, group: int) -> list[int]:
+    """The global indices of the prompt groups a process received as rows ``first_row …`` of the
+    global batch; AssertionError unless they are whole groups, each one prompt's ``group`` responses."""
+    assert first_row % group == 0 and len(queries) % group == 0, (
+        f"rows {first_row}..{first_row + len(queries) - 1} cut a group of {group}: a prompt's responses straddle two processes"
+    )
+    for start in range(0, len(queries), group):
+        members = queries[start:start + group]
+        assert all(torch.equal(q, members[0]) for q in members), (
+            f"rows {first_row + start}..{first_row + start + group - 1} are not one prompt's {group} responses"
+        )
+    return list(range(first_row // group, (first_row + len(queries)) // group))
+
+
+def _parameters_with_optimizer_state(trainer: PPOTrainer) -> list[str]:
+    """Names of the parameters the (inner) optimiser holds state for, e.g. momentum buffers: those it updated."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    # precision=bf16: the state belongs to the float32 masters, named after their bfloat16 weights.
+    masters = {id(m): w for w, m in getattr(inner, "pairs", [])}
+    names = {id(p): n for n, p in model.named_parameters()}
+    return sorted(names[id(masters.get(id(p), p))] for p in inner.state)
 
 
 def _weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:

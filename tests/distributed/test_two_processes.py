@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.scenarios import MUTANTS, SCENARIOS, STEPS, checksum, global_batch, run_steps
+from tests.distributed.scenarios import (
+    CRITIC_FREE,
+    GLOBAL_BATCH,
+    MUTANTS,
+    SCENARIOS,
+    STEPS,
+    checksum,
+    global_batch,
+    group_size,
+    run_steps,
+    split_group_refusal,
+)
 from tests.tolerances import ADAM_RTOL, SGD_RTOL, assert_same_branches, assert_same_update, update_differences
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +90,8 @@ def _clip_fraction_slack(name: str) -> float:
     global_mini_batch = SCENARIOS[name]["config"]["mini_batch_size"]
     masked = SCENARIOS[name].get("response_masks", False)  # the first token of longer responses is masked out
     tokens = lambda response: max(len(response) - masked, 1)  # noqa: E731
-    smallest = min(sum(sorted(map(tokens, global_batch(step)[1]))[:global_mini_batch]) for step in range(STEPS))
+    responses = [global_batch(step, group_size(name))[1] for step in range(STEPS)]
+    smallest = min(sum(sorted(map(tokens, step_responses))[:global_mini_batch]) for step_responses in responses)
     return 1.0 / smallest
 
 
@@ -140,3 +152,39 @@ def test_a_missing_times_p_in_the_gradient_scale_is_caught(ranks, name):
         return  # a different branch (e.g. an early stop taken elsewhere) is already a detected error
     first = update_differences(reference["initial"], reference["weights"][0], mutant["weights"][0], _rtol(name))
     assert first, "a halved gradient passed the comparison: the tolerance is too loose"
+
+
+def test_each_process_received_whole_groups_of_one_prompt(ranks):
+    """The harness asserted on each rank that its rows are whole prompt groups (G adjacent responses
+    to one query); together the two ranks hold every group of the global batch exactly once."""
+    groups = GLOBAL_BATCH // group_size("grpo")
+    held = [r["scenarios"]["grpo"]["groups"] for r in ranks]
+    assert [len(h) for h in held] == [groups // 2] * 2
+    assert sorted(held[0] + held[1]) == list(range(groups))
+
+
+def test_a_per_process_share_that_splits_a_group_is_refused(ranks):
+    """A global batch of three groups of four is fine on one process but would give each of two
+    processes one and a half groups: the per-process trainer refuses it, naming the numbers and the fix."""
+    assert split_group_refusal(num_processes=1) is None
+    for rank in ranks:
+        message = rank["split_group_refusal"]
+        assert message is not None, "a per-process batch of 6 with samples_per_prompt=4 was accepted"
+        for text in ("batch_size=6", "samples_per_prompt=4", "multiple of 4"):
+            assert text in message, (text, message)
+
+
+@pytest.mark.parametrize("name", CRITIC_FREE)
+def test_critic_free_estimators_leave_the_value_head_alone_on_both_ranks(ranks, name):
+    """No value-head update and no optimiser state for it (the optimiser was given every parameter,
+    the value head's too), on each rank after each step; the rest of the model did train."""
+    for rank in ranks:
+        result = rank["scenarios"][name]
+        initial = result["initial"]
+        head = [key for key in initial if key.startswith("v_head.")]
+        assert head, sorted(initial)
+        for step, weights in enumerate(result["weights"]):
+            changed = [key for key in head if not torch.equal(weights[key], initial[key])]
+            assert not changed, f"rank {rank['train']['process_index']}, step {step}: the value head moved: {changed}"
+        stateful = result["optimizer_state"]
+        assert stateful and not [n for n in stateful if n.startswith("v_head.")], stateful
