@@ -9,6 +9,7 @@ Each measured step makes the calls the ``rlhf train`` loop makes (rlhf_cli/engin
     python benchmarks/bench_ppo.py --model small --steps 5 --json small.json
     python benchmarks/bench_ppo.py --assets /tmp/peer_assets    # the peer's model, prompts and reward
     python benchmarks/bench_ppo.py --scaling                    # batch 16..128 x response 8..64 table
+    python benchmarks/bench_ppo.py --offline-default --compare gae:1,grpo:4 --rounds 5   # estimators, interleaved
 
 See benchmarks/README.md for what each number means and the measured results.
 """
@@ -35,6 +36,34 @@ RESULT_PREFIX = "BENCH_RESULT "  # the line a child prints its JSON result on
 PHASES = ("generation", "reward", "no_grad_passes", "optimisation", "other")
 SCALING_BATCHES = (16, 32, 64, 128)
 SCALING_LENGTHS = (8, 16, 32, 64)
+ESTIMATOR_KNOBS = ("estimator", "samples_per_prompt", "kl_loss_coef", "kl_in_reward")
+
+
+def add_estimator_arguments(ap: argparse.ArgumentParser) -> None:
+    """The advantage estimator and its group sampling (shared with profile_ppo.py)."""
+    from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS  # torch-free
+
+    ap.add_argument("--estimator", default="gae", choices=ADVANTAGE_ESTIMATORS, help="PPOConfig.advantage_estimator")
+    ap.add_argument("--samples-per-prompt", type=int, default=1,
+                    help="responses per prompt (G), generated in the same generate call: each step takes "
+                         "batch-size / G prompts, so the number of responses per step stays --batch-size")
+    ap.add_argument("--kl-loss-coef", type=float, default=0.0, help="PPOConfig.kl_loss_coef (k3 estimator)")
+    ap.add_argument("--kl-in-reward", default="true", choices=("true", "false"), help="PPOConfig.kl_in_reward")
+
+
+def check_group_size(ap: argparse.ArgumentParser, batch_size: int, estimator: str, group: int) -> None:
+    """Refuse an arm PPOConfig would refuse in its child, before any child starts: a batch that is not
+    whole groups, or a group too small for the estimator."""
+    from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS, estimator_named
+
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        ap.error(f"unknown estimator {estimator!r}; valid: {', '.join(ADVANTAGE_ESTIMATORS)}.")
+    if group < 1 or batch_size % group != 0:
+        ap.error(f"the batch size {batch_size} must be a multiple of the responses per prompt {group} "
+                 "(the batch counts responses: prompts x responses per prompt).")
+    if group < estimator_named(estimator).min_group_size:
+        ap.error(f"{estimator} compares the responses of a prompt with each other and needs at least "
+                 f"{estimator_named(estimator).min_group_size} per prompt, got {group}.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="Accelerate's autocast (accelerator_kwargs mixed_precision), with --precision fp32")
     ap.add_argument("--real-lm", action="store_true",
                     help="the issue's real-LM configuration: --model smollm2, B=16, M=8, 4 epochs, 16 new tokens")
+    ap.add_argument("--offline-default", action="store_true",
+                    help="a bare `rlhf train`'s configuration: --model review, B=32, M=16, 2 epochs, lr 3e-4, 8-12 new tokens")
     ap.add_argument("--assets", type=Path, default=None, help="peer assets directory (make_assets.py): its model, prompts, reward")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--mini-batch-size", type=int, default=16)
@@ -68,9 +99,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="table over batch sizes 16/32/64/128 x response lengths 8/16/32/64")
     ap.add_argument("--scaling-batches", default=",".join(map(str, SCALING_BATCHES)))
     ap.add_argument("--scaling-lengths", default=",".join(map(str, SCALING_LENGTHS)))
+    add_estimator_arguments(ap)
+    ap.add_argument("--compare", default=None, metavar="EST:G,EST:G",
+                    help="interleave these estimator:samples-per-prompt arms (e.g. gae:1,grpo:4) for --rounds rounds, "
+                         "one child per arm and round, and report ratios to the first arm")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     ap.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    apply_presets(args)
+    arms = parse_arms(args.compare) if args.compare is not None else [(args.estimator, args.samples_per_prompt)]
+    for estimator, group in arms:
+        check_group_size(ap, args.batch_size, estimator, group)
+    return args
 
 
 def peak_rss_mb() -> float:
@@ -103,6 +144,10 @@ class EngineBench:
             batch_size=args.batch_size,
             mini_batch_size=args.mini_batch_size,
             ppo_epochs=args.epochs,
+            advantage_estimator=args.estimator,
+            samples_per_prompt=args.samples_per_prompt,
+            kl_loss_coef=args.kl_loss_coef,
+            kl_in_reward=args.kl_in_reward == "true",
             precision=args.precision,
             accelerator_kwargs={"mixed_precision": args.mixed_precision} if args.mixed_precision != "no" else {},
         )
@@ -137,9 +182,11 @@ class EngineBench:
 
         args, workload, trainer = self.args, self.workload, self.trainer
         accelerator = trainer.accelerator
-        rows = self.prompt_rng.choice(len(workload.prompts), size=args.batch_size, replace=False)
-        queries = [workload.query_ids[i] for i in rows]
-        prompts = [workload.prompts[i] for i in rows]
+        group = args.samples_per_prompt
+        rows = self.prompt_rng.choice(len(workload.prompts), size=args.batch_size // group, replace=False)
+        # Prompt-major, as PPOTrainer.step takes groups: each prompt's G responses side by side, all in one generate call.
+        queries = [workload.query_ids[i] for i in rows for _ in range(group)]
+        prompts = [workload.prompts[i] for i in rows for _ in range(group)]
         budgets = self._budgets()
         start, cpu_start = time.perf_counter(), time.process_time()
         responses = generate_responses(
@@ -168,6 +215,7 @@ class EngineBench:
             "no_grad_passes": forward,
             "optimisation": optimise,
             "other": step - (generated - start) - (scored - generated) - forward - optimise,
+            "prompts": float(len(rows)),
             "new_tokens": float(sum(len(r) for r in responses)),
             "reward_mean": float(scores.mean()),
             "kl": float(stats["objective/kl"]),
@@ -207,6 +255,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "mini_batch_size": args.mini_batch_size,
             "ppo_epochs": args.epochs,
+            **{knob: getattr(args, knob) for knob in ESTIMATOR_KNOBS},
             "new_tokens": args.new_tokens,
             "min_new_tokens": args.min_new_tokens,
             "threads": torch.get_num_threads(),
@@ -256,6 +305,7 @@ def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
         "epochs": args.epochs, "new-tokens": args.new_tokens, "threads": args.threads, "steps": args.steps,
         "warmup": args.warmup, "seed": args.seed, "learning-rate": args.learning_rate,
         "limit-repeats": args.limit_repeats, "precision": args.precision, "mixed-precision": args.mixed_precision,
+        **{knob.replace("_", "-"): getattr(args, knob) for knob in ESTIMATOR_KNOBS},
     }
     if args.min_new_tokens is not None:
         values["min-new-tokens"] = args.min_new_tokens
@@ -288,7 +338,8 @@ def format_result(result: dict[str, Any]) -> str:
     lines = [
         f"== {c['model']} ({c['precision']}, mixed_precision={c['mixed_precision']}): {c['n_layer']} layers x {c['n_embd']}, vocab {c['vocab_size']}, "
         f"{c['parameters'] / 1e6:.2f}M params; B={c['batch_size']} M={c['mini_batch_size']} epochs={c['ppo_epochs']} "
-        f"new_tokens={c['new_tokens']} threads={c['threads']}; {c['steps']} steps (+{c['warmup']} warm-up), "
+        f"new_tokens={c['new_tokens']} threads={c['threads']}; {c['estimator']}, G={c['samples_per_prompt']} responses "
+        f"per prompt; {c['steps']} steps (+{c['warmup']} warm-up), "
         f"reward {c['reward']}",
         f"   median step {r['median_step_s']:.3f} s | {r['samples_per_s']:.1f} samples/s | "
         f"{r['generated_tokens_per_s']:.0f} generated tokens/s | CPU {r['median_step_cpu_s']:.3f} s/step | "
@@ -353,18 +404,102 @@ def scaling_table(results: list[dict[str, Any]], batches: list[int], lengths: li
     return "median step time (median CPU time) / peak RSS\n" + "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def parse_arms(text: str) -> list[tuple[str, int]]:
+    """``"gae:1,grpo:4"`` -> [("gae", 1), ("grpo", 4)] (an arm without ``:G`` takes G = 1)."""
+    arms = []
+    for item in text.split(","):
+        name, _, group = item.strip().partition(":")
+        arms.append((name, int(group or 1)))
+    return arms
+
+
+def run_estimators(args: argparse.Namespace) -> dict[str, Any]:
+    """The arms of ``--compare`` in one sitting: each round runs every arm once, in alternating order
+    (so drifting load favours none), one child each; ratios are taken within a round."""
+    arms = parse_arms(args.compare)
+    rounds = []
+    for index in range(args.rounds):
+        order = arms if index % 2 == 0 else arms[::-1]
+        runs = {}
+        for name, group in order:
+            result = spawn(child_argv(args, estimator=name, samples_per_prompt=group) + ["--no-limit"])
+            runs[arm_label(name, group)] = result
+            print(f"round {index + 1}: {format_result(result)}", flush=True)
+        rounds.append(runs)
+    summary = compare_summary(rounds, [arm_label(*arm) for arm in arms])
+    print(compare_table(summary))
+    return {"rounds": rounds, "summary": summary}
+
+
+def arm_label(name: str, group: int) -> str:
+    return f"{name} G={group}"
+
+
+def _mean_and_se(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return mean, se
+
+
+def compare_summary(rounds: list[dict[str, dict[str, Any]]], labels: list[str]) -> dict[str, dict[str, Any]]:
+    """Per arm: medians over the rounds of each round's median step, phases and peak RSS, and the
+    ratios of its step time and peak RSS to the first arm's in the same round (median; mean +- SE)."""
+    base = labels[0]
+    summary = {}
+    for label in labels:
+        runs = [r[label] for r in rounds]
+        step_ratios = [r[label]["median_step_s"] / r[base]["median_step_s"] for r in rounds]
+        rss_ratios = [r[label]["peak_rss_mb"] / r[base]["peak_rss_mb"] for r in rounds]
+        summary[label] = {
+            "median_step_s": statistics.median(r["median_step_s"] for r in runs),
+            "median_step_cpu_s": statistics.median(r["median_step_cpu_s"] for r in runs),
+            "phases_s": {phase: statistics.median(r["phases_s"][phase] for r in runs) for phase in PHASES},
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            "step_ratio": statistics.median(step_ratios),
+            "step_ratio_mean_se": _mean_and_se(step_ratios),
+            "rss_ratio": statistics.median(rss_ratios),
+            "rounds": len(runs),
+        }
+    return summary
+
+
+def compare_table(summary: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of :func:`compare_summary` (ratios to the first arm)."""
+    header = "| arm | s/step | CPU s/step | generation | no-grad passes | optimisation | peak RSS | step / first (mean +- SE) | RSS / first |"
+    rows = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for label, s in summary.items():
+        phases = s["phases_s"]
+        mean, se = s["step_ratio_mean_se"]
+        rows.append(
+            f"| {label} | {s['median_step_s']:.3f} | {s['median_step_cpu_s']:.3f} | {phases['generation']:.3f} | "
+            f"{phases['no_grad_passes']:.3f} | {phases['optimisation']:.3f} | {s['peak_rss_mb']:.0f} MB | "
+            f"{s['step_ratio']:.3f} ({mean:.3f} +- {se:.3f}) | {s['rss_ratio']:.3f} |"
+        )
+    return f"medians over {next(iter(summary.values()))['rounds']} interleaved rounds\n" + "\n".join(rows)
+
+
+def apply_presets(args: argparse.Namespace) -> None:
+    """Sizes of the named configurations (they override the size options)."""
     if args.real_lm:  # the issue's sizes for the real LM
         args.model, args.batch_size, args.mini_batch_size, args.epochs, args.new_tokens = "smollm2", 16, 8, 4, 16
+    if args.offline_default:  # configs/train.yaml's offline default block
+        args.model, args.batch_size, args.mini_batch_size, args.epochs = "review", 32, 16, 2
+        args.learning_rate, args.min_new_tokens, args.new_tokens = 3e-4, 8, 12
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.child:
         sys.path.insert(0, str(HERE))
         result = run_one(args)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
-    results = run_scaling(args) if args.scaling else run_models(args)
+    if args.compare is not None:
+        output = {"mode": "estimators", **run_estimators(args)}
+    else:
+        output = {"mode": "scaling" if args.scaling else "models", "results": run_scaling(args) if args.scaling else run_models(args)}
     if args.json is not None:
-        args.json.write_text(json.dumps({"mode": "scaling" if args.scaling else "models", "results": results}, indent=1))
+        args.json.write_text(json.dumps(output, indent=1))
 
 
 if __name__ == "__main__":

