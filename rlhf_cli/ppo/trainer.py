@@ -295,7 +295,13 @@ class PPOTrainer(TRLCompatMixin):
         response_masks: Optional[list[Tensor]] = None,
     ) -> dict[str, Any]:
         """One PPO step on ``config.batch_size`` samples per process; returns legacy TRL's stats dict
-        (DESIGN §7), computed over the global batch of all processes and the same on every process."""
+        (DESIGN §7), computed over the global batch of all processes and the same on every process.
+
+        With ``config.samples_per_prompt`` = G > 1 the samples come prompt-major: the G responses of
+        each prompt next to each other (``queries[g*G : (g+1)*G]`` one prompt's tensor repeated), so
+        ``batch_size`` counts responses. Critic-free estimators (``config.advantage_estimator``) then
+        compare each response with its group; without a critic the ``ppo/val/*``, ``ppo/returns/*``
+        and ``ppo/loss/value`` stats are absent."""
         timer = PhaseTimer()
         queries, responses, scores, response_masks = check_step_inputs(
             queries, responses, scores, response_masks, self.config.batch_size
