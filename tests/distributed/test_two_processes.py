@@ -188,3 +188,13 @@ def test_critic_free_estimators_leave_the_value_head_alone_on_both_ranks(ranks, 
             assert not changed, f"rank {rank['train']['process_index']}, step {step}: the value head moved: {changed}"
         stateful = result["optimizer_state"]
         assert stateful and not [n for n in stateful if n.startswith("v_head.")], stateful
+
+
+def test_the_grpo_scenario_runs_the_kl_loss_instead_of_the_reward_penalty(ranks):
+    """What the equivalence of the grpo scenario covers: no reward-side β, a KL loss term that grew
+    large enough to matter by the second step (its gradient is zero while policy = reference)."""
+    stats = ranks[0]["scenarios"]["grpo"]["stats"]
+    assert all(step["objective/kl_coef"] == 0.0 for step in stats)
+    assert stats[-1]["objective/kl_loss_coef"] == SCENARIOS["grpo"]["config"]["kl_loss_coef"]
+    assert stats[-1]["ppo/loss/kl"] > 0.01
+    assert not [key for key in stats[-1] if key.startswith("ppo/val/")]
