@@ -32,6 +32,7 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("T
     os.environ.setdefault(_name, _value)
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # workload.py and limit.py sit beside this script
 RESULT_PREFIX = "BENCH_RESULT "  # the line a child prints its JSON result on
 PHASES = ("generation", "reward", "no_grad_passes", "optimisation", "other")
 SCALING_BATCHES = (16, 32, 64, 128)
@@ -79,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--real-lm", action="store_true",
                     help="the issue's real-LM configuration: --model smollm2, B=16, M=8, 4 epochs, 16 new tokens")
     ap.add_argument("--offline-default", action="store_true",
-                    help="a bare `rlhf train`'s configuration: --model review, B=32, M=16, 2 epochs, lr 3e-4, 8-12 new tokens")
+                    help="a bare `rlhf train`'s configuration: --model review, B=32, M=16, 2 epochs, lr 3e-4, "
+                         "initial KL coefficient 0.1, 8-12 new tokens")
     ap.add_argument("--assets", type=Path, default=None, help="peer assets directory (make_assets.py): its model, prompts, reward")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--mini-batch-size", type=int, default=16)
@@ -93,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="steps run first and not counted")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--learning-rate", type=float, default=1.41e-5)
+    ap.add_argument("--init-kl-coef", type=float, default=None, help="PPOConfig.init_kl_coef; default: PPOConfig's")
     ap.add_argument("--no-limit", action="store_true", help="skip the plain-torch limit measurement")
     ap.add_argument("--limit-repeats", type=int, default=3)
     ap.add_argument("--scaling", action="store_true",
@@ -104,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="interleave these estimator:samples-per-prompt arms (e.g. gae:1,grpo:4) for --rounds rounds, "
                          "one child per arm and round, and report ratios to the first arm")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
+    ap.add_argument("--heldout", type=int, default=0, metavar="N",
+                    help="after the steps, the mean reward on the first N held-out prompts before (the reference) and "
+                         "after training, as `rlhf train` evaluates them (--model review or smollm2 only)")
     ap.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -111,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arms = parse_arms(args.compare) if args.compare is not None else [(args.estimator, args.samples_per_prompt)]
     for estimator, group in arms:
         check_group_size(ap, args.batch_size, estimator, group)
+    if args.heldout:
+        from workload import CONFIG_MODELS  # imports torch: only when asked
+
+        if args.assets is not None or args.model not in CONFIG_MODELS:
+            ap.error(f"--heldout needs held-out prompts: --model {' or '.join(CONFIG_MODELS)} (one model, no --assets).")
     return args
 
 
@@ -148,6 +159,7 @@ class EngineBench:
             samples_per_prompt=args.samples_per_prompt,
             kl_loss_coef=args.kl_loss_coef,
             kl_in_reward=args.kl_in_reward == "true",
+            **({} if args.init_kl_coef is None else {"init_kl_coef": args.init_kl_coef}),
             precision=args.precision,
             accelerator_kwargs={"mixed_precision": args.mixed_precision} if args.mixed_precision != "no" else {},
         )
@@ -222,6 +234,29 @@ class EngineBench:
         }
 
 
+def heldout_rewards(bench: EngineBench, rows: int) -> dict[str, float]:
+    """Mean reward (± standard error) on the first ``rows`` held-out prompts of the reference (the
+    policy before training) and of the trained policy, with the engine's evaluation path and seed; the
+    gain's standard error is paired (same prompts, same sampling seed)."""
+    from rlhf_cli.engine.heldout import compare_on_heldout, model_generation_settings
+    from rlhf_cli.engine.report import standard_error
+
+    workload, trainer = bench.workload, bench.trainer
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    comparison = compare_on_heldout(
+        workload.run_config, workload.heldout, rows,
+        before_model=trainer.ref_model, after_model=policy, tokenizer=workload.tokenizer, reward_fn=workload.reward_fn,
+        generation=model_generation_settings(workload.run_config, workload.tokenizer, policy), device=trainer.accelerator.device,
+    )
+    gains = [a - b for a, b in zip(comparison.after_rewards, comparison.before_rewards)]
+    return {
+        "prompts": float(rows),
+        "before": comparison.mean_before, "before_se": comparison.se_before,
+        "after": comparison.mean_after, "after_se": comparison.se_after,
+        "gain": statistics.fmean(gains), "gain_se": standard_error(gains),
+    }
+
+
 def summarise(records: list[dict[str, float]], batch_size: int) -> dict[str, Any]:
     median_step = statistics.median(r["step_s"] for r in records)
     tokens = statistics.median(r["new_tokens"] for r in records)
@@ -255,6 +290,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "mini_batch_size": args.mini_batch_size,
             "ppo_epochs": args.epochs,
+            "learning_rate": args.learning_rate,
+            "init_kl_coef": bench.trainer.config.init_kl_coef,
             **{knob: getattr(args, knob) for knob in ESTIMATOR_KNOBS},
             "new_tokens": args.new_tokens,
             "min_new_tokens": args.min_new_tokens,
@@ -270,6 +307,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "setup_rss_mb": setup_rss,
     }
+    if args.heldout:
+        result["heldout"] = heldout_rewards(bench, args.heldout)
+        result["heldout"]["samples_trained"] = (args.warmup + args.steps) * args.batch_size
     if not args.no_limit:
         from limit import measure_limit
 
@@ -305,7 +345,7 @@ def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
         "epochs": args.epochs, "new-tokens": args.new_tokens, "threads": args.threads, "steps": args.steps,
         "warmup": args.warmup, "seed": args.seed, "learning-rate": args.learning_rate,
         "limit-repeats": args.limit_repeats, "precision": args.precision, "mixed-precision": args.mixed_precision,
-        **{knob.replace("_", "-"): getattr(args, knob) for knob in ESTIMATOR_KNOBS},
+        "heldout": args.heldout, **({} if args.init_kl_coef is None else {"init-kl-coef": args.init_kl_coef}), **{knob.replace("_", "-"): getattr(args, knob) for knob in ESTIMATOR_KNOBS},
     }
     if args.min_new_tokens is not None:
         values["min-new-tokens"] = args.min_new_tokens
@@ -348,6 +388,12 @@ def format_result(result: dict[str, Any]) -> str:
     for phase in PHASES:
         seconds = result["phases_s"][phase]
         lines.append(f"   {phase:<15} {seconds:8.3f} s  {100 * seconds / result['median_step_s']:5.1f} %")
+    if "heldout" in result:
+        h = result["heldout"]
+        lines.append(
+            f"   held-out reward ({h['prompts']:.0f} prompts, after {h['samples_trained']} samples): {h['before']:.3f} +- "
+            f"{h['before_se']:.3f} -> {h['after']:.3f} +- {h['after_se']:.3f} (gain {h['gain']:+.3f} +- {h['gain_se']:.3f})"
+        )
     if "limit" in result:
         lim = result["limit"]
         lines.append(
@@ -422,7 +468,8 @@ def run_estimators(args: argparse.Namespace) -> dict[str, Any]:
         order = arms if index % 2 == 0 else arms[::-1]
         runs = {}
         for name, group in order:
-            result = spawn(child_argv(args, estimator=name, samples_per_prompt=group) + ["--no-limit"])
+            argv = child_argv(args, estimator=name, samples_per_prompt=group)
+            result = spawn(argv if args.no_limit else argv + ["--no-limit"])
             runs[arm_label(name, group)] = result
             print(f"round {index + 1}: {format_result(result)}", flush=True)
         rounds.append(runs)
@@ -460,6 +507,8 @@ def compare_summary(rounds: list[dict[str, dict[str, Any]]], labels: list[str]) 
             "rss_ratio": statistics.median(rss_ratios),
             "rounds": len(runs),
         }
+        if "heldout" in runs[0]:  # the same seed in every round: the same training, the same gain
+            summary[label]["heldout_gain"] = statistics.median(r["heldout"]["gain"] for r in runs)
     return summary
 
 
@@ -484,13 +533,12 @@ def apply_presets(args: argparse.Namespace) -> None:
         args.model, args.batch_size, args.mini_batch_size, args.epochs, args.new_tokens = "smollm2", 16, 8, 4, 16
     if args.offline_default:  # configs/train.yaml's offline default block
         args.model, args.batch_size, args.mini_batch_size, args.epochs = "review", 32, 16, 2
-        args.learning_rate, args.min_new_tokens, args.new_tokens = 3e-4, 8, 12
+        args.learning_rate, args.init_kl_coef, args.min_new_tokens, args.new_tokens = 3e-4, 0.1, 8, 12
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        sys.path.insert(0, str(HERE))
         result = run_one(args)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return

@@ -56,6 +56,9 @@ class Workload:
     query_ids: list[torch.Tensor]  # one 1-D token tensor per prompt (no special tokens)
     reward_fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]]
     reward_name: str
+    # Models built from a run config (CONFIG_MODELS): that config and its held-out prompts (dataset.eval_split).
+    run_config: Any = None
+    heldout: Any = None
 
     def describe(self) -> dict[str, Any]:
         config = self.policy.config
@@ -214,11 +217,11 @@ def _config_workload(name: str, cfg, seed: int) -> Workload:
 
     set_seed(seed)  # the value head's init, as `rlhf train` does
     policy, tokenizer = load_policy_and_tokenizer(cfg.model)
-    train = build_prompt_data(cfg.dataset, tokenizer, seed=seed).train
-    rows = train.select(range(min(N_PROMPTS, len(train))))
+    data = build_prompt_data(cfg.dataset, tokenizer, seed=seed)
+    rows = data.train.select(range(min(N_PROMPTS, len(data.train))))
     query_ids = [torch.tensor(ids, dtype=torch.long) for ids in rows["input_ids"]]
     prompts = list(rows["query"])
-    return Workload(name, policy, tokenizer, prompts, query_ids, VaderReward(), "vader(response)")
+    return Workload(name, policy, tokenizer, prompts, query_ids, VaderReward(), "vader(response)", cfg, data.heldout)
 
 
 def converted_model_dir(gguf: Path | None = None) -> Path:

@@ -108,7 +108,7 @@ def test_estimator_comparison_interleaves_arms_with_the_same_responses_per_step(
     for label, estimator, group in (("gae G=1", "gae", 1), ("grpo G=2", "grpo", 2)):
         config = runs[label]["config"]
         assert (config["estimator"], config["samples_per_prompt"], config["batch_size"]) == (estimator, group, 4)
-        assert (config["kl_loss_coef"], config["kl_in_reward"]) == (0.1, "false")
+        assert (config["kl_loss_coef"], config["kl_in_reward"], config["init_kl_coef"]) == (0.1, "false", 0.2)
         [record] = runs[label]["steps"]
         assert record["prompts"] == 4 / group and record["new_tokens"] == 4 * 2
         assert "limit" not in runs[label]  # the comparison measures the engine only
@@ -122,15 +122,25 @@ def test_estimator_comparison_interleaves_arms_with_the_same_responses_per_step(
 def test_arms_presets_and_group_checks_of_the_command_line():
     bench = _load("bench_ppo")
     assert bench.parse_arms("gae, grpo:4,rloo:2") == [("gae", 1), ("grpo", 4), ("rloo", 2)]
-    args = bench.parse_args(["--offline-default"])
-    assert (args.model, args.batch_size, args.mini_batch_size, args.epochs, args.learning_rate) == ("review", 32, 16, 2, 3e-4)
-    assert (args.min_new_tokens, args.new_tokens) == (8, 12)
     assert bench.parse_args(["--real-lm", "--compare", "gae:1,grpo:4"]).batch_size == 16
     for bad in (["--batch-size", "6", "--samples-per-prompt", "4"], ["--compare", "gae:1,grpo:1"],
-                ["--compare", "gae:1,ppo:4"], ["--real-lm", "--compare", "gae,grpo:32"]):
+                ["--compare", "gae:1,ppo:4"], ["--real-lm", "--compare", "gae,grpo:32"], ["--model", "tiny", "--heldout", "8"]):
         with pytest.raises(SystemExit) as refused:
             bench.parse_args(bad)
         assert refused.value.code == 2, bad
+
+
+def test_offline_default_preset_is_the_composed_offline_default():
+    """--offline-default copies configs/train.yaml's offline default block: tied here, so they cannot drift apart."""
+    from rlhf_cli.config.compose import compose_train_config
+
+    cfg = compose_train_config(["output_dir=/tmp/unused"])
+    args = _load("bench_ppo").parse_args(["--offline-default"])
+    assert cfg.model.source == "review_gpt2" and args.model == "review"
+    ppo = cfg.ppo
+    expected = (ppo.batch_size, ppo.mini_batch_size, ppo.ppo_epochs, ppo.learning_rate, ppo.init_kl_coef)
+    assert (args.batch_size, args.mini_batch_size, args.epochs, args.learning_rate, args.init_kl_coef) == expected
+    assert (args.min_new_tokens, args.new_tokens) == (cfg.generation.response_min_tokens, cfg.generation.response_max_tokens)
 
 
 def test_comparison_summary_takes_ratios_within_each_round():
