@@ -40,8 +40,8 @@ SCALING_LENGTHS = (8, 16, 32, 64)
 ESTIMATOR_KNOBS = ("estimator", "samples_per_prompt", "kl_loss_coef", "kl_in_reward")
 
 
-def add_estimator_arguments(ap: argparse.ArgumentParser) -> None:
-    """The advantage estimator and its group sampling (shared with profile_ppo.py)."""
+def add_objective_arguments(ap: argparse.ArgumentParser) -> None:
+    """The advantage estimator, its group sampling and the KL terms (shared with profile_ppo.py)."""
     from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS  # torch-free
 
     ap.add_argument("--estimator", default="gae", choices=ADVANTAGE_ESTIMATORS, help="PPOConfig.advantage_estimator")
@@ -50,6 +50,7 @@ def add_estimator_arguments(ap: argparse.ArgumentParser) -> None:
                          "batch-size / G prompts, so the number of responses per step stays --batch-size")
     ap.add_argument("--kl-loss-coef", type=float, default=0.0, help="PPOConfig.kl_loss_coef (k3 estimator)")
     ap.add_argument("--kl-in-reward", default="true", choices=("true", "false"), help="PPOConfig.kl_in_reward")
+    ap.add_argument("--init-kl-coef", type=float, default=None, help="PPOConfig.init_kl_coef; default: PPOConfig's")
 
 
 def check_group_size(ap: argparse.ArgumentParser, batch_size: int, estimator: str, group: int) -> None:
@@ -95,14 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="steps run first and not counted")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--learning-rate", type=float, default=1.41e-5)
-    ap.add_argument("--init-kl-coef", type=float, default=None, help="PPOConfig.init_kl_coef; default: PPOConfig's")
     ap.add_argument("--no-limit", action="store_true", help="skip the plain-torch limit measurement")
     ap.add_argument("--limit-repeats", type=int, default=3)
     ap.add_argument("--scaling", action="store_true",
                     help="table over batch sizes 16/32/64/128 x response lengths 8/16/32/64")
     ap.add_argument("--scaling-batches", default=",".join(map(str, SCALING_BATCHES)))
     ap.add_argument("--scaling-lengths", default=",".join(map(str, SCALING_LENGTHS)))
-    add_estimator_arguments(ap)
+    add_objective_arguments(ap)
     ap.add_argument("--compare", default=None, metavar="EST:G,EST:G",
                     help="interleave these estimator:samples-per-prompt arms (e.g. gae:1,grpo:4) for --rounds rounds, "
                          "one child per arm and round, and report ratios to the first arm")

@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_ppo import EngineBench, add_estimator_arguments  # noqa: E402  (sets the offline environment variables)
+from bench_ppo import EngineBench, add_objective_arguments  # noqa: E402  (sets the offline environment variables)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=2, help="profiled steps (after one warm-up step)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--learning-rate", type=float, default=1.41e-5)
-    add_estimator_arguments(ap)
+    add_objective_arguments(ap)
     ap.add_argument("--profiler", choices=("cprofile", "torch"), default="cprofile")
     ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative, ...)")
     ap.add_argument("--top", type=int, default=40)
