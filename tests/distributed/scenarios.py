@@ -60,6 +60,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                     kl_in_reward=False, kl_loss_coef=0.2, kl_loss_estimator="k3", learning_rate=0.2),
         optimizer="sgd_momentum",
     ),
+    # RLOO with pairs: four prompts, two whole groups per process. Its advantages are raw reward
+    # differences (no std division; up to ~6 with these scores), hence lr 0.02: at 0.1 the second
+    # step's ratios reach 2.8, at 0.5 the ratio guard zeroes mini-batches.
+    "rloo": dict(
+        config=dict(advantage_estimator="rloo", samples_per_prompt=2, mini_batch_size=4, ppo_epochs=2, learning_rate=0.02),
+        optimizer="sgd_momentum",
+    ),
     # REINFORCE++: critic-free, with its advantages whitened over the whole global batch (a per-process
     # whitening would differ from one process's) and the KL penalty in the per-token rewards.
     "reinforce_pp": dict(
@@ -68,7 +75,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     ),
 }
 # Critic-free scenarios: the value head must keep its initial weights and hold no optimiser state.
-CRITIC_FREE = ("grpo", "reinforce_pp")
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
 SGD_MOMENTUM = 0.5
 
 # Scenarios the 2-process launch also runs with a deliberately wrong gradient scale (the ×P of

@@ -154,11 +154,12 @@ def test_a_missing_times_p_in_the_gradient_scale_is_caught(ranks, name):
     assert first, "a halved gradient passed the comparison: the tolerance is too loose"
 
 
-def test_each_process_received_whole_groups_of_one_prompt(ranks):
+@pytest.mark.parametrize("name", [name for name in SCENARIOS if group_size(name) > 1])
+def test_each_process_received_whole_groups_of_one_prompt(ranks, name):
     """The harness asserted on each rank that its rows are whole prompt groups (G adjacent responses
     to one query); together the two ranks hold every group of the global batch exactly once."""
-    groups = GLOBAL_BATCH // group_size("grpo")
-    held = [r["scenarios"]["grpo"]["groups"] for r in ranks]
+    groups = GLOBAL_BATCH // group_size(name)
+    held = [r["scenarios"][name]["groups"] for r in ranks]
     assert [len(h) for h in held] == [groups // 2] * 2
     assert sorted(held[0] + held[1]) == list(range(groups))
 
