@@ -114,7 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     apply_presets(args)
-    arms = parse_arms(args.compare) if args.compare is not None else [(args.estimator, args.samples_per_prompt)]
+    try:
+        arms = parse_arms(args.compare) if args.compare is not None else [(args.estimator, args.samples_per_prompt)]
+    except ValueError as error:
+        ap.error(str(error))
     for estimator, group in arms:
         check_group_size(ap, args.batch_size, estimator, group)
     if args.heldout:
@@ -345,7 +348,9 @@ def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
         "epochs": args.epochs, "new-tokens": args.new_tokens, "threads": args.threads, "steps": args.steps,
         "warmup": args.warmup, "seed": args.seed, "learning-rate": args.learning_rate,
         "limit-repeats": args.limit_repeats, "precision": args.precision, "mixed-precision": args.mixed_precision,
-        "heldout": args.heldout, **({} if args.init_kl_coef is None else {"init-kl-coef": args.init_kl_coef}), **{knob.replace("_", "-"): getattr(args, knob) for knob in ESTIMATOR_KNOBS},
+        "heldout": args.heldout,
+        **({} if args.init_kl_coef is None else {"init-kl-coef": args.init_kl_coef}),
+        **{knob.replace("_", "-"): getattr(args, knob) for knob in ESTIMATOR_KNOBS},
     }
     if args.min_new_tokens is not None:
         values["min-new-tokens"] = args.min_new_tokens
@@ -455,6 +460,8 @@ def parse_arms(text: str) -> list[tuple[str, int]]:
     arms = []
     for item in text.split(","):
         name, _, group = item.strip().partition(":")
+        if group and not group.isdigit():
+            raise ValueError(f"--compare arm {item.strip()!r}: the responses per prompt after ':' must be a whole number, e.g. grpo:4.")
         arms.append((name, int(group or 1)))
     return arms
 

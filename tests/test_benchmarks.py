@@ -124,7 +124,7 @@ def test_arms_presets_and_group_checks_of_the_command_line():
     assert bench.parse_arms("gae, grpo:4,rloo:2") == [("gae", 1), ("grpo", 4), ("rloo", 2)]
     assert bench.parse_args(["--real-lm", "--compare", "gae:1,grpo:4"]).batch_size == 16
     for bad in (["--batch-size", "6", "--samples-per-prompt", "4"], ["--compare", "gae:1,grpo:1"],
-                ["--compare", "gae:1,ppo:4"], ["--real-lm", "--compare", "gae,grpo:32"], ["--model", "tiny", "--heldout", "8"]):
+                ["--compare", "gae:1,ppo:4"], ["--real-lm", "--compare", "gae,grpo:32"], ["--model", "tiny", "--heldout", "8"], ["--compare", "gae:1,grpo:four"]):
         with pytest.raises(SystemExit) as refused:
             bench.parse_args(bad)
         assert refused.value.code == 2, bad
