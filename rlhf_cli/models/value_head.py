@@ -318,21 +318,27 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         past_key_values: Any = None,
+        *,
+        with_values: bool = True,
         **kwargs: Any,
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Returns (lm_logits [B, L, V], loss or None, values [B, L] float32).
 
         The logits keep the model's dtype: upcasting a [B, L, V] tensor costs memory the caller may
         not need. ``logits_to_keep=k`` is passed to the model (its LM head then skips the other
-        positions) and the values cover the same last k positions.
+        positions) and the values cover the same last k positions. ``with_values=False`` (ours: a
+        critic-free estimator, or the reference) skips the value head and the hidden states it reads:
+        values are None.
         """
         outputs = self.pretrained_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
-            output_hidden_states=True,
+            output_hidden_states=with_values,
             **kwargs,
         )
+        if not with_values:
+            return outputs.logits, outputs.loss, None
         hidden = outputs.hidden_states[-1]
         if "logits_to_keep" in kwargs:
             hidden = keep_positions(hidden, kwargs["logits_to_keep"])
@@ -353,12 +359,14 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         past_key_values: Any = None,
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
+        *,
+        with_values: bool = True,
         **kwargs: Any,
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Returns (lm_logits [B, Ld, V], loss or None, values [B, Ld] float32) over decoder positions.
 
         Seq2seq heads take no ``logits_to_keep``; if given, both outputs are sliced afterwards (the
-        full logits are still computed).
+        full logits are still computed). ``with_values=False``: values are None (see the causal wrapper).
         """
         logits_to_keep = kwargs.pop("logits_to_keep", None)
         outputs = self.pretrained_model(
@@ -367,12 +375,17 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
             past_key_values=past_key_values,
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
-            output_hidden_states=True,
+            output_hidden_states=with_values,
             **kwargs,
         )
-        logits, hidden = outputs.logits, outputs.decoder_hidden_states[-1]
+        logits = outputs.logits
         if logits_to_keep is not None:
-            logits, hidden = keep_positions(logits, logits_to_keep), keep_positions(hidden, logits_to_keep)
+            logits = keep_positions(logits, logits_to_keep)
+        if not with_values:
+            return logits, outputs.loss, None
+        hidden = outputs.decoder_hidden_states[-1]
+        if logits_to_keep is not None:
+            hidden = keep_positions(hidden, logits_to_keep)
         return logits, outputs.loss, self.v_head(hidden)
 
 

@@ -19,16 +19,20 @@ from rlhf_cli.rollout.packing import PackedBatch
 class ResponseOutputs(NamedTuple):
     """Model outputs at the positions that predict each response token.
 
-    logits [B, T, V] (None once reduced), logprobs [B, T] of the response tokens, values [B, T].
+    logits [B, T, V] (None once reduced), logprobs [B, T] of the response tokens, values [B, T]
+    (None when the value head was not run).
     """
 
     logits: Tensor
     logprobs: Tensor
-    values: Tensor
+    values: Tensor | None
 
 
-def response_outputs(model: nn.Module, batch: PackedBatch) -> ResponseOutputs:
+def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = True) -> ResponseOutputs:
     """One forward pass of ``model`` over ``batch``, sliced to the response positions.
+
+    ``values=False`` skips the value head (a critic-free estimator; the reference, whose values
+    nobody reads): ``ResponseOutputs.values`` is then None.
 
     Decoder-only models compute the LM head only where a response token is predicted: when all
     responses have the same length, over the last T + 1 positions (the final one dropped); when
@@ -36,17 +40,23 @@ def response_outputs(model: nn.Module, batch: PackedBatch) -> ResponseOutputs:
     :func:`_packed_response_outputs`. Padding positions then hold zero logits and values.
     """
     width_t = batch.response_width
+    with_values = {"with_values": False} if not values else {}  # the wrappers' default: values on
     if batch.is_encoder_decoder:
-        logits, _, values = model(**batch.model_inputs())
+        logits, _, value_out = model(**batch.model_inputs(), **with_values)
     elif sum(batch.response_lengths) < batch.batch_size * width_t:
-        return _packed_response_outputs(model, batch)
+        return _packed_response_outputs(model, batch, with_values)
     else:
         # Only the last T + 1 positions predict response tokens (or the token after the last
         # one, dropped below): skipping the LM head over the query saves a [B, Lq, V] matmul.
-        logits, _, values = model(**batch.model_inputs(), logits_to_keep=width_t + 1)
-        logits, values = logits[:, :-1], values[:, :-1]
+        logits, _, value_out = model(**batch.model_inputs(), logits_to_keep=width_t + 1, **with_values)
+        logits = logits[:, :-1]
+        value_out = None if value_out is None else value_out[:, :-1]
     logprobs = logprobs_from_logits(logits, batch.response_ids)
-    return ResponseOutputs(logits=logits, logprobs=logprobs, values=values.float())
+    return ResponseOutputs(logits=logits, logprobs=logprobs, values=_float_or_none(value_out))
+
+
+def _float_or_none(values: Tensor | None) -> Tensor | None:
+    return None if values is None else values.float()
 
 
 def _real_token_index(response_lengths: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -60,7 +70,7 @@ def _real_token_index(response_lengths: list[int], device: torch.device) -> tupl
     return rows.to(device), cols.to(device)
 
 
-def _packed_response_outputs(model: nn.Module, batch: PackedBatch) -> ResponseOutputs:
+def _packed_response_outputs(model: nn.Module, batch: PackedBatch, with_values: dict[str, bool]) -> ResponseOutputs:
     """:func:`response_outputs` for responses of different lengths: LM head and value head at real tokens only.
 
     Positions predicting response padding would cost the [*, H] x [H, V] LM-head matmul (and its
@@ -77,12 +87,12 @@ def _packed_response_outputs(model: nn.Module, batch: PackedBatch) -> ResponseOu
     rows, cols = _real_token_index(batch.response_lengths, device)
     keep = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=device)
     keep[rows, cols + (width_q - 1)] = True  # input position Lq - 1 + t predicts response token t
-    packed_logits, _, packed_values = model(**batch.model_inputs(), logits_to_keep=keep)
+    packed_logits, _, packed_values = model(**batch.model_inputs(), logits_to_keep=keep, **with_values)
     shape = (batch.batch_size, batch.response_width)
     logits = packed_logits.new_zeros(*shape, packed_logits.shape[-1]).index_put((rows, cols), packed_logits)
-    values = packed_values.new_zeros(shape).index_put((rows, cols), packed_values)
+    values = None if packed_values is None else packed_values.new_zeros(shape).index_put((rows, cols), packed_values)
     logprobs = logprobs_from_logits(logits, batch.response_ids)
-    return ResponseOutputs(logits=logits, logprobs=logprobs, values=values.float())
+    return ResponseOutputs(logits=logits, logprobs=logprobs, values=_float_or_none(values))
 
 
 def _as_context(reference: nn.Module | Callable[[], ContextManager[nn.Module]]) -> ContextManager[nn.Module]:
@@ -90,10 +100,10 @@ def _as_context(reference: nn.Module | Callable[[], ContextManager[nn.Module]]) 
 
 
 class RolloutScores(NamedTuple):
-    """No-gradient quantities of a whole batch, response-aligned [B, T]."""
+    """No-gradient quantities of a whole batch, response-aligned [B, T] (values None without a critic)."""
 
     logprobs: Tensor
-    values: Tensor
+    values: Tensor | None
     ref_logprobs: Tensor
     full_kl: Tensor | None
 
@@ -106,21 +116,23 @@ def score_rollout(
     *,
     chunk_size: int,
     need_full_kl: bool,
+    need_values: bool = True,
 ) -> RolloutScores:
     """Old logprobs and values from the policy and logprobs from the reference, in chunks.
 
     ``reference`` is a module, or a function returning a context that yields one (a PEFT policy
     with its adapter disabled: the policy pass must run outside that context).
-    One forward pass each per chunk. The full-vocabulary KL (``kl_penalty="full"``) needs both
+    One forward pass each per chunk; the value head runs on the policy only, and only when
+    ``need_values`` (a critic-free estimator has none to read). The full-vocabulary KL (``kl_penalty="full"``) needs both
     models' logits at once; computing it per chunk keeps only [chunk, T, V] alive at a time.
     """
     parts: list[RolloutScores] = []
     for start in range(0, batch.batch_size, chunk_size):
         rows = list(range(start, min(start + chunk_size, batch.batch_size)))
         chunk = batch if len(rows) == batch.batch_size else batch.select(rows)
-        pol = response_outputs(policy, chunk)
+        pol = response_outputs(policy, chunk, values=need_values)
         with _as_context(reference) as ref_model:
-            ref = response_outputs(ref_model, chunk)
+            ref = response_outputs(ref_model, chunk, values=False)
         kl = full_kl(pol.logits, ref.logits) if need_full_kl else None
         parts.append(RolloutScores(pol.logprobs, pol.values, ref.logprobs, kl))
     width = batch.response_width
@@ -131,7 +143,7 @@ def score_rollout(
 
     return RolloutScores(
         logprobs=cat([p.logprobs for p in parts]),
-        values=cat([p.values for p in parts]),
+        values=cat([p.values for p in parts]) if need_values else None,
         ref_logprobs=cat([p.ref_logprobs for p in parts]),
         full_kl=cat([p.full_kl for p in parts]) if need_full_kl else None,
     )

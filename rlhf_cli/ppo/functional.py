@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.config import KL_PENALTY_MODES
+from rlhf_cli.ppo.config import KL_LOSS_ESTIMATORS, KL_PENALTY_MODES
 from rlhf_cli.ppo.running_moments import RunningMoments
 
 # The modes computed from sampled-token logprobs; "full" needs both models' logits (full_kl).
@@ -205,6 +205,43 @@ def full_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
     return (probs * log_ratio).sum(dim=-1)
 
 
+def kl_loss_terms(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token estimates of KL(π‖π_ref) from tokens sampled from π: [B, T], [B, T] -> [B, T].
+
+    Schulman, "Approximating KL Divergence" (2020), with log r = logπ_ref − logπ: ``k1`` = −log r
+    (unbiased, high variance, can be negative), ``k2`` = ½(log r)² (biased, low variance), ``k3`` =
+    (r − 1) − log r (unbiased and ≥ 0; GRPO's, Shao et al. 2024). For the loss term: the gradient
+    flows through ``logprobs``. log r is clamped to ±20 before ``exp`` in k3 so a far-off token
+    gives a large finite penalty, not inf.
+    """
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        log_r = log_r.clamp(-20.0, 20.0)
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"Unknown KL-loss estimator {estimator!r}; valid: {', '.join(KL_LOSS_ESTIMATORS)}.")
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    estimator: str,
+    *,
+    token_count: Tensor | float | None = None,
+) -> Tensor:
+    """The KL loss term: mean_m of :func:`kl_loss_terms` over response tokens, [B, T] x3 -> [] (with
+    graph). Divides by ``token_count`` when given (see :func:`masked_mean`)."""
+    selected = _bool_mask(logprobs, mask)
+    # Mask before the estimate: padding logprobs may be anything, and exp of garbage could be inf.
+    zeros = torch.zeros_like(logprobs)
+    terms = kl_loss_terms(torch.where(selected, logprobs, zeros), torch.where(selected, ref_logprobs, zeros), estimator)
+    return masked_mean(terms, selected, count=token_count)
+
+
 # Scores and per-token rewards --------------------------------------------------------------------
 
 
@@ -269,10 +306,11 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
 
 
 class Advantages(NamedTuple):
-    """Whitened advantages [B, T] and returns [B, T] (raw advantages + values), 0 outside the mask."""
+    """Advantages [B, T] and returns [B, T] (raw advantages + values; None for an estimator without a
+    critic), 0 outside the mask."""
 
     advantages: Tensor
-    returns: Tensor
+    returns: Tensor | None
 
 
 def gae(

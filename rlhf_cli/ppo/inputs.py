@@ -100,6 +100,24 @@ def check_step_inputs(
     return queries, responses, score_tensor, masks
 
 
+def check_groups(queries: Sequence[Tensor], group_size: int) -> None:
+    """With ``samples_per_prompt`` = G > 1, the samples must come prompt-major: queries g·G … g·G + G − 1
+    are one prompt, repeated. ValueError naming the first group that is not (the batch size itself is
+    a multiple of G, checked by the config)."""
+    if group_size == 1:
+        return
+    for start in range(0, len(queries), group_size):
+        first = queries[start]
+        for offset in range(1, group_size):
+            other = queries[start + offset]
+            if other.shape != first.shape or not torch.equal(other, first):
+                raise ValueError(
+                    f"samples_per_prompt={group_size}: samples {start}-{start + group_size - 1} should be the "
+                    f"{group_size} responses to one prompt, but queries[{start + offset}] differs from "
+                    f"queries[{start}]. Pass the samples prompt-major: the {group_size} responses of each prompt "
+                    "next to each other, each with the same query tensor."
+                )
+
 def token_ids(tokenizer: Any, model_config: Any) -> tuple[int, int | None]:
     """(pad id, EOS id) for generation. Padding: the tokenizer's pad, else its EOS, else the model
     config's pad or EOS, else 0 (any id is safe: padded positions are masked out). EOS: the

@@ -36,6 +36,7 @@ class MiniBatchStats(NamedTuple):
     val_clipfrac: Tensor
     val_mean: Tensor
     val_var: Tensor
+    kl_loss: Tensor  # the KL loss term before its coefficient (NaN when kl_loss_coef is 0)
     skipped: Tensor  # 1.0 when the ratio threshold zeroed this mini-batch's loss
 
 
@@ -57,29 +58,36 @@ TRAIN_NAMES = {
     "val_clipfrac": "ppo/val/clipfrac",
     "val_mean": "ppo/val/mean",
     "val_var": "ppo/val/var",
+    "kl_loss": "ppo/loss/kl",
 }
+# Reported only with a critic (gae): the value head's fields and the returns it regresses on.
+CRITIC_FIELDS = frozenset({
+    "value_loss", "returns_mean", "returns_var", "vpred", "val_error", "val_clipfrac", "val_mean", "val_var",
+})
 
 
 # MiniBatchStats fields that each process computes as its share of a mean over the global mini-batch
 # (they depend on its own forward pass); the others are computed from the whole mini-batch's rollout.
 SHARE_FIELDS = (
     "policy_loss", "value_loss", "total_loss", "entropy", "approxkl", "policykl", "clipfrac",
-    "vpred", "val_error", "val_clipfrac",
+    "vpred", "val_error", "val_clipfrac", "kl_loss",
 )
 
 
 class WholeMiniBatch(NamedTuple):
-    """Rollout tensors of a whole global mini-batch (every process holds them): [M, t]."""
+    """Rollout tensors of a whole global mini-batch (every process holds them): [M, t]; returns and
+    old values are None without a critic."""
 
     advantages: Tensor
-    returns: Tensor
-    old_values: Tensor
+    returns: Tensor | None
+    old_values: Tensor | None
     mask: Tensor
 
 
 def minibatch_stats(
     pl: PolicyLoss,
-    vl: ValueLoss,
+    vl: ValueLoss | None,
+    kl_term: Tensor | None,
     loss: Tensor,
     logits: Tensor,
     mask: Tensor,
@@ -89,13 +97,15 @@ def minibatch_stats(
     whole: WholeMiniBatch,
 ) -> MiniBatchStats:
     """The stats of one optimisation mini-batch (pure: no gradient, no collective). ``pl``, ``vl``,
-    ``loss``, ``logits`` and ``mask`` are this process's share; ``whole`` is the global mini-batch."""
+    ``kl_term``, ``loss``, ``logits`` and ``mask`` are this process's share; ``whole`` is the global
+    mini-batch. Without a critic (``vl`` None) the value fields are NaN, without a KL loss term
+    ``kl_loss`` is; :func:`assemble_step_stats` leaves them out."""
     skipped = (ratio_mean > ratio_threshold).float()
     keep = 1.0 - skipped  # legacy TRL reports zero losses for a skipped mini-batch
     with torch.no_grad():
+        critic = _critic_stats(vl, keep, whole) if vl is not None else _absent_critic_stats(loss)
         return MiniBatchStats(
             policy_loss=pl.loss.detach() * keep,
-            value_loss=vl.loss.detach() * keep,
             total_loss=loss.detach(),
             entropy=masked_mean(entropy_from_logits(logits.detach()), mask, count=token_count),
             approxkl=pl.approxkl,
@@ -103,15 +113,31 @@ def minibatch_stats(
             clipfrac=pl.clipfrac,
             advantages_mean=masked_mean(whole.advantages, whole.mask),
             ratio=ratio_mean,
-            returns_mean=masked_mean(whole.returns, whole.mask),
-            returns_var=masked_var(whole.returns, whole.mask),
-            vpred=vl.vpred_mean,
-            val_error=vl.error,
-            val_clipfrac=vl.clipfrac,
-            val_mean=masked_mean(whole.old_values, whole.mask),
-            val_var=masked_var(whole.old_values, whole.mask),
+            kl_loss=kl_term.detach() if kl_term is not None else _nan(loss),
             skipped=skipped,
+            **critic,
         )
+
+
+def _nan(like: Tensor) -> Tensor:
+    return torch.full((), float("nan"), device=like.device)
+
+
+def _critic_stats(vl: ValueLoss, keep: Tensor, whole: WholeMiniBatch) -> dict[str, Tensor]:
+    return dict(
+        value_loss=vl.loss.detach() * keep,
+        returns_mean=masked_mean(whole.returns, whole.mask),
+        returns_var=masked_var(whole.returns, whole.mask),
+        vpred=vl.vpred_mean,
+        val_error=vl.error,
+        val_clipfrac=vl.clipfrac,
+        val_mean=masked_mean(whole.old_values, whole.mask),
+        val_var=masked_var(whole.old_values, whole.mask),
+    )
+
+
+def _absent_critic_stats(like: Tensor) -> dict[str, Tensor]:
+    return {name: _nan(like) for name in CRITIC_FIELDS}
 
 
 class RolloutStats(NamedTuple):
@@ -142,8 +168,14 @@ def assemble_step_stats(
     kl_coef: float,
     learning_rate: float,
     timings: dict[str, float],
+    critic: bool = True,
+    kl_loss_coef: float = 0.0,
 ) -> StepStats:
-    """Legacy TRL's stats dict (objective/*, ppo/*, tokens/*, time/ppo/*) and the typed values of a step."""
+    """Legacy TRL's stats dict (objective/*, ppo/*, tokens/*, time/ppo/*) and the typed values of a step.
+
+    Without a ``critic`` the value head's stats (ppo/loss/value, ppo/returns/*, ppo/val/*) are left
+    out; with a KL loss term (``kl_loss_coef`` > 0) ``ppo/loss/kl`` and ``objective/kl_loss_coef``
+    are added. ``kl_coef`` is the β of the reward-side penalty (0 when the KL is not in the reward)."""
     # One host transfer for all mini-batch scalars: [num_minibatches, num_fields].
     table = torch.stack([torch.stack([t.float() for t in mb]) for mb in minibatches]).cpu()
     means = table.mean(dim=0)
@@ -167,11 +199,14 @@ def assemble_step_stats(
     stats["tokens/queries_len_std"] = float(qlen.std()) if qlen.numel() > 1 else 0.0
     stats["tokens/responses_len_mean"] = float(rlen.mean())
     stats["tokens/responses_len_std"] = float(rlen.std()) if rlen.numel() > 1 else 0.0
+    if kl_loss_coef > 0:
+        stats["objective/kl_loss_coef"] = float(kl_loss_coef)
     for index, field in enumerate(fields):
-        if field in TRAIN_NAMES:
+        if field in TRAIN_NAMES and _reported(field, critic, kl_loss_coef):
             stats[TRAIN_NAMES[field]] = float(means[index])
-    returns_var = stats["ppo/returns/var"]
-    stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / returns_var if returns_var > 0 else 0.0
+    if critic:
+        returns_var = stats["ppo/returns/var"]
+        stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / returns_var if returns_var > 0 else 0.0
     stats["ppo/skipped_minibatches"] = float(table[:, fields.index("skipped")].sum())
     stats["ppo/minibatches"] = float(table.shape[0])
     stats["ppo/learning_rate"] = float(learning_rate)
@@ -179,6 +214,13 @@ def assemble_step_stats(
         stats[f"time/ppo/{name}"] = float(seconds)
     return StepStats(stats, kl=stats["objective/kl"], skipped_minibatches=int(stats["ppo/skipped_minibatches"]))
 
+
+def _reported(field: str, critic: bool, kl_loss_coef: float) -> bool:
+    if field in CRITIC_FIELDS:
+        return critic
+    if field == "kl_loss":
+        return kl_loss_coef > 0
+    return True
 
 
 

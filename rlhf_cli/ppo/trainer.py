@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model, disable_dropout
 from rlhf_cli.ppo.config import PPOConfig
+from rlhf_cli.ppo.estimators import estimator_named
 from rlhf_cli.ppo.distributed import (
     cpu_process_group_needed,
     gather_rows,
@@ -36,8 +37,8 @@ from rlhf_cli.ppo.distributed import (
     sum_shares,
 )
 from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
-from rlhf_cli.ppo.functional import Advantages, per_token_rewards, policy_loss, process_scores, ratio_guard, value_loss
-from rlhf_cli.ppo.inputs import check_step_inputs, token_ids
+from rlhf_cli.ppo.functional import Advantages, kl_loss, per_token_rewards, policy_loss, process_scores, ratio_guard, value_loss
+from rlhf_cli.ppo.inputs import check_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.kl_control import make_kl_controller
 from rlhf_cli.ppo.precision import apply_precision
 from rlhf_cli.ppo.running_moments import RunningMoments
@@ -142,6 +143,8 @@ class PPOTrainer(TRLCompatMixin):
         self.config = _checked_arguments(config, model, ref_model)
         num_shared_layers = _shared_layers(ref_model, num_shared_layers)
         self.config.check_sizes()  # the config as it is now, not as it was constructed
+        self.config.check_estimator()
+        self.estimator = estimator_named(self.config.advantage_estimator)
         self.accelerator = make_accelerator(self.config)
         self.sizes = self.config.sizes(self.accelerator.num_processes)
         fill_runtime_fields(self.config, self.sizes, model)
@@ -151,6 +154,10 @@ class PPOTrainer(TRLCompatMixin):
         self.is_encoder_decoder = model.is_encoder_decoder
         self.is_peft_model = model.is_peft_model
         ref_model = self._reference_model(model, ref_model, num_shared_layers)
+        if not self.estimator.needs_critic:
+            # Never run, so never trained: frozen before the optimiser is built (no state for it) and
+            # before DDP wraps the model (which would otherwise wait for its gradients).
+            model.v_head.requires_grad_(False)
         optimizer = optimizer if optimizer is not None else self._default_optimizer(model)
         # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
         optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
@@ -257,6 +264,11 @@ class PPOTrainer(TRLCompatMixin):
     def eos_token_id(self) -> Optional[int]:
         return token_ids(self.tokenizer, self._unwrapped.config)[1]
 
+    @property
+    def reward_kl_coef(self) -> float:
+        """β of the reward-side KL penalty: the controller's value, or 0 with ``kl_in_reward=False``."""
+        return self.kl_ctl.value if self.config.kl_in_reward else 0.0
+
     # Reference model ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def reference_context(self) -> Iterator[nn.Module]:
@@ -283,11 +295,18 @@ class PPOTrainer(TRLCompatMixin):
         response_masks: Optional[list[Tensor]] = None,
     ) -> dict[str, Any]:
         """One PPO step on ``config.batch_size`` samples per process; returns legacy TRL's stats dict
-        (DESIGN §7), computed over the global batch of all processes and the same on every process."""
+        (DESIGN §7), computed over the global batch of all processes and the same on every process.
+
+        With ``config.samples_per_prompt`` = G > 1 the samples come prompt-major: the G responses of
+        each prompt next to each other (``queries[g*G : (g+1)*G]`` one prompt's tensor repeated), so
+        ``batch_size`` counts responses. Critic-free estimators (``config.advantage_estimator``) then
+        compare each response with its group; without a critic the ``ppo/val/*``, ``ppo/returns/*``
+        and ``ppo/loss/value`` stats are absent."""
         timer = PhaseTimer()
         queries, responses, scores, response_masks = check_step_inputs(
             queries, responses, scores, response_masks, self.config.batch_size
         )
+        check_groups(queries, self.config.samples_per_prompt)
         # (a) The global batch, on every process; then score scaling/normalisation/clipping.
         queries, responses, response_masks = self._gather_batch(queries, responses, scores, response_masks)
         scores = process_scores(
@@ -302,14 +321,15 @@ class PPOTrainer(TRLCompatMixin):
         # (c) Old logprobs and values (policy) and reference logprobs: one no-gradient pass each.
         with timer("forward_pass"):
             rollout = self._score_global_batch(batch)
-        # (d) Per-token rewards (−β·KL, score on the last token) and GAE advantages. Every process
-        # holds the whole batch, so whitening uses the statistics of the global batch.
-        kl_coef = self.kl_ctl.value
+        # (d) Per-token rewards (−β·KL, score on the last token) and advantages (GAE, or a critic-free
+        # estimator of ppo.estimators). Every process holds the whole batch, so whitening and groups
+        # use the global batch.
+        kl_coef = self.reward_kl_coef
         with timer("compute_rewards"):
             rewards, non_score, kl = self._rewards(scores, rollout, mask, kl_coef)
         with timer("compute_advantages"):
-            _, whitened, returns = self.compute_advantages(rollout.values, rewards, mask)
-            advantages = Advantages(whitened, returns)
+            _, advantage, returns = self.compute_advantages(rollout.values, rewards, mask)
+            advantages = Advantages(advantage, returns)
         # (e) PPO epochs over shuffled mini-batches.
         with timer("optimize_step"):
             minibatches = self._optimise(batch, rollout, advantages)
@@ -323,6 +343,8 @@ class PPOTrainer(TRLCompatMixin):
                 kl_coef=kl_coef,
                 learning_rate=self.optimizer.param_groups[0]["lr"],
                 timings=timer.seconds,
+                critic=self.estimator.needs_critic,
+                kl_loss_coef=self.config.kl_loss_coef,
             )
         self._finish_step(result, batch.batch_size)
         return result.flat
@@ -357,7 +379,8 @@ class PPOTrainer(TRLCompatMixin):
                 f"{result.skipped_minibatches} mini-batch(es) of step {self.current_step}; their loss was zeroed.",
                 stacklevel=3,
             )
-        self.kl_ctl.update(result.kl, batch_size)
+        if self.config.kl_in_reward:  # β is unused otherwise; the controller keeps its value
+            self.kl_ctl.update(result.kl, batch_size)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.current_step += 1
@@ -375,6 +398,7 @@ class PPOTrainer(TRLCompatMixin):
             own,
             chunk_size=self.config.forward_batch_size or own.batch_size,
             need_full_kl=self.config.kl_penalty == "full",
+            need_values=self.estimator.needs_critic,
         )
         if processes == 1:
             return rollout
@@ -414,24 +438,32 @@ class PPOTrainer(TRLCompatMixin):
         token_count = whole.response_mask.sum()
         own_index, whole_index = own_rows.to(mb.response_ids.device), rows.to(mb.response_ids.device)
 
-        def take(t: Tensor) -> Tensor:
-            return t[own_index, : mb.response_width]
+        def take(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t[own_index, : mb.response_width]
 
-        def take_whole(t: Tensor) -> Tensor:
-            return t[whole_index, : whole.response_width]
+        def take_whole(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t[whole_index, : whole.response_width]
 
         mask = mb.response_mask
+        critic = self.estimator.needs_critic
         with self.accelerator.accumulate(self.model):
-            out = response_outputs(self.model, mb)
+            out = response_outputs(self.model, mb, values=critic)
             pl = policy_loss(out.logprobs, take(rollout.logprobs), take(advantages.advantages), mask, cfg.cliprange, token_count=token_count)
-            vl = value_loss(out.values, take(rollout.values), take(advantages.returns), mask, cfg.cliprange_value, token_count=token_count)
+            loss = pl.loss
+            vl = kl_term = None
+            if critic:
+                vl = value_loss(out.values, take(rollout.values), take(advantages.returns), mask, cfg.cliprange_value, token_count=token_count)
+                loss = loss + cfg.vf_coef * vl.loss
+            if cfg.kl_loss_coef > 0:
+                kl_term = kl_loss(out.logprobs, take(rollout.ref_logprobs), mask, cfg.kl_loss_estimator, token_count=token_count)
+                loss = loss + cfg.kl_loss_coef * kl_term
             ratio_mean = self._sum_across_processes(pl.ratio_mean.detach())
-            loss = ratio_guard(pl.loss + cfg.vf_coef * vl.loss, ratio_mean, cfg.ratio_threshold)
+            loss = ratio_guard(loss, ratio_mean, cfg.ratio_threshold)
             self._backward_and_step(loss, processes)
         whole_rollout = WholeMiniBatch(
             take_whole(advantages.advantages), take_whole(advantages.returns), take_whole(rollout.values), whole.response_mask
         )
-        return minibatch_stats(pl, vl, loss, out.logits, mask, token_count, ratio_mean, cfg.ratio_threshold, whole_rollout)
+        return minibatch_stats(pl, vl, kl_term, loss, out.logits, mask, token_count, ratio_mean, cfg.ratio_threshold, whole_rollout)
 
     def _backward_and_step(self, loss: Tensor, processes: int) -> None:
         """Backward pass, gradient clipping and the optimiser step (inside ``accelerator.accumulate``)."""

@@ -28,13 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_cli.logging import tracker_logs
+from rlhf_cli.ppo.advantages import settings_from
 from rlhf_cli.ppo.config import Sizes
 from rlhf_cli.ppo.dataloader import build_dataloader, is_hf_dataset, remove_unused_columns
 from rlhf_cli.ppo.forward import response_outputs
 from rlhf_cli.ppo.functional import (
     entropy_from_logits,
     full_kl,
-    gae,
     kl_penalty,
     masked_mean,
     masked_var,
@@ -56,6 +56,8 @@ class TRLCompatMixin(TRLGenerationMixin):
     config: Any
     accelerator: Any
     kl_ctl: Any
+    estimator: Any  # the config's rlhf_cli.ppo.estimators.AdvantageEstimator
+    reward_kl_coef: float  # β of the reward-side KL penalty (0 when the KL is not in the reward)
     model: nn.Module
     ref_model: Optional[nn.Module]
     is_encoder_decoder: bool
@@ -195,15 +197,21 @@ class TRLCompatMixin(TRLGenerationMixin):
         """(rewards, non-score rewards, KL) [B, T]: −β·KL per token, the score added at each row's
         last masked token. ``step()`` calls this (override it to shape rewards)."""
         kls = self._kl_penalty(logprobs, ref_logprobs)
-        terms = per_token_rewards(_as_score_tensor(scores, kls.device), kls, masks, self.kl_ctl.value)
+        terms = per_token_rewards(_as_score_tensor(scores, kls.device), kls, masks, self.reward_kl_coef)
         return terms.rewards, terms.non_score_rewards, kls
 
-    def compute_advantages(self, values: Tensor, rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(values, advantages, returns) [B, T]: GAE with ``gamma``/``lam`` (``whiten_rewards``
-        applied), whitened advantages, returns = raw advantages + values; values masked as in TRL.
+    def compute_advantages(
+        self, values: Optional[Tensor], rewards: Tensor, mask: Tensor
+    ) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+        """(values, advantages, returns) [B, T] from the config's advantage estimator. For ``gae``
+        (TRL's): GAE with ``gamma``/``lam`` (``whiten_rewards`` applied), whitened advantages,
+        returns = raw advantages + values; values masked as in TRL. A critic-free estimator
+        (:mod:`rlhf_cli.ppo.estimators`) gets and returns no values and no returns (None).
         ``step()`` calls this."""
-        result = gae(values, rewards, mask, self.config.gamma, self.config.lam, self.config.whiten_rewards)
-        return torch.where(mask.bool(), values, torch.zeros_like(values)), result.advantages, result.returns
+        result = self.estimator.estimate(rewards, values, mask, settings_from(self.config))
+        if values is not None:
+            values = torch.where(mask.bool(), values, torch.zeros_like(values))
+        return values, result.advantages, result.returns
 
     # Losses and stats ---------------------------------------------------------------------------
     def loss(
