@@ -173,9 +173,10 @@ def test_changing_estimator_or_group_size_on_resume_is_breaking(override):
 
 @pytest.mark.slow
 def test_grpo_run_resumes_exactly(tmp_path):
-    """Interrupted after step 2 and resumed, a grpo run with groups of 2 equals the uninterrupted one bit
-    for bit: metrics and final weights."""
-    common = [SMOKE, "ppo.advantage_estimator=grpo", "generation.samples_per_prompt=2", "checkpoint.every=2", "eval_prompts=0"]
+    """Interrupted after step 2 and resumed, a grpo run with groups of 2 (and imdb_grpo's KL placement)
+    equals the uninterrupted one bit for bit: metrics and final weights."""
+    common = [SMOKE, "ppo.advantage_estimator=grpo", "generation.samples_per_prompt=2", "ppo.kl_in_reward=false",
+              "ppo.kl_loss_coef=0.05", "checkpoint.every=2", "eval_prompts=0"]
 
     def run(out: Path, steps: int, *extra: str) -> None:
         done = subprocess.run([sys.executable, "-m", "rlhf_cli", "train", *common, f"output_dir={out}", f"steps={steps}", *extra],
@@ -187,6 +188,9 @@ def test_grpo_run_resumes_exactly(tmp_path):
     run(tmp_path / "split", 4, "checkpoint.resume=auto")
     whole, split = _metrics(tmp_path / "whole"), _metrics(tmp_path / "split")
     assert [row["step"] for row in split] == [1, 2, 3, 4] and whole == split
+    # It ran grpo: no value head stats, the KL as a loss term and none in the reward.
+    assert not any(key.startswith("ppo/val/") for row in whole for key in row)
+    assert all("ppo/loss/kl" in row and row["objective/kl_coef"] == 0 for row in whole)
     wa, wb = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -209,5 +213,5 @@ def test_group_recipes_are_deltas_over_the_offline_default(recipe):
 
 def test_grpo_recipe_moves_the_kl_into_the_loss_and_rloo_keeps_it_in_the_reward():
     grpo, rloo = (compose_train_config([f"+recipe={recipe}"]).ppo for recipe in RECIPES)
-    assert (grpo.kl_in_reward, grpo.kl_loss_coef, grpo.kl_loss_estimator) == (False, 0.05, "k3")
+    assert (grpo.kl_in_reward, grpo.kl_loss_coef, grpo.kl_loss_estimator) == (False, 0.3, "k3")
     assert (rloo.kl_in_reward, rloo.kl_loss_coef) == (True, 0.0)
