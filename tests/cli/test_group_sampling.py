@@ -8,6 +8,7 @@ and imdb_rloo are deltas over the offline default; a grpo run resumes exactly.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import types
@@ -101,6 +102,47 @@ def test_a_group_straddling_two_processes_stops_both_before_a_model_loads(tmp_pa
 
 
 # Rollouts --------------------------------------------------------------------------------------------
+# Writes each call's prompts to REWARD_LOG_DIR/rank<RANK>.jsonl: what each process scored, in order.
+RECORDING_REWARD = """
+import json, os
+
+
+def record(prompts, responses):
+    path = os.path.join(os.environ["REWARD_LOG_DIR"], f"rank{os.environ['RANK']}.jsonl")
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(list(prompts)) + "\\n")
+    return [len(response) / 10 for response in responses]
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_each_get_whole_groups_of_different_prompts(tmp_path):
+    """`accelerate launch --num_processes 2 ... ppo.batch_size=8 generation.samples_per_prompt=2` with
+    grpo: each process scores 2 prompts x 2 responses per step, each prompt's pair adjacent, and the two
+    processes have different prompts (4 per step in all)."""
+    logs, work = tmp_path / "logs", tmp_path / "work"
+    logs.mkdir(), work.mkdir()
+    (work / "recording_reward.py").write_text(RECORDING_REWARD, encoding="utf-8")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    launch = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    done = subprocess.run(
+        [str(accelerate), *launch, "-m", "rlhf_cli", "train", SMOKE, "output_dir=run", "eval_prompts=0", "steps=2",
+         "generation.samples_per_prompt=2", "ppo.advantage_estimator=grpo", "reward=callable",
+         "reward.function=recording_reward:record"],
+        cwd=work, env=cli_env(OMP_NUM_THREADS="1", PYTHONPATH=str(work), REWARD_LOG_DIR=str(logs)),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    calls = {rank: [json.loads(line) for line in (logs / f"rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)}
+    assert len(calls[0]) == len(calls[1]) == 2
+    for step in range(2):
+        per_rank = [calls[rank][step] for rank in (0, 1)]
+        assert all(len(prompts) == 4 and prompts[0] == prompts[1] and prompts[2] == prompts[3] for prompts in per_rank)
+        assert len({prompt for prompts in per_rank for prompt in prompts}) == 4
+    assert not any(key.startswith("ppo/val/") for key in json.loads((work / "run" / "metrics.jsonl").read_text().splitlines()[0]))
+
+
 def test_rollout_generates_prompt_major_groups_sharing_one_budget(tmp_path, monkeypatch):
     """`+recipe=smoke generation.samples_per_prompt=2` (gae): 4 prompts per step, each twice in a row, in
     one generate call, the pair with one length budget; the trainer gets that very layout."""
