@@ -26,6 +26,7 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.ppo.estimators import estimators_without_groups
 from tests.cli.test_checkpoints import _final_weights, _metrics
 from tests.cli.test_cli_errors import assert_one_paragraph_error, cli_env, rlhf
+from tests.cli.test_multiprocess import LAUNCH
 
 SMOKE = "+recipe=smoke"
 RECIPES = ("imdb_grpo", "imdb_rloo")
@@ -33,6 +34,13 @@ RECIPES = ("imdb_grpo", "imdb_rloo")
 
 def _state(num_processes: int) -> types.SimpleNamespace:
     return types.SimpleNamespace(num_processes=num_processes, device=torch.device("cpu"))
+
+
+def _train_on_two_processes(*overrides: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`accelerate launch` (2 CPU processes over gloo) of `rlhf train +recipe=smoke OVERRIDES`."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return subprocess.run([str(accelerate), *LAUNCH, "-m", "rlhf_cli", "train", SMOKE, *overrides], cwd=cwd,
+                          env=cli_env(OMP_NUM_THREADS="1", **env), capture_output=True, text=True, timeout=300)
 
 
 # Launch checks -------------------------------------------------------------------------------------
@@ -85,14 +93,7 @@ def test_a_group_straddling_two_processes_stops_both_before_a_model_loads(tmp_pa
     """Under `accelerate launch` each process exits 2 with the paragraph (the launcher then adds its own
     report of the failed children: not ours to shorten)."""
     out = tmp_path / "run"
-    accelerate = Path(sys.executable).parent / "accelerate"
-    launch = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    done = subprocess.run(
-        [str(accelerate), *launch, "-m", "rlhf_cli", "train", SMOKE, f"output_dir={out}", "ppo.batch_size=12",
-         "generation.samples_per_prompt=4"],
-        cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
-    )
+    done = _train_on_two_processes(f"output_dir={out}", "ppo.batch_size=12", "generation.samples_per_prompt=4", cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert output.count("Error: ppo.batch_size=12 over the 2 processes of this launch") == 2, output[-3000:]
@@ -123,15 +124,9 @@ def test_two_processes_each_get_whole_groups_of_different_prompts(tmp_path):
     logs, work = tmp_path / "logs", tmp_path / "work"
     logs.mkdir(), work.mkdir()
     (work / "recording_reward.py").write_text(RECORDING_REWARD, encoding="utf-8")
-    accelerate = Path(sys.executable).parent / "accelerate"
-    launch = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    done = subprocess.run(
-        [str(accelerate), *launch, "-m", "rlhf_cli", "train", SMOKE, "output_dir=run", "eval_prompts=0", "steps=2",
-         "generation.samples_per_prompt=2", "ppo.advantage_estimator=grpo", "reward=callable",
-         "reward.function=recording_reward:record"],
-        cwd=work, env=cli_env(OMP_NUM_THREADS="1", PYTHONPATH=str(work), REWARD_LOG_DIR=str(logs)),
-        capture_output=True, text=True, timeout=300,
+    done = _train_on_two_processes(
+        "output_dir=run", "eval_prompts=0", "steps=2", "generation.samples_per_prompt=2", "ppo.advantage_estimator=grpo",
+        "reward=callable", "reward.function=recording_reward:record", cwd=work, PYTHONPATH=str(work), REWARD_LOG_DIR=str(logs),
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     calls = {rank: [json.loads(line) for line in (logs / f"rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)}
