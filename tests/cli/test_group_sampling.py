@@ -2,8 +2,9 @@
 
 ppo.batch_size counts responses, so a step takes batch_size / G prompts; each prompt is repeated G
 times in a row (prompt-major, the layout PPOTrainer.step expects) and its G responses share one
-length budget. Bad group sizes fail before any model loads, in global numbers; the recipes imdb_grpo
-and imdb_rloo are deltas over the offline default; a grpo run resumes exactly.
+length budget. Bad group sizes fail before any model loads, in global numbers; under 2-process DDP
+each process holds whole groups; the recipes imdb_grpo and imdb_rloo are deltas over the offline
+default; a grpo run resumes exactly.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def test_two_processes_each_get_whole_groups_of_different_prompts(tmp_path):
 def test_rollout_generates_prompt_major_groups_sharing_one_budget(tmp_path, monkeypatch):
     """`+recipe=smoke generation.samples_per_prompt=2` (gae): 4 prompts per step, each twice in a row, in
     one generate call, the pair with one length budget; the trainer gets that very layout."""
+    import transformers
+
     from rlhf_cli.engine import train
 
     generate_calls: list[tuple[list[torch.Tensor], list[int]]] = []
@@ -151,9 +154,17 @@ def test_rollout_generates_prompt_major_groups_sharing_one_budget(tmp_path, monk
         return real_generate(model, queries, max_new_tokens=max_new_tokens, **kwargs)
 
     monkeypatch.setattr(train, "generate_responses", spy_generate)
+    chunk_rows: list[int] = []  # rows of each model.generate() call
+    real_chunk = transformers.GenerationMixin.generate
+
+    def spy_chunk(self, *args, **kwargs):
+        chunk_rows.append(int(kwargs["input_ids"].shape[0]))
+        return real_chunk(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", spy_chunk)
     cfg = compose_train_config([
         SMOKE, "generation.samples_per_prompt=2", "generation.response_min_tokens=1", "generation.response_max_tokens=8",
-        f"output_dir={tmp_path / 'run'}", "eval_prompts=0", "steps=2",
+        "generation.batch_size=3", f"output_dir={tmp_path / 'run'}", "eval_prompts=0", "steps=2",
     ])
     run = train.TrainingRun(cfg)
     assert run.trainer.config.samples_per_prompt == 2 and run.trainer.config.batch_size == 8
@@ -174,6 +185,8 @@ def test_rollout_generates_prompt_major_groups_sharing_one_budget(tmp_path, monk
         run.train_step()
 
     assert len(generate_calls) == run.steps == 2  # one batched generate call per step
+    # generation.batch_size=3 counts prompts: chunks of 3 prompts x 2 responses, never a group split.
+    assert chunk_rows == [6, 2] * run.steps
     differing_pairs = 0
     for (queries, budgets), rollout, (step_queries, step_responses, step_scores) in zip(generate_calls, rollouts, received):
         assert len(queries) == len(budgets) == 8
