@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.functional import Advantages, gae, masked_whiten
+from rlhf_cli.ppo.functional import Advantages, gae
 
 # ε of the group standard deviation in GRPO's denominator (verl's value; TRL's GRPO uses 1e-4).
 GROUP_STD_EPS = 1e-6

@@ -5,9 +5,10 @@ DESIGN §4 stage 4: (a) score processing, (b) packing, (c) one no-gradient pass 
 reference, (d) per-token rewards and GAE, (e) PPO epochs over shuffled mini-batches, (f) stats and
 the KL controller update.
 
-Where things live: construction in named parts (``_reference_model``, ``_default_optimizer``,
-``_prepare``, ``_init_ppo_state``; a different optimiser or model dtype hooks in there), the math in
-``functional``, statistics assembly as pure functions in ``stats`` (``minibatch_stats``,
+Where things live: construction in named parts (the functions of ``setup``: accelerator, reference,
+default optimiser, a critic-free estimator's frozen value head; then ``_prepare`` and
+``_init_ppo_state``), advantage estimators in ``estimators`` (registry) and ``advantages`` (math),
+the rest of the math in ``functional``, statistics assembly as pure functions in ``stats`` (``minibatch_stats``,
 ``assemble_step_stats``, whose typed :class:`~rlhf_cli.ppo.stats.StepStats` drive the KL controller
 and the skipped-mini-batch warning), collectives in ``distributed``, the one timer in ``timing``,
 TRL's protected methods in ``trl_compat``.
@@ -20,16 +21,12 @@ import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 from torch import Tensor, nn
 
-from rlhf_cli.errors import ConfigError
-from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model, disable_dropout
+from rlhf_cli.models import PreTrainedModelWrapper
 from rlhf_cli.ppo.config import PPOConfig
 from rlhf_cli.ppo.estimators import estimator_named
 from rlhf_cli.ppo.distributed import (
-    cpu_process_group_needed,
     gather_rows,
     gather_samples,
     own_share,
@@ -42,6 +39,15 @@ from rlhf_cli.ppo.inputs import check_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.kl_control import make_kl_controller
 from rlhf_cli.ppo.precision import apply_precision
 from rlhf_cli.ppo.running_moments import RunningMoments
+from rlhf_cli.ppo.setup import (
+    check_sharding,
+    checked_arguments,
+    default_optimizer,
+    freeze_value_head,
+    make_accelerator,
+    reference_model,
+    shared_layers,
+)
 from rlhf_cli.ppo.stats import (
     SHARE_FIELDS,
     MiniBatchStats,
@@ -54,57 +60,7 @@ from rlhf_cli.ppo.stats import (
 from rlhf_cli.ppo.timing import PhaseTimer
 from rlhf_cli.ppo.trl_compat import TRLCompatMixin, fill_runtime_fields
 from rlhf_cli.rollout.packing import PackedBatch
-from rlhf_cli.rollout.unwrap import zero_stage
 from rlhf_cli.seeding import set_seed
-
-
-def make_accelerator(config: PPOConfig) -> Accelerator:
-    """The Accelerator of a trainer: the config's trackers, project and accelerator keyword arguments.
-
-    Gradient accumulation counts mini-batches only (not the end of a dataloader, which would force an
-    optimiser step on every mini-batch of a dataloader's last batch), and a prepared scheduler steps
-    once per ``step()`` whatever the number of processes.
-    """
-    kwargs = dict(config.accelerator_kwargs)
-    # Processes launched on a CPU-only machine must be told to join over gloo (see distributed.py).
-    kwargs.setdefault("cpu", cpu_process_group_needed())
-    kwargs.setdefault("step_scheduler_with_optimizer", False)
-    if "gradient_accumulation_plugin" not in kwargs:
-        kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(
-            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
-        )
-    return Accelerator(log_with=config.log_with, project_config=ProjectConfiguration(**config.project_kwargs), **kwargs)
-
-
-def _checked_arguments(
-    config: Optional[PPOConfig], model: Any, ref_model: Any
-) -> PPOConfig:
-    """The trainer's config (TRL's defaults when None), after checking the types of its arguments."""
-    config = config if config is not None else PPOConfig()
-    if not isinstance(config, PPOConfig):
-        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}.")
-    if not isinstance(model, PreTrainedModelWrapper):
-        raise TypeError(
-            "model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead "
-            f"(got {type(model).__name__}); wrap a transformers model with "
-            "AutoModelForCausalLMWithValueHead.from_pretrained(model)."
-        )
-    if ref_model is not None and not isinstance(ref_model, PreTrainedModelWrapper):
-        raise TypeError(f"ref_model must be a value-head model like model, or None; got {type(ref_model).__name__}.")
-    return config
-
-
-def _shared_layers(ref_model: Any, num_shared_layers: Optional[int]) -> Optional[int]:
-    """``num_shared_layers``, or None (with a warning) when an explicit reference makes it meaningless."""
-    if ref_model is not None and num_shared_layers is not None:
-        warnings.warn(
-            "num_shared_layers is ignored when ref_model is given: the reference is that model and no "
-            "layers are shared with the policy.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return None
-    return num_shared_layers
 
 
 class PPOTrainer(TRLCompatMixin):
@@ -140,25 +96,23 @@ class PPOTrainer(TRLCompatMixin):
         everything prepared by Accelerate, PPO state (KL controller, score moments, shuffling), trackers."""
         if training_data_collator is not None:
             warnings.warn("training_data_collator has no effect in rlhf_cli: step() packs model inputs itself.", UserWarning, stacklevel=2)
-        self.config = _checked_arguments(config, model, ref_model)
-        num_shared_layers = _shared_layers(ref_model, num_shared_layers)
+        self.config = checked_arguments(config, model, ref_model)
+        num_shared_layers = shared_layers(ref_model, num_shared_layers)
         self.config.check_sizes()  # the config as it is now, not as it was constructed
         self.config.check_estimator()
         self.estimator = estimator_named(self.config.advantage_estimator)
         self.accelerator = make_accelerator(self.config)
         self.sizes = self.config.sizes(self.accelerator.num_processes)
         fill_runtime_fields(self.config, self.sizes, model)
-        self._check_sharding(model, ref_model)
+        check_sharding(self.accelerator, model, ref_model)
         set_seed(self.config.seed)
         self.tokenizer = tokenizer
         self.is_encoder_decoder = model.is_encoder_decoder
         self.is_peft_model = model.is_peft_model
-        ref_model = self._reference_model(model, ref_model, num_shared_layers)
+        ref_model = reference_model(model, ref_model, num_shared_layers, disable_dropout=self.config.disable_dropout)
         if not self.estimator.needs_critic:
-            # Never run, so never trained: frozen before the optimiser is built (no state for it) and
-            # before DDP wraps the model (which would otherwise wait for its gradients).
-            model.v_head.requires_grad_(False)
-        optimizer = optimizer if optimizer is not None else self._default_optimizer(model)
+            freeze_value_head(model)
+        optimizer = optimizer if optimizer is not None else default_optimizer(model, self.config, self.accelerator.device)
         # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
         optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
         if self.config.gradient_checkpointing:
@@ -171,44 +125,6 @@ class PPOTrainer(TRLCompatMixin):
             )
 
     # Construction ------------------------------------------------------------------------------
-    def _check_sharding(self, model: PreTrainedModelWrapper, ref_model: Optional[PreTrainedModelWrapper]) -> None:
-        if zero_stage(self.accelerator) == 3 and not (ref_model is None and model.is_peft_model):
-            raise ConfigError(
-                "DeepSpeed ZeRO-3 shards the policy's parameters over the processes, but a separate reference "
-                "model (a frozen copy, or the ref_model given) would be a full unsharded copy on every device, "
-                "copied from parameters ZeRO-3 may already have partitioned; running it would need its own "
-                "DeepSpeed inference engine, which rlhf_cli does not build. Use LoRA (model.lora.enabled=true, or a "
-                "PEFT model with ref_model=None: the reference is then the policy with its adapter disabled), or "
-                "launch with ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
-            )
-
-    def _reference_model(
-        self, model: PreTrainedModelWrapper, ref_model: Optional[PreTrainedModelWrapper], num_shared_layers: Optional[int]
-    ) -> Optional[PreTrainedModelWrapper]:
-        """The reference: an explicit model, the adapter-less policy (PEFT: None), or a frozen copy;
-        dropout switched off in policy and reference when the config asks."""
-        if ref_model is None and not self.is_peft_model:
-            ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
-        if self.config.disable_dropout:
-            disable_dropout(model)
-            if ref_model is not None:
-                disable_dropout(ref_model)
-        return ref_model
-
-    def _default_optimizer(self, model: PreTrainedModelWrapper) -> torch.optim.Optimizer:
-        """Adam over the trainable parameters (the optimiser a trainer builds when none is given)."""
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        # The fused kernel updates all parameters in one pass: 5x faster than torch's per-tensor
-        # default on CPU (12 ms vs 60 ms per step for a 6 x 384 GPT-2), run 16x per PPO step.
-        fused = self.accelerator.device.type in ("cpu", "cuda")
-        return torch.optim.Adam(
-            trainable,
-            lr=self.config.learning_rate,
-            eps=self.config.adam_eps,
-            weight_decay=self.config.weight_decay,
-            fused=fused or None,
-        )
-
     def _prepare(
         self,
         model: PreTrainedModelWrapper,
