@@ -265,3 +265,20 @@ def test_grpo_recipe_moves_the_kl_into_the_loss_and_rloo_keeps_it_in_the_reward(
     grpo, rloo = (compose_train_config([f"+recipe={recipe}"]).ppo for recipe in RECIPES)
     assert (grpo.kl_in_reward, grpo.kl_loss_coef, grpo.kl_loss_estimator) == (False, 0.3, "k3")
     assert (rloo.kl_in_reward, rloo.kl_loss_coef) == (True, 0.0)
+
+
+def test_prompt_stream_counts_prompts_not_responses():
+    """A step of ppo.batch_size=8 responses in groups of 2 needs 4 prompts: 6 are enough, 3 are not, and
+    each of 2 processes takes its own half of every step's prompts."""
+    from datasets import Dataset
+
+    from rlhf_cli.engine.batches import PromptStream
+
+    prompts = Dataset.from_dict({"input_ids": [[i, i + 1] for i in range(6)], "query": [f"q{i}" for i in range(6)]})
+    halves = [PromptStream(prompts, prompts_per_step=4, process_index=rank, num_processes=2, seed=0) for rank in (0, 1)]
+    batches = [stream.next_batch() for stream in halves]
+    assert halves[0].batches_per_epoch == 1 and [len(batch.queries) for batch in batches] == [2, 2]
+    assert not set(batches[0].queries) & set(batches[1].queries)
+    assert batches[0].repeated(2).queries == [q for q in batches[0].queries for _ in range(2)]
+    with pytest.raises(ConfigError, match=r"The training set has 3 prompts, fewer than one step's 4 \(ppo.batch_size / generation.samples_per_prompt\)"):
+        PromptStream(prompts.select(range(3)), prompts_per_step=4, process_index=0, num_processes=1, seed=0)
