@@ -2,8 +2,8 @@
 
 The run config speaks in global sizes (all processes together); PPOConfig, like legacy TRL,
 in per-process sizes. Sizes count responses: a step takes ppo.batch_size / generation.samples_per_prompt
-prompts (:func:`prompts_per_step`), each with its group of responses. The division happens here, once (:func:`rlhf_cli.engine.sizes.per_process`),
-with errors that name the numbers. The knobs passed to PPOConfig are derived from PPOConfig itself
+prompts (:func:`prompts_per_step`), each with its group of responses. The division happens here,
+once (:func:`rlhf_cli.engine.sizes.per_process`), with errors that name the numbers. The knobs passed to PPOConfig are derived from PPOConfig itself
 (:func:`rlhf_cli.ppo.config.command_line_fields`), never listed by hand.
 :func:`check_launch` checks everything about the launch that can be known before a model loads.
 """
@@ -157,12 +157,12 @@ def check_groups(cfg: DictConfig, num_processes: int) -> None:
     estimator = str(cfg.ppo.advantage_estimator)
     needed = estimator_named(estimator).min_group_size
     if group < needed:
+        suggested = max(needed, _SUGGESTED_GROUP)
         raise ConfigError(
             f"ppo.advantage_estimator={estimator} compares the responses of each prompt with each other, but "
             f"generation.samples_per_prompt={group}: a group of one has no spread (every advantage would be 0 "
-            f"or undefined). Set generation.samples_per_prompt={max(needed, _SUGGESTED_GROUP)} (ppo.batch_size "
-            f"counts responses, so each step then takes ppo.batch_size / {max(needed, _SUGGESTED_GROUP)} prompts), "
-            f"or use an estimator that needs no group: "
+            f"or undefined). Set generation.samples_per_prompt={suggested} (ppo.batch_size counts responses, "
+            f"so each step then takes ppo.batch_size / {suggested} prompts), or use an estimator that needs no group: "
             + " or ".join(f"ppo.advantage_estimator={name}" for name in estimators_without_groups())
             + "."
         )
