@@ -2,7 +2,9 @@
 
 Each epoch is a fresh permutation of the training prompts drawn from ``seed + epoch`` (not from a
 global RNG), so the order is a pure function of (seed, epoch) and a run's position is two
-integers. Every process sees the same global batch and keeps its own contiguous slice.
+integers. Every process sees the same global batch and keeps its own contiguous slice. A batch
+holds prompts; with generation.samples_per_prompt=G each is answered G times, so a step takes
+ppo.batch_size / G of them and the position counts these prompt batches.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ class PromptBatch:
     input_ids: list[Tensor]
     queries: list[str]
 
+    def repeated(self, times: int) -> "PromptBatch":
+        """Each prompt ``times`` times in a row (prompt-major: the rows of one prompt's group are
+        adjacent, the layout PPOTrainer.step expects). The tensors are shared, not copied."""
+        return PromptBatch(
+            input_ids=[ids for ids in self.input_ids for _ in range(times)],
+            queries=[query for query in self.queries for _ in range(times)],
+        )
+
 
 @dataclass
 class StreamPosition:
@@ -36,23 +46,27 @@ class StreamPosition:
 class PromptStream:
     """Endless iterator of per-process prompt batches over shuffled epochs (drop-last)."""
 
-    def __init__(self, dataset, *, global_batch_size: int, process_index: int, num_processes: int, seed: int) -> None:
-        per_process(global_batch_size, num_processes, "ppo.batch_size")  # the launch check's rule and message
-        if len(dataset) < global_batch_size:
+    def __init__(self, dataset, *, prompts_per_step: int, process_index: int, num_processes: int, seed: int) -> None:
+        """``prompts_per_step``: prompts of one global batch, all processes together (ppo.batch_size /
+        generation.samples_per_prompt: the batch size counts responses; see TrainingRun.rollout)."""
+        per_process(prompts_per_step, num_processes, "prompts per step (ppo.batch_size / generation.samples_per_prompt)")
+        if len(dataset) < prompts_per_step:
             raise ConfigError(
-                f"The training set has {len(dataset)} prompts, fewer than one batch (ppo.batch_size={global_batch_size}). "
-                f"Lower ppo.batch_size or use more data (dataset.max_samples, dataset.min_text_chars)."
+                f"The training set has {len(dataset)} prompts, fewer than one step's {prompts_per_step} (ppo.batch_size / "
+                f"generation.samples_per_prompt). Lower ppo.batch_size or use more data (dataset.max_samples, "
+                f"dataset.min_text_chars)."
             )
         self._ids = [torch.tensor(ids, dtype=torch.long) for ids in dataset["input_ids"]]
         self._queries = list(dataset["query"])
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // num_processes
+        self.global_batch_size = prompts_per_step
+        self.local_batch_size = prompts_per_step // num_processes
         self.process_index = process_index
         self.seed = seed
         self.position = StreamPosition()
 
     @property
     def batches_per_epoch(self) -> int:
+        """Whole global batches of prompts in one pass over the training set (drop-last)."""
         return len(self._ids) // self.global_batch_size
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -176,7 +176,9 @@ def _check_weights_readable(path: Path) -> None:
 # Changing these makes the saved state meaningless (other weights, other data order or shapes).
 _BREAKING = ("model.", "dataset.", "seed", "ppo.batch_size", "ppo.mini_batch_size",
              "ppo.gradient_accumulation_steps", "ppo.use_score_scaling", "ppo.use_score_norm",
-             "ppo.precision")  # bf16's optimiser state holds float32 masters; fp32's does not
+             "ppo.precision",  # bf16's optimiser state holds float32 masters; fp32's does not
+             "ppo.advantage_estimator",  # gae's optimiser state holds the value head; the critic-free ones' does not
+             "generation.samples_per_prompt")  # the data position counts prompt batches of batch_size / G
 # Changing these does not touch what is computed.
 _HARMLESS = ("steps", "epochs", "logging.", "checkpoint.", "output_dir", "eval_prompts", "threads", "overwrite")
 

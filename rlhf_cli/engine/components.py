@@ -1,8 +1,9 @@
 """Turning the composed run config into the engine's parts: process state, PPOConfig, trackers, step count.
 
 The run config speaks in global sizes (all processes together); PPOConfig, like legacy TRL,
-in per-process sizes. The division happens here, once (:func:`rlhf_cli.engine.sizes.per_process`),
-with errors that name the numbers. The knobs passed to PPOConfig are derived from PPOConfig itself
+in per-process sizes. Sizes count responses: a step takes ppo.batch_size / generation.samples_per_prompt
+prompts (:func:`prompts_per_step`), each with its group of responses. The division happens here,
+once (:func:`rlhf_cli.engine.sizes.per_process`), with errors that name the numbers. The knobs passed to PPOConfig are derived from PPOConfig itself
 (:func:`rlhf_cli.ppo.config.command_line_fields`), never listed by hand.
 :func:`check_launch` checks everything about the launch that can be known before a model loads.
 """
@@ -24,6 +25,7 @@ from rlhf_cli.config.schema import TRACKERS
 from rlhf_cli.ppo.config import PPOConfig, command_line_fields, default_mini_batch_size
 from rlhf_cli.ppo import precision as precision_support
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
+from rlhf_cli.ppo.estimators import estimator_named, estimators_without_groups
 
 # Sizes of the ppo group that are global on the command line and per process in PPOConfig.
 _GLOBAL_SIZES = ("batch_size", "mini_batch_size", "forward_batch_size")
@@ -122,11 +124,13 @@ def _launcher_zero_stage() -> Optional[int]:
 def check_launch(cfg: DictConfig, state: PartialState) -> None:
     """Everything about this launch that must hold before a model loads; ConfigError otherwise.
 
-    Sizes divide by the number of processes (and agree with gradient accumulation), trackers are
+    Sizes divide by the number of processes (and agree with gradient accumulation), groups of
+    responses fit the estimator and sit whole on one process, trackers are
     installed, the mixed-precision mode suits the device, peft is installed for LoRA, and the
     sharding the launcher asked for (DeepSpeed ZeRO-3, FSDP2) is one rlhf_cli supports.
     """
     check_precision(cfg, state.device.type)  # first: PPOConfig would refuse bf16 + mixed precision less helpfully
+    check_groups(cfg, state.num_processes)  # before PPOConfig, whose messages speak per process
     ppo_config_from(cfg, num_processes=state.num_processes, tracker_dir=os.devnull)
     check_mixed_precision(cfg, state.device.type)
     if cfg.model.lora.enabled:
@@ -140,6 +144,53 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
             "save. Launch with DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 "
             "(configs/accelerate/deepspeed_zero2.yaml), optionally with model.lora.enabled=true to save memory."
         )
+
+
+# The group size suggested when an estimator needs groups (a common choice of GRPO/RLOO setups).
+_SUGGESTED_GROUP = 4
+
+
+def check_groups(cfg: DictConfig, num_processes: int) -> None:
+    """A ConfigError, in global numbers, when the groups of generation.samples_per_prompt responses do
+    not fit the estimator, the step or the processes (each group must sit whole on one process)."""
+    group, batch = int(cfg.generation.samples_per_prompt), int(cfg.ppo.batch_size)
+    estimator = str(cfg.ppo.advantage_estimator)
+    needed = estimator_named(estimator).min_group_size
+    if group < needed:
+        suggested = max(needed, _SUGGESTED_GROUP)
+        raise ConfigError(
+            f"ppo.advantage_estimator={estimator} compares the responses of each prompt with each other, but "
+            f"generation.samples_per_prompt={group}: a group of one has no spread (every advantage would be 0 "
+            f"or undefined). Set generation.samples_per_prompt={suggested} (ppo.batch_size counts responses, "
+            f"so each step then takes ppo.batch_size / {suggested} prompts), or use an estimator that needs no group: "
+            + " or ".join(f"ppo.advantage_estimator={name}" for name in estimators_without_groups())
+            + "."
+        )
+    if batch % group != 0:
+        raise ConfigError(
+            f"ppo.batch_size={batch} counts responses and is not divisible by generation.samples_per_prompt={group}: "
+            f"each prompt's {group} responses must be in the same step. Choose a ppo.batch_size that is a "
+            f"multiple of {group} (e.g. {_nearest_multiple(batch, group)}), or another generation.samples_per_prompt."
+        )
+    local = per_process(batch, num_processes, "ppo.batch_size")
+    if local % group != 0:
+        raise ConfigError(
+            f"ppo.batch_size={batch} over the {num_processes} processes of this launch gives {local} responses per "
+            f"process, which is not divisible by generation.samples_per_prompt={group}: a prompt's group of "
+            f"{group} responses would straddle two processes. Choose a ppo.batch_size that is a multiple of "
+            f"{num_processes} x {group} = {num_processes * group} (e.g. {_nearest_multiple(batch, num_processes * group)}), "
+            f"or another generation.samples_per_prompt."
+        )
+
+
+def _nearest_multiple(value: int, factor: int) -> int:
+    """The positive multiple of ``factor`` nearest to ``value`` (the larger one on a tie)."""
+    return factor * max(1, (value + factor // 2) // factor)
+
+
+def prompts_per_step(cfg: DictConfig) -> int:
+    """Prompts each step takes, all processes together: ppo.batch_size counts their responses."""
+    return int(cfg.ppo.batch_size) // int(cfg.generation.samples_per_prompt)
 
 
 def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) -> PPOConfig:
@@ -157,6 +208,7 @@ def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) ->
     try:
         return PPOConfig(
             seed=int(cfg.seed),
+            samples_per_prompt=int(cfg.generation.samples_per_prompt),
             log_with=trackers or None,
             tracker_project_name=cfg.logging.project,
             project_kwargs={"project_dir": tracker_dir, "logging_dir": tracker_dir},

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine.batches import PromptStream, StreamPosition
-from rlhf_cli.engine.components import check_launch, launch_state, ppo_config_from, total_steps
+from rlhf_cli.engine.components import check_launch, launch_state, ppo_config_from, prompts_per_step, total_steps
 from rlhf_cli.engine.export import save_final
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.report import Comparison, comparison_table, plot_curves
@@ -45,7 +45,7 @@ from rlhf_cli.seeding import set_seed
 class Rollout:
     """Stages 1-3 of one step (this process's share), with their wall-clock seconds."""
 
-    batch: Any  # the PromptStream batch: input_ids, queries
+    batch: Any  # the PromptStream batch, each prompt repeated samples_per_prompt times (prompt-major)
     responses: list[torch.Tensor]
     texts: list[str]
     scores: torch.Tensor
@@ -126,7 +126,7 @@ class TrainingRun:
             self.trainer = PPOTrainer(ppo_config, policy, tokenizer=self.tokenizer)
         self.stream = PromptStream(
             self.data.train,
-            global_batch_size=int(cfg.ppo.batch_size),
+            prompts_per_step=prompts_per_step(cfg),
             process_index=self.state.process_index,
             num_processes=self.state.num_processes,
             seed=int(cfg.seed),
@@ -149,6 +149,10 @@ class TrainingRun:
             eos_token_id=self.trainer.eos_token_id,
             is_encoder_decoder=self.trainer.is_encoder_decoder,
         )
+        # generation.batch_size counts prompts; a rollout answers each G times, so its generate()
+        # chunks hold G times as many rows and never split a group over two calls.
+        chunk, group = self.generation["batch_size"], int(self.cfg.generation.samples_per_prompt)
+        self.rollout_generation = dict(self.generation, batch_size=chunk * group if chunk else None)
 
     def _start(self, resumed_metrics: list[str], on_start: Optional[Callable[[Path], None]]) -> None:
         """Only now, with the checkpoint loaded, every part built and the reward checked, is the run
@@ -237,24 +241,34 @@ class TrainingRun:
         return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
 
     def _budgets(self, n: int) -> list[int]:
+        """``n`` response-length budgets, uniform in [response_min_tokens, response_max_tokens]."""
         gen = self.cfg.generation
         return self.length_rng.integers(int(gen.response_min_tokens), int(gen.response_max_tokens) + 1, size=n).tolist()
 
     def rollout(self) -> Rollout:
-        """Stages 1-3 of a step: a batch of prompts, its responses, their rewards."""
+        """Stages 1-3 of a step: a batch of prompts, its responses (G = generation.samples_per_prompt
+        per prompt), their rewards."""
         accelerator = self.trainer.accelerator
+        group = int(self.cfg.generation.samples_per_prompt)
         timer = PhaseTimer()
-        # 1. A batch of prompts (this process's share).
+        # 1. A batch of prompts (this process's share), each repeated G times in a row: the layout
+        # PPOTrainer.step expects, and the prompt texts the reward and the logs see.
         with timer("generation"):
-            batch = self.stream.next_batch()
-            # 2. Rollout: batched generation with the KV cache, cut at EOS.
+            prompts = self.stream.next_batch()
+            batch = prompts.repeated(group)
+            # One length budget per prompt, shared by its G responses, so a group's rewards are
+            # compared at equal budgets. With G=1 these are the very draws (one per prompt, same
+            # generator, same order) and the same generate() batches as before groups existed, so
+            # such a run is bit for bit unchanged.
+            budgets = [budget for budget in self._budgets(len(prompts.input_ids)) for _ in range(group)]
+            # 2. Rollout: batched generation with the KV cache, cut at EOS; whole groups per call.
             with generation_model(accelerator, self.trainer.model) as model:
                 responses = generate_responses(
                     model,
                     batch.input_ids,
-                    max_new_tokens=self._budgets(len(batch.input_ids)),
+                    max_new_tokens=budgets,
                     device=accelerator.device,
-                    **self.generation,
+                    **self.rollout_generation,
                     **synced_generation_kwargs(accelerator),
                 )
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -300,7 +314,8 @@ class TrainingRun:
         log = self.cfg.logging
         if not self.state.is_main_process:
             return
-        rewards = all_scores[: len(queries)].tolist()  # this process's own rows come first in rank order
+        # This process's own responses come first in rank order (queries repeat each prompt per response).
+        rewards = all_scores[: len(texts)].tolist()
         if self.trainer.config.log_with:
             logs = tracker_logs(scalar_stats(stats), {"query": queries, "response": texts}, rewards)
             self.trainer.accelerator.log(logs, step=self.trainer.current_step)

@@ -205,14 +205,23 @@ def full_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
     return (probs * log_ratio).sum(dim=-1)
 
 
+# The largest per-token k3 value (verl's bound): r − 1 − log r = 10 at log r ≈ 2.6.
+K3_MAX = 10.0
+
+
 def kl_loss_terms(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
     """Per-token estimates of KL(π‖π_ref) from tokens sampled from π: [B, T], [B, T] -> [B, T].
 
     Schulman, "Approximating KL Divergence" (2020), with log r = logπ_ref − logπ: ``k1`` = −log r
     (unbiased, high variance, can be negative), ``k2`` = ½(log r)² (biased, low variance), ``k3`` =
     (r − 1) − log r (unbiased and ≥ 0; GRPO's, Shao et al. 2024). For the loss term: the gradient
-    flows through ``logprobs``. log r is clamped to ±20 before ``exp`` in k3 so a far-off token
-    gives a large finite penalty, not inf.
+    flows through ``logprobs``.
+
+    k3 grows like e^{log r}, and so does its gradient −(r − 1): one token the policy has made far less
+    likely than the reference (log r ≈ 14 was seen in the first step of a 135M model at lr 5e-5) would
+    dominate the loss by orders of magnitude and blow the update up. As in verl, log r is clamped to
+    ±20 before ``exp`` and k3 to at most :data:`K3_MAX` (a token beyond it gets a constant penalty and
+    no gradient from this term; the policy loss still moves it).
     """
     log_r = ref_logprobs - logprobs
     if estimator == "k1":
@@ -221,7 +230,7 @@ def kl_loss_terms(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Ten
         return 0.5 * log_r.square()
     if estimator == "k3":
         log_r = log_r.clamp(-20.0, 20.0)
-        return torch.expm1(log_r) - log_r
+        return (torch.expm1(log_r) - log_r).clamp(max=K3_MAX)
     raise ValueError(f"Unknown KL-loss estimator {estimator!r}; valid: {', '.join(KL_LOSS_ESTIMATORS)}.")
 
 

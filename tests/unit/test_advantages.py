@@ -10,7 +10,7 @@ import torch
 from rlhf_cli.ppo.advantages import GROUP_STD_EPS, EstimatorSettings, sequence_rewards
 from rlhf_cli.ppo.config import KL_LOSS_ESTIMATORS, PPOConfig
 from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS, ESTIMATORS, estimator_named, estimators_without_groups
-from rlhf_cli.ppo.functional import gae, kl_loss, kl_loss_terms, per_token_rewards
+from rlhf_cli.ppo.functional import K3_MAX, gae, kl_loss, kl_loss_terms, per_token_rewards
 
 G = 4
 
@@ -162,6 +162,18 @@ def test_k1_and_k3_are_unbiased_estimates_of_the_kl_and_k3_is_never_negative():
         standard_error = float(terms.std()) / math.sqrt(terms.numel())
         assert abs(float(terms.mean()) - exact) < 4 * standard_error, estimator
     assert float(kl_loss_terms(logp[tokens], logq[tokens], "k3").min()) >= 0.0
+
+
+def test_k3_is_bounded_so_one_far_off_token_cannot_blow_up_the_update():
+    """log r = 14 (a token the policy made e^14 times less likely than the reference): k3 is capped at
+    K3_MAX with no gradient from this term, where the raw formula would give 1.2e6."""
+    logp = torch.tensor([-15.0, -1.0], requires_grad=True)
+    ref = torch.tensor([-1.0, -1.2])
+    terms = kl_loss_terms(logp, ref, "k3")
+    assert float(terms[0]) == K3_MAX
+    assert float(terms[1]) == pytest.approx(math.exp(-0.2) - 1 + 0.2, rel=1e-6)
+    terms.sum().backward()
+    assert float(logp.grad[0]) == 0.0 and float(logp.grad[1]) != 0.0
 
 
 def test_kl_loss_is_a_masked_mean_that_ignores_padding_garbage():
