@@ -21,9 +21,18 @@ HEADLINE = (
     ("env/reward_mean", "reward", "{:+.3f}"),
     ("objective/kl", "kl", "{:.3f}"),
     ("objective/kl_coef", "β", "{:.3f}"),
+    ("ppo/loss/kl", "kl-loss", "{:.3f}"),  # only in runs with a KL loss term (ppo.kl_loss_coef > 0)
     ("ppo/loss/total", "loss", "{:+.3f}"),
     ("ppo/policy/clipfrac", "clip", "{:.2f}"),
 )
+
+
+def _shown(key: str, stats: dict[str, Any]) -> bool:
+    """Whether a HEADLINE entry is on the line: present, and not a β of 0 beside a KL loss term (the KL
+    is then in the loss, not the reward; the line stays under 80 columns)."""
+    if key == "objective/kl_coef" and "ppo/loss/kl" in stats:
+        return float(stats.get(key, 0.0)) != 0.0
+    return key in stats
 
 
 def _fmt(value: float) -> str:
@@ -110,7 +119,7 @@ class Reporter:
         self._progress.update(self._task, completed=step, live=live)
 
     def stats_line(self, step: int, stats: dict[str, Any]) -> None:
-        parts = [f"{label} {fmt.format(float(stats[key]))}" for key, label, fmt in HEADLINE if key in stats]
+        parts = [f"{label} {fmt.format(float(stats[key]))}" for key, label, fmt in HEADLINE if _shown(key, stats)]
         if "time/step" in stats:
             parts.append(f"{float(stats['time/step']):.2f} s")
         self.print(f"[dim]step {step:>4}[/]  " + "  ".join(parts))

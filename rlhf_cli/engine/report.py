@@ -200,8 +200,24 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     plt.close(figure)
 
 
+def _curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
+    """(metric, title) of each panel: reward, KL, and what keeps the policy near the reference — the
+    reward's KL coefficient β, the KL loss term (ppo.kl_loss_coef > 0), or both."""
+    panels = [
+        ("env/reward_mean", "reward per step (mean ± std of samples)"),
+        ("objective/kl", "KL to the reference (nats / sample)"),
+    ]
+    kl_in_reward = any(float(row.get("objective/kl_coef", 0.0)) != 0.0 for row in rows)
+    kl_loss = any("ppo/loss/kl" in row for row in rows)
+    if kl_in_reward or not kl_loss:
+        panels.append(("objective/kl_coef", "KL coefficient β"))
+    if kl_loss:
+        panels.append(("ppo/loss/kl", "KL loss term (mean per token)"))
+    return panels
+
+
 def curves_figure(rows: list[dict]):
-    """Reward (with its per-step spread), KL and KL coefficient against step, one panel each.
+    """Reward (with its per-step spread), KL and KL coefficient (or KL loss term) against step, one panel each.
 
     Each panel shows the raw per-step values as points and a centred moving average as a line; the
     reward panel also shades mean ± std of the step's samples (``env/reward_std``).
@@ -213,11 +229,7 @@ def curves_figure(rows: list[dict]):
 
     steps = [row["step"] for row in rows]
     window = smoothing_window(len(rows))
-    panels = (
-        ("env/reward_mean", "reward per step (mean ± std of samples)"),
-        ("objective/kl", "KL to the reference (nats / sample)"),
-        ("objective/kl_coef", "KL coefficient β"),
-    )
+    panels = _curve_panels(rows)
     figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), constrained_layout=True)
     for axis, (key, title) in zip(axes, panels):
         values = [float(row.get(key, math.nan)) for row in rows]

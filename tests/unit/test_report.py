@@ -57,3 +57,26 @@ def test_curves_draw_raw_points_a_smoothed_line_and_the_reward_spread():
     band = reward.collections[0].get_paths()[0].vertices
     assert band[:, 1].min() == pytest.approx(0.01 - 0.3) and band[:, 1].max() == pytest.approx(0.4 + 0.3)
     assert "β" in beta.get_title()
+
+
+def test_curves_show_the_kl_loss_term_where_the_kl_is_in_the_loss():
+    """GRPO's placement (kl_in_reward=false, a KL loss): β is 0 throughout, so the third panel shows
+    the KL loss term instead; with both a reward penalty and a KL loss, both are drawn."""
+    base = [{"step": s, "env/reward_mean": 0.0, "objective/kl": 0.1 * s, "ppo/loss/kl": 0.01 * s} for s in range(1, 21)]
+    in_loss = curves_figure([dict(row, **{"objective/kl_coef": 0.0}) for row in base])
+    assert [axis.get_title() for axis in in_loss.axes][2] == "KL loss term (mean per token)"
+    assert len(in_loss.axes) == 3
+    both = curves_figure([dict(row, **{"objective/kl_coef": 0.1}) for row in base])
+    assert ["β" in axis.get_title() for axis in both.axes] == [False, False, True, False]
+
+
+def test_the_stats_line_shows_the_kl_loss_instead_of_a_zero_beta(capsys):
+    from rlhf_cli.logging import Reporter
+
+    reporter = Reporter(total_steps=1, enabled=True, progress=False)
+    reporter.stats_line(1, {"env/reward_mean": 0.5, "objective/kl": 2.0, "objective/kl_coef": 0.0, "ppo/loss/kl": 0.25,
+                            "ppo/loss/total": -0.1, "ppo/policy/clipfrac": 0.1, "time/step": 1.0})
+    line = capsys.readouterr().out
+    assert "kl-loss 0.250" in line and "β" not in line
+    reporter.stats_line(2, {"env/reward_mean": 0.5, "objective/kl": 2.0, "objective/kl_coef": 0.2})
+    assert "β 0.200" in capsys.readouterr().out
