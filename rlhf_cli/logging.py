@@ -21,7 +21,7 @@ HEADLINE = (
     ("env/reward_mean", "reward", "{:+.3f}"),
     ("objective/kl", "kl", "{:.3f}"),
     ("objective/kl_coef", "β", "{:.3f}"),
-    ("ppo/loss/kl", "kl-loss", "{:.3f}"),  # only in runs with a KL loss term (ppo.kl_loss_coef > 0)
+    ("ppo/loss/kl", "kl-loss", "{:.2f}"),  # only with a KL loss term (ppo.kl_loss_coef > 0), in β's place
     ("ppo/loss/total", "loss", "{:+.3f}"),
     ("ppo/policy/clipfrac", "clip", "{:.2f}"),
 )

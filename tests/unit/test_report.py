@@ -77,6 +77,6 @@ def test_the_stats_line_shows_the_kl_loss_instead_of_a_zero_beta(capsys):
     reporter.stats_line(1, {"env/reward_mean": 0.5, "objective/kl": 2.0, "objective/kl_coef": 0.0, "ppo/loss/kl": 0.25,
                             "ppo/loss/total": -0.1, "ppo/policy/clipfrac": 0.1, "time/step": 1.0})
     line = capsys.readouterr().out
-    assert "kl-loss 0.250" in line and "β" not in line
+    assert "kl-loss 0.25" in line and "β" not in line
     reporter.stats_line(2, {"env/reward_mean": 0.5, "objective/kl": 2.0, "objective/kl_coef": 0.2})
     assert "β 0.200" in capsys.readouterr().out
