@@ -65,7 +65,7 @@ def test_fsdp2_generation_is_refused():
 
 
 def test_zero3_with_a_separate_reference_is_refused_by_the_trainer(word_tokenizer, monkeypatch):
-    monkeypatch.setattr("rlhf_cli.ppo.trainer.zero_stage", lambda accelerator: 3)
+    monkeypatch.setattr("rlhf_cli.ppo.setup.zero_stage", lambda accelerator: 3)
     policy = AutoModelForCausalLMWithValueHead.from_pretrained(make_tiny_gpt2(word_tokenizer))
     with pytest.raises(ConfigError, match="ZeRO-3.*LoRA"):
         PPOTrainer(PPOConfig(batch_size=2), policy, tokenizer=word_tokenizer)
