@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rlhf_cli.engine.signals import PREEMPTED_EXIT_CODE
+from rlhf_cli.ppo.precision import cpu_supports_bf16
 
 STEPS = 6
 # A reward that takes a moment, so a signal or kill lands between steps rather than after the run.
@@ -253,6 +254,8 @@ def test_report_and_curves_come_from_the_run(workdir, uninterrupted):
     assert (copy / "report.md").read_text().split("\n", 1)[1] == report.split("\n", 1)[1]
 
 
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="ppo.precision=bf16 is refused on a CPU without native bfloat16 "
+                    "(AVX-512 BF16 or AMX); tests/integration/test_precision.py checks the masters' state on any CPU")
 def test_bf16_precision_resumes_bit_exactly(workdir, tmp_path):
     """precision=bf16: the checkpoint carries the float32 masters and Adam moments, so a run stopped
     after step 2 and resumed equals the uninterrupted 4-step run bit for bit (metrics and weights)."""

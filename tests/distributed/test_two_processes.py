@@ -105,7 +105,7 @@ def _stat_differences(name: str, one: dict, two: dict) -> list[str]:
         if key.endswith("clipfrac"):
             close = abs(two[key] - one[key]) <= _clip_fraction_slack(name)
         else:
-            close = two[key] == pytest.approx(one[key], rel=_rtol(name), abs=1e-6)
+            close = two[key] == pytest.approx(one[key], rel=_rtol(name), abs=SCENARIOS[name].get("stat_atol", 1e-6))
         if not close:
             problems.append(f"{key}: {two[key]} vs {one[key]}")
     return problems

@@ -62,11 +62,27 @@ def test_sizes_that_do_not_split_over_the_processes(overrides, processes, messag
         check_launch(smoke(*overrides), _state(processes))
 
 
-def test_fp16_on_the_cpu_is_refused_and_bf16_allowed():
+def test_fp16_on_the_cpu_is_refused_and_bf16_allowed(monkeypatch):
+    monkeypatch.setattr(components.precision_support, "cpu_supports_bf16", lambda: True)
     with pytest.raises(ConfigError, match=r"ppo.mixed_precision=fp16 needs a GPU.*ppo.mixed_precision=bf16"):
         check_launch(smoke("ppo.mixed_precision=fp16"), _state())
     check_launch(smoke("ppo.mixed_precision=bf16"), _state())
     check_launch(smoke("ppo.mixed_precision=fp16"), _state(device="cuda"))
+
+
+def test_bf16_autocast_on_a_cpu_that_emulates_bfloat16_is_refused(monkeypatch):
+    """Without AVX-512 BF16 or AMX, bf16 matmuls are emulated (about 40x slower than float32): the
+    launch stops and names the float32 setting, whether the key or the launcher asked for bf16."""
+    monkeypatch.setattr(components.precision_support, "cpu_supports_bf16", lambda: False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with pytest.raises(ConfigError, match=r"ppo.mixed_precision=bf16 needs a CPU with native bfloat16.*Use "
+                                          r"ppo.mixed_precision=no"):
+        check_launch(smoke("ppo.mixed_precision=bf16"), _state())
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="accelerate launch's mixed_precision=bf16 needs a CPU with native"):
+        check_launch(smoke(), _state())
+    check_launch(smoke("ppo.mixed_precision=no"), _state())  # float32 needs nothing
+    check_launch(smoke("ppo.mixed_precision=bf16"), _state(device="cuda"))  # a GPU is not asked about the CPU
 
 
 def test_launcher_mixed_precision_is_checked_and_named(monkeypatch):
