@@ -31,9 +31,10 @@ def record(prompts, responses):
     return scores
 '''
 
-# Every option `accelerate launch` would otherwise default with a warning on stderr.
+# Every option `accelerate launch` would otherwise default with a warning on stderr; port 0 lets the
+# launcher pick a free one, so two launches (pytest -n 2) never meet on the default 29500.
 LAUNCH = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no"]
+          "--dynamo_backend", "no", "--main_process_port", "0"]
 
 
 @pytest.mark.slow
