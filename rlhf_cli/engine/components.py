@@ -11,6 +11,7 @@ once (:func:`rlhf_cli.engine.sizes.per_process`), with errors that name the numb
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Any, Optional
 
@@ -180,7 +181,7 @@ def check_groups(cfg: DictConfig, num_processes: int) -> None:
         raise ConfigError(
             f"ppo.batch_size={batch} counts responses and is not divisible by generation.samples_per_prompt={group}: "
             f"each prompt's {group} responses must be in the same step. Choose a ppo.batch_size that is a "
-            f"multiple of {group} (e.g. {_nearest_multiple(batch, group)}), or another generation.samples_per_prompt."
+            f"multiple of {group} ({_example_batch(cfg, group)}), or another generation.samples_per_prompt."
         )
     local = per_process(batch, num_processes, "ppo.batch_size")
     if local % group != 0:
@@ -188,9 +189,18 @@ def check_groups(cfg: DictConfig, num_processes: int) -> None:
             f"ppo.batch_size={batch} over the {num_processes} processes of this launch gives {local} responses per "
             f"process, which is not divisible by generation.samples_per_prompt={group}: a prompt's group of "
             f"{group} responses would straddle two processes. Choose a ppo.batch_size that is a multiple of "
-            f"{num_processes} x {group} = {num_processes * group} (e.g. {_nearest_multiple(batch, num_processes * group)}), "
+            f"{num_processes} x {group} = {num_processes * group} ({_example_batch(cfg, num_processes * group)}), "
             f"or another generation.samples_per_prompt."
         )
+
+
+def _example_batch(cfg: DictConfig, factor: int) -> str:
+    """"e.g. N" for a ppo.batch_size near the user's that ``factor`` divides and, so that the fix does
+    not run into the next check, ppo.mini_batch_size too."""
+    mini_batch = int(cfg.ppo.mini_batch_size)
+    step = math.lcm(factor, mini_batch)
+    example = _nearest_multiple(int(cfg.ppo.batch_size), step)
+    return f"e.g. {example}" if step == factor else f"e.g. {example}, which ppo.mini_batch_size={mini_batch} divides too"
 
 
 def _nearest_multiple(value: int, factor: int) -> int:

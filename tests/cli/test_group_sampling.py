@@ -55,6 +55,9 @@ LAUNCH_MISTAKES = [
     (["ppo.batch_size=12", "generation.samples_per_prompt=4"], 2,
      ["ppo.batch_size=12 over the 2 processes", "6 responses per process", "generation.samples_per_prompt=4",
       "straddle two processes", "a multiple of 2 x 4 = 8 (e.g. 16)"]),
+    # The example also fits the mini-batch, so following it does not walk into the next refusal.
+    (["ppo.batch_size=32", "ppo.mini_batch_size=16", "generation.samples_per_prompt=3"], 1,
+     ["a multiple of 3 (e.g. 48, which ppo.mini_batch_size=16 divides too)"]),
 ]
 
 
@@ -71,6 +74,13 @@ def test_group_mistakes_are_caught_by_the_launch_check_in_global_numbers(overrid
     message = str(caught.value)
     assert all(fragment in message for fragment in fragments), message
     assert "PPOConfig" not in message and "\n" not in message
+
+
+def test_the_suggested_batch_size_passes_the_launch_check():
+    overrides = [SMOKE, "ppo.batch_size=32", "ppo.mini_batch_size=16", "generation.samples_per_prompt=3"]
+    with pytest.raises(ConfigError, match=r"e\.g\. 48"):
+        check_launch(compose_train_config(overrides), _state(1))
+    check_launch(compose_train_config([*overrides, "ppo.batch_size=48"]), _state(1))
 
 
 def test_groups_that_fit_pass_the_launch_check():
