@@ -197,8 +197,8 @@ def check_groups(cfg: DictConfig, num_processes: int) -> None:
 def _example_batch(cfg: DictConfig, factor: int) -> str:
     """"e.g. N" for a ppo.batch_size near the user's that ``factor`` divides and, so that the fix does
     not run into the next check, ppo.mini_batch_size too."""
-    mini_batch = int(cfg.ppo.mini_batch_size)
-    step = math.lcm(factor, mini_batch)
+    mini_batch = cfg.ppo.mini_batch_size  # null: derived from the batch, so it constrains nothing here
+    step = factor if mini_batch is None else math.lcm(factor, int(mini_batch))
     example = _nearest_multiple(int(cfg.ppo.batch_size), step)
     return f"e.g. {example}" if step == factor else f"e.g. {example}, which ppo.mini_batch_size={mini_batch} divides too"
 

@@ -92,7 +92,8 @@ def rloo_advantages(rewards: Tensor, values: Optional[Tensor], mask: Tensor, set
     """REINFORCE leave-one-out (Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!";
     Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740): Â_i = R_i − (1/(G−1)) Σ_{j≠i} R_j, the
     baseline being the mean reward of the prompt's *other* responses, on every token of response i.
-    Equal to G/(G−1)·(R_i − mean_g R); computed in that form (one pass, no per-row loop)."""
+    Equal to G/(G−1)·(R_i − mean_g R); computed as the leave-one-out mean directly, from the group sums
+    (one pass, no per-row loop)."""
     groups = _grouped(sequence_rewards(rewards, mask), settings.group_size)
     g = settings.group_size
     others = (groups.sum(dim=1, keepdim=True) - groups) / (g - 1)

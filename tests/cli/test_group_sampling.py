@@ -81,6 +81,9 @@ def test_the_suggested_batch_size_passes_the_launch_check():
     with pytest.raises(ConfigError, match=r"e\.g\. 48"):
         check_launch(compose_train_config(overrides), _state(1))
     check_launch(compose_train_config([*overrides, "ppo.batch_size=48"]), _state(1))
+    # A null mini-batch (derived from the batch) gives the plain multiple, not a crash.
+    with pytest.raises(ConfigError, match=r"a multiple of 3 \(e\.g\. 33\)"):
+        check_launch(compose_train_config([*overrides, "ppo.mini_batch_size=null"]), _state(1))
 
 
 def test_groups_that_fit_pass_the_launch_check():
