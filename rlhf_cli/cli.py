@@ -163,7 +163,8 @@ def _make_task(failures: list[int], created_roots: dict[Path, Path], rank: int) 
             run_training(cfg, on_start=job.started if rank == 0 else None)
         except RlhfError as err:
             failures.append(err.exit_code)
-            print_error(_job_label() + str(err), prefix=err.label)
+            if not err.quiet:  # a quiet one was printed by the process of the job that failed
+                print_error(_job_label() + str(err), prefix=err.label)
         finally:
             job.end()
 
@@ -454,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(rest)
     except RlhfError as err:
-        print_error(err, prefix=err.label)
+        if not err.quiet:
+            print_error(err, prefix=err.label)
         return err.exit_code
     except KeyboardInterrupt:
         print_error("interrupted.", prefix="Stopped:")

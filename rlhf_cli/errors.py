@@ -16,6 +16,8 @@ class RlhfError(Exception):
     exit_code: int = 2
     # How the command line introduces the message.
     label: str = "Error:"
+    # True when another process of the same job prints the message (see rlhf_cli.engine.together).
+    quiet: bool = False
 
 
 class ConfigError(RlhfError, ValueError):

@@ -41,14 +41,29 @@ def _fmt(value: float) -> str:
     return f"{value:.2e}"
 
 
+# The field of a metrics line that lists its keys whose value was NaN or ±inf (written as null).
+NONFINITE_FIELD = "nonfinite_keys"
+
+
 def json_safe(stats: dict[str, Any]) -> dict[str, Any]:
-    """Scalars only; NaN/inf become null so every line is strict JSON."""
-    out = {}
+    """Scalars only; NaN/inf become null so every line is strict JSON, and their keys are listed under
+    :data:`NONFINITE_FIELD` so that a null always says why it is there."""
+    out: dict[str, Any] = {}
+    nonfinite = []
     for key, value in stats.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         out[key] = value if math.isfinite(value) else None
+        if out[key] is None:
+            nonfinite.append(key)
+    if nonfinite:
+        out[NONFINITE_FIELD] = nonfinite
     return out
+
+
+def metrics_line(step: int, stats: dict[str, Any]) -> str:
+    """One line of metrics.jsonl (newline included)."""
+    return json.dumps({"step": step, **json_safe(stats)}, sort_keys=False) + "\n"
 
 
 def tracker_logs(
@@ -72,8 +87,11 @@ class MetricsFile:
         self.path = path
 
     def write(self, step: int, stats: dict[str, Any]) -> None:
+        self.append(metrics_line(step, stats))
+
+    def append(self, line: str) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, **json_safe(stats)}, sort_keys=False) + "\n")
+            handle.write(line)
 
 
 class Reporter:

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from rlhf_cli.engine.heldout import compare_on_heldout, model_generation_settings, write_report
 from rlhf_cli.engine.report import Comparison, plot_curves
+from rlhf_cli.engine.run_lock import acquire
 from rlhf_cli.errors import RlhfError
 
 
@@ -26,14 +27,8 @@ def _trained_policy(final_dir: Path, kind: str):
 
 
 def evaluate_run(run_dir: Path, *, prompts: int | None = None) -> Comparison:
-    """Compare the run's initial and final policy on held-out prompts; write report.md and curves.png."""
-    import json
-
-    from rlhf_cli.data.prompts import build_prompt_data
-    from rlhf_cli.models import load_policy_and_tokenizer
-    from rlhf_cli.rewards import build_reward
-    from rlhf_cli.seeding import set_seed
-
+    """Compare the run's initial and final policy on held-out prompts; write report.md and curves.png
+    (holding the run directory's lock, see :mod:`rlhf_cli.engine.run_lock`)."""
     run_dir = Path(run_dir).expanduser().resolve()
     config_path, final_dir, metrics_path = run_dir / "config.yaml", run_dir / "final", run_dir / "metrics.jsonl"
     if not config_path.is_file():
@@ -43,7 +38,22 @@ def evaluate_run(run_dir: Path, *, prompts: int | None = None) -> Comparison:
             f"{run_dir} has no final/ model: the run has not finished. Continue it with `rlhf train ... "
             f"checkpoint.resume=auto output_dir={run_dir}`, or export a checkpoint with `rlhf export`."
         )
-    cfg = OmegaConf.load(config_path)
+    lock = acquire(run_dir, command="rlhf eval")  # it writes report.md and curves.png: not beside a running run
+    try:
+        return _evaluate(run_dir, OmegaConf.load(config_path), prompts)
+    finally:
+        lock.release()
+
+
+def _evaluate(run_dir: Path, cfg, prompts: int | None) -> Comparison:
+    import json
+
+    from rlhf_cli.data.prompts import build_prompt_data
+    from rlhf_cli.models import load_policy_and_tokenizer
+    from rlhf_cli.rewards import build_reward
+    from rlhf_cli.seeding import set_seed
+
+    final_dir, metrics_path = run_dir / "final", run_dir / "metrics.jsonl"
     set_seed(int(cfg.seed))
     before, tokenizer = load_policy_and_tokenizer(cfg.model, disable_dropout=True)
     after = _trained_policy(final_dir, str(cfg.model.kind))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.engine import checkpoint as ckpt
+from rlhf_cli.engine.run_lock import acquire
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.models import PreTrainedModelWrapper
 
@@ -47,5 +48,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     ckpt.load_weights(path, policy)
     if (path / "tokenizer").is_dir():
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    save_final(policy, tokenizer, out_dir)
+    lock = acquire(out_dir, command="rlhf export")  # one writer: not two exports into one directory
+    try:
+        save_final(policy, tokenizer, out_dir)
+    finally:
+        lock.release()
     return path

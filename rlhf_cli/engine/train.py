@@ -10,11 +10,11 @@ and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlh
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,12 +25,16 @@ from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine.batches import PromptStream, StreamPosition
 from rlhf_cli.engine.components import check_launch, launch_state, ppo_config_from, prompts_per_step, total_steps
-from rlhf_cli.engine.export import save_final
+from rlhf_cli.engine.disk import guarded_write, truncate_to
+from rlhf_cli.engine.divergence import DivergenceWatch, is_nonfinite_sampling
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.report import Comparison, comparison_table, plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
+from rlhf_cli.engine.run_lock import RunLock, job_lock
+from rlhf_cli.engine.saving import resume_advice, save_checkpoint, save_final_model, write_outputs
 from rlhf_cli.engine.signals import Preempted, StopRequest
-from rlhf_cli.logging import Reporter, tracker_logs
+from rlhf_cli.engine.together import agreed, quiet_when_peer_died
+from rlhf_cli.logging import Reporter, metrics_line, tracker_logs
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.stats import reward_stats, scalar_stats
 from rlhf_cli.ppo.timing import PhaseTimer
@@ -63,6 +67,12 @@ class RunSummary:
     comparison: Comparison | None = None
 
 
+class _EngineTrainer(PPOTrainer):
+    """The engine's trainer: trackers are started by :meth:`TrainingRun._start`, once the run has started."""
+
+    start_trackers_on_init = False
+
+
 class TrainingRun:
     """One run: its parts are built once, then :meth:`train_step` is called ``steps`` times."""
 
@@ -76,23 +86,35 @@ class TrainingRun:
         # Our own console shows progress; transformers' per-save tqdm bars would interleave with it.
         transformers.utils.logging.disable_progress_bar()
         self.cfg = shared_resolved_config(cfg, self.state)
-        resumed_metrics = self._check_start()
-        self._build_parts()
-        self._seed_rollouts()
-        # The first step's rollout, done now: a reward that raises or returns unusable scores fails
-        # before anything is written. It is the very rollout step 1 uses (same RNG draws, no extra cost).
-        self.pending: Optional[Rollout] = self.rollout() if self.loop.step < self.steps else None
-        self._start(resumed_metrics, on_start)
+        self.lock = RunLock(Path(self.cfg.output_dir))
+        try:
+            resumed_metrics = self._check_start()
+            self._build_parts()
+            self._seed_rollouts()
+            # The first step's rollout, done now: a reward that raises or returns unusable scores fails
+            # before anything is written. It is the very rollout step 1 uses (same RNG draws, no extra cost).
+            self.pending: Optional[Rollout] = self.agreed_rollout() if self.loop.step < self.steps else None
+            self._start(resumed_metrics, on_start)
+        except BaseException:
+            self.lock.release()  # a failed start leaves no lock file (nor a directory it created)
+            raise
 
     # Construction, in order ----------------------------------------------------------------------
     def _check_start(self) -> list[str]:
         """Launch, run-directory and checkpoint checks, before any model loads; returns the metrics
         lines a continued run keeps."""
         cfg = self.cfg
-        check_launch(cfg, self.state)  # sizes, precision, LoRA, sharding: before any model loads
+        agreed(self.state, lambda: check_launch(cfg, self.state))  # sizes, precision, LoRA, sharding: before any model loads
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
+        # One writer per run directory, from before the checkpoint to resume from is even read.
+        self.lock = job_lock(Path(cfg.output_dir), is_main=self.state.is_main_process, num_processes=self.state.num_processes)
+        return agreed(self.state, self._check_run_dir)
+
+    def _check_run_dir(self) -> list[str]:
+        cfg = self.cfg
         self.run_dir = RunDirectory(Path(cfg.output_dir), is_main=self.state.is_main_process)
+        self.watch = DivergenceWatch(cfg, self.run_dir.root)
         self.reporter = Reporter(total_steps=0, enabled=self.state.is_main_process, progress=False)
         # The checkpoint is read (trainer state included) and checked before any model loads.
         self.resume, notices = ckpt.find_resume_point(cfg.checkpoint.resume, self.run_dir.root, self.state.process_index)
@@ -116,14 +138,19 @@ class TrainingRun:
         """Policy and tokenizer, prompts, reward, trainer, prompt stream and step count."""
         cfg = self.cfg
         set_seed(int(cfg.seed))  # the value head's initialisation
-        policy, self.tokenizer = load_policy_and_tokenizer(cfg.model, disable_dropout=bool(cfg.ppo.disable_dropout))
-        self.data = build_prompt_data(cfg.dataset, self.tokenizer, seed=int(cfg.seed))
-        self.reward_fn = build_reward(cfg.reward)
+
+        def load() -> Any:
+            loaded = load_policy_and_tokenizer(cfg.model, disable_dropout=bool(cfg.ppo.disable_dropout))
+            self.data = build_prompt_data(cfg.dataset, loaded[1], seed=int(cfg.seed))
+            self.reward_fn = build_reward(cfg.reward)
+            return loaded
+
+        policy, self.tokenizer = agreed(self.state, load)
         ppo_config = ppo_config_from(cfg, num_processes=self.state.num_processes, tracker_dir=str(self.run_dir.trackers_dir))
         with warnings.catch_warnings():
             # The engine feeds step() itself, with batches of ppo_config.batch_size.
             warnings.filterwarnings("ignore", message="No dataset was given to PPOTrainer", category=UserWarning)
-            self.trainer = PPOTrainer(ppo_config, policy, tokenizer=self.tokenizer)
+            self.trainer = _EngineTrainer(ppo_config, policy, tokenizer=self.tokenizer)
         self.stream = PromptStream(
             self.data.train,
             prompts_per_step=prompts_per_step(cfg),
@@ -161,6 +188,7 @@ class TrainingRun:
         self.run_dir.create(cfg, resumed_metrics=resumed_metrics, replace=bool(cfg.overwrite))
         if on_start is not None and self.state.is_main_process:
             on_start(self.run_dir.root)
+        self.trainer.start_trackers()  # only now: a failed start leaves nothing under trackers/
         self.metrics = self.run_dir.metrics()
         self.reporter = Reporter(
             total_steps=self.steps, enabled=self.state.is_main_process, progress=bool(cfg.logging.progress)
@@ -204,29 +232,8 @@ class TrainingRun:
         )
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N`` (all ranks take part: each saves its own RNG state)."""
-        accelerator = self.trainer.accelerator
-        tmp = ckpt.temporary_dir(self.run_dir.root, self.loop.step)
-        if self.state.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash while writing this very step
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        ckpt.write_rng_file(tmp, self.state.process_index, self.length_rng)
-        accelerator.wait_for_everyone()
-        if self.state.is_main_process:
-            ckpt.write_main_files(
-                tmp,
-                model=accelerator.unwrap_model(self.trainer.model),
-                trainer_state=self.trainer.state_dict(),
-                tokenizer=self.tokenizer,
-                cfg=self.cfg,
-                loop=self.loop,
-                num_processes=self.state.num_processes,
-            )
-            ckpt.publish(tmp, self.loop.step, int(self.cfg.checkpoint.keep))
-        accelerator.wait_for_everyone()
-        return tmp.parent / f"step-{self.loop.step}"
+        """Write ``checkpoints/step-N`` (see :func:`rlhf_cli.engine.saving.save_checkpoint`)."""
+        return save_checkpoint(self)
 
     def checkpoint_due(self) -> bool:
         every = int(self.cfg.checkpoint.every)
@@ -262,7 +269,7 @@ class TrainingRun:
             # such a run is bit for bit unchanged.
             budgets = [budget for budget in self._budgets(len(prompts.input_ids)) for _ in range(group)]
             # 2. Rollout: batched generation with the KV cache, cut at EOS; whole groups per call.
-            with generation_model(accelerator, self.trainer.model) as model:
+            with generation_model(accelerator, self.trainer.model) as model, self._logits_guard():
                 responses = generate_responses(
                     model,
                     batch.input_ids,
@@ -277,14 +284,30 @@ class TrainingRun:
             scores = score_responses(self.reward_fn, batch.queries, texts)
         return Rollout(batch, responses, texts, scores, timer.seconds["generation"], timer.seconds["reward"])
 
+    def agreed_rollout(self) -> Rollout:
+        """:meth:`rollout` on every process, or an exception on all of them (one small all-reduce)."""
+        return agreed(self.state, self.rollout)
+
+    @contextlib.contextmanager
+    def _logits_guard(self) -> Iterator[None]:
+        """Generation refusing NaN/inf probabilities: the weights diverged (a DivergenceError)."""
+        try:
+            yield
+        except RuntimeError as err:
+            if is_nonfinite_sampling(err):
+                self.watch.stop(self.loop.step + 1, "the policy's logits were not finite during generation")
+            raise
+
     def train_step(self) -> dict[str, Any]:
         """One PPO step; returns the metrics written for it."""
         step = self.loop.step + 1
-        rollout, self.pending = self.pending or self.rollout(), None
+        rollout, self.pending = self.pending or self.agreed_rollout(), None
         # 4. PPO step.
         timer = PhaseTimer()
         with timer("ppo_step"):
-            stats = self.trainer.step(rollout.batch.input_ids, rollout.responses, rollout.scores)
+            stats = quiet_when_peer_died(
+                self.state, lambda: self.trainer.step(rollout.batch.input_ids, rollout.responses, rollout.scores)
+            )
         # 5. Logging. The step gathered every process's scores once; env/reward_* come from them.
         all_scores = self.trainer.gathered_scores
         stats.update(reward_stats(all_scores))
@@ -293,6 +316,7 @@ class TrainingRun:
         self.loop.step = step
         self.loop.epoch, self.loop.batch_in_epoch = self.stream.position.epoch, self.stream.position.batch_in_epoch
         self.loop.reward_means.append(stats["env/reward_mean"])
+        self.watch.after_step(step, stats)  # the line is written first: it says what went wrong
         return stats
 
     def _throughput(self, rollout: Rollout, ppo_seconds: float, samples: int) -> dict[str, float]:
@@ -319,7 +343,7 @@ class TrainingRun:
         if self.trainer.config.log_with:
             logs = tracker_logs(scalar_stats(stats), {"query": queries, "response": texts}, rewards)
             self.trainer.accelerator.log(logs, step=self.trainer.current_step)
-        self.metrics.write(step, stats)
+        self._write_metrics(step, stats)
         self.reporter.advance(step, stats)
         if log.log_every and step % int(log.log_every) == 0:
             self.reporter.stats_line(step, stats)
@@ -327,23 +351,36 @@ class TrainingRun:
             rows = int(log.sample_rows)
             self.reporter.sample_table(f"samples at step {step}", queries[:rows], texts[:rows], rewards[:rows])
 
+    def _write_metrics(self, step: int, stats: dict[str, Any]) -> None:
+        path = self.run_dir.metrics_path
+        line = metrics_line(step, stats)
+        size = path.stat().st_size if path.exists() else 0
+        with guarded_write(path, "metrics.jsonl", needed=len(line.encode()), undo=truncate_to(path, size),
+                           advice=resume_advice(self)):
+            self.metrics.append(line)
+
     def finish(self) -> RunSummary:
         """Save ``final/``, print the before/after table, write report.md and curves.png (main process)."""
         accelerator = self.trainer.accelerator
         accelerator.wait_for_everyone()
         policy = accelerator.unwrap_model(self.trainer.model)
-        comparison = None
-        if self.state.is_main_process:
-            save_final(policy, self.tokenizer, self.run_dir.final_dir)
-            comparison = self._compare(policy)
-            if comparison is not None:
-                write_report(self.run_dir.root, comparison, self.loop.reward_means)
-            plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path)
-            self._print_summary(self.loop.reward_means, comparison)
-        accelerator.wait_for_everyone()
+        comparison = agreed(self.state, lambda: self._write_final(policy) if self.state.is_main_process else None)
         if self.trainer.config.log_with:
             accelerator.end_training()
         return RunSummary(self.run_dir.root, self.steps, list(self.loop.reward_means), comparison)
+
+    def _write_final(self, policy) -> Comparison | None:
+        """final/, the before/after table, report.md and curves.png (main process)."""
+        save_final_model(self, policy)
+        comparison = self._compare(policy)
+        root, advice = self.run_dir.root, "final/ is complete; free some space, then write them with `rlhf eval`."
+        if comparison is not None:
+            write_outputs(self.run_dir.report_path, "report.md",
+                          lambda: write_report(root, comparison, self.loop.reward_means), advice=advice)
+        write_outputs(self.run_dir.curves_path, "curves.png",
+                      lambda: plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path), advice=advice)
+        self._print_summary(self.loop.reward_means, comparison)
+        return comparison
 
     def _compare(self, policy) -> Comparison | None:
         rows = min(int(self.cfg.eval_prompts), len(self.data.heldout))
@@ -381,15 +418,18 @@ def run_training(cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = N
     SIGTERM/SIGINT finish the current step, write a checkpoint and raise :class:`Preempted`.
     """
     run = TrainingRun(cfg, on_start)
-    with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
-        while run.loop.step < run.steps:
-            run.train_step()
-            saved = run.save_checkpoint() if run.checkpoint_due() else None
-            if run.stop_requested(stop):
-                saved = saved or run.save_checkpoint()
-                raise Preempted(
-                    f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of {run.steps} "
-                    f"and wrote the checkpoint {saved}. Continue it with the same command plus "
-                    f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
-                )
-    return run.finish()
+    try:
+        with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
+            while run.loop.step < run.steps:
+                run.train_step()
+                saved = run.save_checkpoint() if run.checkpoint_due() else None
+                if run.stop_requested(stop):
+                    saved = saved or run.save_checkpoint()
+                    raise Preempted(
+                        f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of "
+                        f"{run.steps} and wrote the checkpoint {saved}. Continue it with the same command plus "
+                        f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
+                    )
+        return run.finish()
+    finally:
+        run.lock.release()

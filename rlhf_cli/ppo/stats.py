@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rlhf_cli.ppo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
+from rlhf_cli.ppo.guard import GuardVerdict
 
 
 class MiniBatchStats(NamedTuple):
@@ -38,6 +39,8 @@ class MiniBatchStats(NamedTuple):
     val_var: Tensor
     kl_loss: Tensor  # the KL loss term before its coefficient (NaN when kl_loss_coef is 0)
     skipped: Tensor  # 1.0 when the ratio threshold zeroed this mini-batch's loss
+    nonfinite: Tensor  # 1.0 when the divergence guard (ppo.guard) skipped this mini-batch's update
+    nonfinite_loss: Tensor  # 1.0 when this process's loss was not finite (summed over processes)
 
 
 # TRL's flat names of the MiniBatchStats fields (ppo.trl_compat maps them back).
@@ -70,7 +73,7 @@ CRITIC_FIELDS = frozenset({
 # (they depend on its own forward pass); the others are computed from the whole mini-batch's rollout.
 SHARE_FIELDS = (
     "policy_loss", "value_loss", "total_loss", "entropy", "approxkl", "policykl", "clipfrac",
-    "vpred", "val_error", "val_clipfrac", "kl_loss",
+    "vpred", "val_error", "val_clipfrac", "kl_loss", "nonfinite_loss",
 )
 
 
@@ -95,6 +98,7 @@ def minibatch_stats(
     ratio_mean: Tensor,
     ratio_threshold: float,
     whole: WholeMiniBatch,
+    verdict: GuardVerdict,
 ) -> MiniBatchStats:
     """The stats of one optimisation mini-batch (pure: no gradient, no collective). ``pl``, ``vl``,
     ``kl_term``, ``loss``, ``logits`` and ``mask`` are this process's share; ``whole`` is the global
@@ -115,6 +119,8 @@ def minibatch_stats(
             ratio=ratio_mean,
             kl_loss=kl_term.detach() if kl_term is not None else _nan(loss),
             skipped=skipped,
+            nonfinite=verdict.skipped,
+            nonfinite_loss=verdict.loss_nonfinite,
             **critic,
         )
 
@@ -159,6 +165,7 @@ class StepStats(NamedTuple):
     flat: dict[str, float | np.ndarray]  # legacy TRL's names (DESIGN §7)
     kl: float  # mean summed KL per sample: what the KL controller is updated with
     skipped_minibatches: int  # mini-batches whose loss the ratio threshold zeroed
+    nonfinite_minibatches: int = 0  # mini-batches whose update the divergence guard skipped
 
 
 def assemble_step_stats(
@@ -178,8 +185,8 @@ def assemble_step_stats(
     are added. ``kl_coef`` is the β of the reward-side penalty (0 when the KL is not in the reward)."""
     # One host transfer for all mini-batch scalars: [num_minibatches, num_fields].
     table = torch.stack([torch.stack([t.float() for t in mb]) for mb in minibatches]).cpu()
-    means = table.mean(dim=0)
     fields = MiniBatchStats._fields
+    means = _finite_means(table, fields.index("nonfinite"))
     stats: dict[str, float | np.ndarray] = {}
 
     kl = rollout.kl_per_sample.float().cpu()
@@ -208,11 +215,27 @@ def assemble_step_stats(
         returns_var = stats["ppo/returns/var"]
         stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / returns_var if returns_var > 0 else 0.0
     stats["ppo/skipped_minibatches"] = float(table[:, fields.index("skipped")].sum())
+    stats["ppo/nonfinite_minibatches"] = float(table[:, fields.index("nonfinite")].sum())
+    stats["ppo/nonfinite_loss_minibatches"] = float((table[:, fields.index("nonfinite_loss")] > 0).sum())
     stats["ppo/minibatches"] = float(table.shape[0])
     stats["ppo/learning_rate"] = float(learning_rate)
     for name, seconds in timings.items():
         stats[f"time/ppo/{name}"] = float(seconds)
-    return StepStats(stats, kl=stats["objective/kl"], skipped_minibatches=int(stats["ppo/skipped_minibatches"]))
+    return StepStats(
+        stats,
+        kl=stats["objective/kl"],
+        skipped_minibatches=int(stats["ppo/skipped_minibatches"]),
+        nonfinite_minibatches=int(stats["ppo/nonfinite_minibatches"]),
+    )
+
+
+def _finite_means(table: Tensor, nonfinite_column: int) -> Tensor:
+    """Column means over the mini-batches whose update was applied: a skipped non-finite one would
+    make every mean NaN (and its count is reported on its own). All skipped: NaN."""
+    applied = table[:, nonfinite_column] == 0
+    if not bool(applied.any()):
+        return torch.full((table.shape[1],), float("nan"))
+    return table[applied].mean(dim=0)
 
 
 def _reported(field: str, critic: bool, kl_loss_coef: float) -> bool:

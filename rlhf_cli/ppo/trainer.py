@@ -17,6 +17,7 @@ TRL's protected methods in ``trl_compat``.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -35,6 +36,7 @@ from rlhf_cli.ppo.distributed import (
 )
 from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
 from rlhf_cli.ppo.functional import Advantages, kl_loss, per_token_rewards, policy_loss, process_scores, ratio_guard, value_loss
+from rlhf_cli.ppo.guard import GuardVerdict, check_update, gradient_norm
 from rlhf_cli.ppo.inputs import check_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.kl_control import make_kl_controller
 from rlhf_cli.ppo.precision import apply_precision
@@ -119,6 +121,14 @@ class PPOTrainer(TRLCompatMixin):
             model.gradient_checkpointing_enable()
         self._prepare(model, optimizer, ref_model, dataset, data_collator, lr_scheduler)
         self._init_ppo_state()
+        if self.start_trackers_on_init:
+            self.start_trackers()
+
+    # The engine starts the trackers itself, once its run has started (no files for a failed start).
+    start_trackers_on_init = True
+
+    def start_trackers(self) -> None:
+        """Create the trackers of ``config.log_with`` (main process), as TRL does on construction."""
         if self.accelerator.is_main_process and self.config.log_with is not None:
             self.accelerator.init_trackers(
                 self.config.tracker_project_name, config=self.config.to_dict(), init_kwargs=self.config.tracker_kwargs
@@ -295,7 +305,15 @@ class PPOTrainer(TRLCompatMixin):
                 f"{result.skipped_minibatches} mini-batch(es) of step {self.current_step}; their loss was zeroed.",
                 stacklevel=3,
             )
-        if self.config.kl_in_reward:  # β is unused otherwise; the controller keeps its value
+        if result.nonfinite_minibatches > 0:
+            warnings.warn(
+                f"The loss or gradient norm was not finite in {result.nonfinite_minibatches} of "
+                f"{int(result.flat['ppo/minibatches'])} mini-batch(es) of step {self.current_step}; their updates were "
+                "skipped (stats ppo/nonfinite_minibatches). Try a lower learning rate or set max_grad_norm.",
+                stacklevel=3,
+            )
+        # β is unused without the KL in the reward; a non-finite KL would poison it for good.
+        if self.config.kl_in_reward and math.isfinite(result.kl):
             self.kl_ctl.update(result.kl, batch_size)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
@@ -375,21 +393,28 @@ class PPOTrainer(TRLCompatMixin):
                 loss = loss + cfg.kl_loss_coef * kl_term
             ratio_mean = self._sum_across_processes(pl.ratio_mean.detach())
             loss = ratio_guard(loss, ratio_mean, cfg.ratio_threshold)
-            self._backward_and_step(loss, processes)
+            verdict = self._backward_and_step(loss, processes)
         whole_rollout = WholeMiniBatch(
             take_whole(advantages.advantages), take_whole(advantages.returns), take_whole(rollout.values), whole.response_mask
         )
-        return minibatch_stats(pl, vl, kl_term, loss, out.logits, mask, token_count, ratio_mean, cfg.ratio_threshold, whole_rollout)
+        return minibatch_stats(
+            pl, vl, kl_term, loss, out.logits, mask, token_count, ratio_mean, cfg.ratio_threshold, whole_rollout, verdict
+        )
 
-    def _backward_and_step(self, loss: Tensor, processes: int) -> None:
-        """Backward pass, gradient clipping and the optimiser step (inside ``accelerator.accumulate``)."""
+    def _backward_and_step(self, loss: Tensor, processes: int) -> GuardVerdict:
+        """Backward pass, gradient clipping and the optimiser step (inside ``accelerator.accumulate``),
+        unless the divergence guard (:mod:`rlhf_cli.ppo.guard`) finds the loss or gradient non-finite."""
         # The loss is this process's share of the global mini-batch mean; DDP averages the
         # gradients over the processes, so scaling by their number gives the mean's gradient.
         self.accelerator.backward(loss * processes)
-        if self.config.max_grad_norm is not None and self.accelerator.sync_gradients:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
+        verdict = GuardVerdict(torch.zeros((), device=loss.device), (~torch.isfinite(loss.detach())).float())
+        if self.accelerator.sync_gradients:  # between accumulation boundaries optimizer.step() does nothing
+            norm = gradient_norm(self.accelerator, self.model, self.config.max_grad_norm)
+            verdict = check_update(self.accelerator, loss, norm)
+        if not bool(verdict.skipped):  # the guard's one host sync per mini-batch
+            self.optimizer.step()
         self.optimizer.zero_grad()
+        return verdict
 
     def _should_stop_early(self, policykl: Tensor) -> bool:
         """Stop the epochs when the policy moved too far (agreed across processes: one host sync)."""

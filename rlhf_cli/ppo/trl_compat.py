@@ -283,12 +283,13 @@ class TRLCompatMixin(TRLGenerationMixin):
         means = MiniBatchStats(*(train.get(TRAIN_NAMES.get(name, ""), torch.tensor(float("nan"))) for name in MiniBatchStats._fields))
         stats = flatten_step_stats(
             rollout,
-            [means._replace(skipped=torch.tensor(0.0))],
+            [means._replace(skipped=torch.tensor(0.0), nonfinite=torch.tensor(0.0), nonfinite_loss=torch.tensor(0.0))],
             kl_coef=kl_coef,
             learning_rate=self.optimizer.param_groups[0]["lr"],
             timings={},
         )
-        for key in ("ppo/skipped_minibatches", "ppo/minibatches", "ppo/learning_rate"):
+        for key in ("ppo/skipped_minibatches", "ppo/nonfinite_minibatches", "ppo/nonfinite_loss_minibatches",
+                    "ppo/minibatches", "ppo/learning_rate"):
             stats.pop(key)
         stats.update(train)
         stats["tokens/queries_dist"] = lengths["queries"].numpy()

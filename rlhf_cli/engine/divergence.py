@@ -1,0 +1,88 @@
+"""When a run has diverged: the engine's stopping rule on top of the trainer's divergence guard.
+
+The trainer skips every mini-batch update whose loss or gradient norm is not finite
+(:mod:`rlhf_cli.ppo.guard`, counted in ``ppo/nonfinite_minibatches``). A single such mini-batch is a
+spike the run survives. The run stops (exit 2, one paragraph) when it has diverged:
+
+* every mini-batch of a step was skipped (the step learned nothing: the weights no longer give a
+  finite loss), or
+* steps with skipped mini-batches came :data:`STEPS_IN_A_ROW` times in a row, or
+* generation met non-finite logits (the weights give no usable distribution), or
+* the weights themselves are not finite where a checkpoint or ``final/`` would be written (so
+  neither is ever written from them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from rlhf_cli.engine import checkpoint as ckpt
+from rlhf_cli.errors import RlhfError
+
+# Consecutive steps with at least one non-finite mini-batch after which the run stops.
+STEPS_IN_A_ROW = 3
+# What transformers' sampling raises on a NaN/inf distribution.
+_BAD_PROBABILITIES = "probability tensor contains either"
+
+
+class DivergenceError(RlhfError):
+    """Training diverged: losses, gradients, logits or weights are no longer finite."""
+
+
+@dataclass
+class DivergenceWatch:
+    """Counts steps with non-finite mini-batches and stops the run by the rule above."""
+
+    cfg: DictConfig
+    run_dir: Path
+    in_a_row: int = 0
+
+    def after_step(self, step: int, stats: dict[str, Any]) -> None:
+        skipped, total = int(stats.get("ppo/nonfinite_minibatches", 0)), int(stats.get("ppo/minibatches", 1))
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        quantity = "loss" if stats.get("ppo/nonfinite_loss_minibatches", 0) else "gradient norm"
+        if skipped and skipped == total:
+            self.stop(step, f"the {quantity} was not finite in every one of its {total} mini-batches")
+        if self.in_a_row >= STEPS_IN_A_ROW:
+            self.stop(step, f"the {quantity} was not finite in mini-batches of {STEPS_IN_A_ROW} steps in a row")
+
+    def stop(self, step: int, what: str) -> None:
+        raise DivergenceError(divergence_message(self.cfg, self.run_dir, step, what))
+
+    def check_weights(self, model: torch.nn.Module, step: int, writing: str) -> None:
+        """Stop before ``writing`` (a checkpoint, final/) from weights that are not finite."""
+        bad = first_nonfinite_parameter(model)
+        if bad is not None:
+            self.stop(step, f"the weights are not finite ({bad}); {writing} was not written")
+
+
+def first_nonfinite_parameter(model: torch.nn.Module) -> Optional[str]:
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            return name
+    return None
+
+
+def is_nonfinite_sampling(err: BaseException) -> bool:
+    """Whether ``err`` is generation refusing a NaN/inf next-token distribution."""
+    return isinstance(err, RuntimeError) and _BAD_PROBABILITIES in str(err)
+
+
+def divergence_message(cfg: DictConfig, run_dir: Path, step: int, what: str) -> str:
+    ppo = cfg.ppo
+    checkpoints = ckpt.list_checkpoints(run_dir)
+    last_good = (
+        f"The last checkpoint is {checkpoints[-1]}: resume from it with checkpoint.resume=auto and the changes above"
+        if checkpoints else "No checkpoint was written (checkpoint.every sets how often), so start again with the changes"
+    )
+    clip = f"ppo.max_grad_norm={ppo.max_grad_norm} lower" if ppo.max_grad_norm is not None else "ppo.max_grad_norm=1.0"
+    return (
+        f"Training diverged at step {step}: {what}. Try a lower ppo.learning_rate (now {ppo.learning_rate}), "
+        f"{clip}, or a smaller reward scale (ppo.use_score_scaling=true, ppo.score_clip). {last_good}. "
+        f"final/ was not written."
+    )

@@ -1,0 +1,97 @@
+"""Writing a run's checkpoints, ``final/`` and report, safe against a full disk and diverged weights.
+
+Each write is checked first (the weights must be finite: :mod:`rlhf_cli.engine.divergence`), then
+done inside :func:`rlhf_cli.engine.disk.guarded_write` (a failed write removes what it started and is
+one paragraph), and the processes agree on the outcome (:func:`rlhf_cli.engine.together.agreed`), so a
+rank-0 write that fails stops every rank instead of leaving them at the next barrier.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rlhf_cli.engine import checkpoint as ckpt
+from rlhf_cli.engine.disk import guarded_write, remove_tree, tree_bytes
+from rlhf_cli.engine.export import save_final
+from rlhf_cli.engine.together import agreed
+
+if TYPE_CHECKING:
+    from rlhf_cli.engine.train import TrainingRun
+
+
+def _parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def checkpoint_bytes(run: "TrainingRun", model) -> int:
+    """Roughly what a checkpoint takes: the newest complete one's size, else the weights plus Adam's two
+    float32 moments (and the float32 masters with ppo.precision=bf16)."""
+    existing = ckpt.list_checkpoints(run.run_dir.root)
+    if existing:
+        return tree_bytes(existing[-1])
+    return _parameter_bytes(model) + 3 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def resume_advice(run: "TrainingRun") -> str:
+    existing = ckpt.list_checkpoints(run.run_dir.root)
+    kept = f"The earlier checkpoints are intact (newest: {existing[-1]})" if existing else "No earlier checkpoint exists"
+    return (
+        f"{kept}. Free some space (a lower checkpoint.keep also helps), then continue with the same command plus "
+        f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
+    )
+
+
+def save_checkpoint(run: "TrainingRun") -> Path:
+    """Write ``checkpoints/step-N`` (all ranks take part: each saves its own RNG state)."""
+    accelerator, state, step = run.trainer.accelerator, run.state, run.loop.step
+    model = accelerator.unwrap_model(run.trainer.model)
+    run.watch.check_weights(model, step, f"checkpoints/step-{step}")
+    tmp = ckpt.temporary_dir(run.run_dir.root, step)
+    guard = dict(needed=checkpoint_bytes(run, model), undo=remove_tree(tmp), advice=resume_advice(run))
+
+    def make_dir() -> None:
+        if state.is_main_process:
+            with guarded_write(tmp, f"checkpoint step-{step}", **guard):
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by a crash while writing this very step
+                tmp.mkdir(parents=True)
+
+    def write_rng() -> None:
+        with guarded_write(tmp, f"checkpoint step-{step}", **guard):
+            ckpt.write_rng_file(tmp, state.process_index, run.length_rng)
+
+    def write_main() -> None:
+        if not state.is_main_process:
+            return
+        with guarded_write(tmp, f"checkpoint step-{step}", **guard):
+            ckpt.write_main_files(
+                tmp, model=model, trainer_state=run.trainer.state_dict(), tokenizer=run.tokenizer, cfg=run.cfg,
+                loop=run.loop, num_processes=state.num_processes,
+            )
+            ckpt.publish(tmp, step, int(run.cfg.checkpoint.keep))
+
+    for phase in (make_dir, write_rng, write_main):  # each agreement is also the barrier between them
+        try:
+            agreed(state, phase)
+        except BaseException:
+            if state.is_main_process:
+                remove_tree(tmp)()  # a peer's failed write leaves no .tmp-step-N either
+            raise
+    return tmp.parent / f"step-{step}"
+
+
+def save_final_model(run: "TrainingRun", policy) -> None:
+    """``final/`` from finite weights, or nothing (main process)."""
+    final_dir = run.run_dir.final_dir
+    run.watch.check_weights(policy, run.loop.step, "final/")
+    with guarded_write(final_dir, "final/", needed=_parameter_bytes(policy), undo=remove_tree(final_dir),
+                       advice=resume_advice(run)):
+        save_final(policy, run.tokenizer, final_dir)
+
+
+def write_outputs(path: Path, what: str, write, *, advice: str) -> None:
+    """report.md, curves.png: small files, removed again if their write fails."""
+    with guarded_write(path, what, needed=64 * 1024, undo=remove_tree(path), advice=advice):
+        write()
