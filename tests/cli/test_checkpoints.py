@@ -103,6 +103,7 @@ def test_kill_9_then_resume_matches_uninterrupted(workdir, uninterrupted):
     process.kill()
     process.wait()
     assert len(_metrics(out)) >= 3
+    assert (out / ".rlhf.lock").exists(), "kill -9 leaves the lock file, but the kernel released its lock"
     resumed = _run(workdir, out, "checkpoint.resume=auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout
@@ -124,6 +125,46 @@ def test_sigterm_checkpoints_and_exits_then_resumes_exactly(workdir, uninterrupt
     resumed = _run(workdir, out, "checkpoint.resume=auto")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(uninterrupted, out)
+
+
+GATED_REWARD = '''
+import os, time
+from rlhf_cli.rewards.lexicon import VaderReward
+_vader, _calls = VaderReward(), [0]
+def score(prompts, responses):
+    """VADER; the third call waits until the file GATE exists (the run stays alive that long)."""
+    _calls[0] += 1
+    while _calls[0] == 3 and not os.path.exists(os.environ["GATE"]):
+        time.sleep(0.05)
+    return list(_vader(prompts, responses))
+'''
+
+
+def test_a_second_start_on_a_running_run_is_refused_and_changes_nothing(workdir, uninterrupted):
+    """A scheduler retrying a job whose first attempt is alive: the retry is refused with the holder
+    named, and the first run's files come out as an undisturbed run's."""
+    (workdir / "gated_reward.py").write_text(GATED_REWARD)
+    out, gate = workdir / "two_starts", workdir / "gate"
+    env = dict(_env(workdir), GATE=str(gate))
+    args = [a.replace("slow_reward:", "gated_reward:") for a in _args(out)]
+    first = subprocess.Popen(args, cwd=workdir, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_lines(out, 2, first)  # step 3's rollout waits at the gate: the run is alive
+        second = subprocess.run([*args, "checkpoint.resume=auto"], cwd=workdir,
+                                env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        gate.write_text("open")
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert second.returncode == 2, second.stderr
+    message = " ".join(second.stderr.split())
+    assert f"is in use by rlhf train (PID {first.pid} on" in message and "Traceback" not in message, message
+    _assert_same_run(uninterrupted, out)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [p.name for p in sorted((uninterrupted / "checkpoints").iterdir())]
+    for step in (out / "checkpoints").iterdir():
+        mine, solo = step / "weights.safetensors", uninterrupted / "checkpoints" / step.name / "weights.safetensors"
+        assert mine.read_bytes() == solo.read_bytes(), step.name
+    assert not (out / ".rlhf.lock").exists()
 
 
 def test_keep_last_k_and_temporary_directories_are_ignored(workdir, uninterrupted):

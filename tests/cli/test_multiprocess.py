@@ -79,3 +79,45 @@ def test_two_processes_share_one_run_directory_and_split_each_batch(tmp_path: Pa
 
     # Only rank 0 prints: one stats line per step.
     assert sum(line.lstrip().startswith("step    1 ") for line in done.stdout.splitlines()) == 1
+
+
+FAILS_ON_RANK_1 = '''
+import os
+from rlhf_cli.rewards.lexicon import VaderReward
+
+_vader, _calls = VaderReward(), [0]
+
+
+def score(prompts, responses):
+    """VADER, except that rank 1's second call raises (step 2's rollout: the run has started)."""
+    _calls[0] += 1
+    if os.environ["RANK"] == "1" and _calls[0] == 2:
+        raise ZeroDivisionError("rank one's reward broke")
+    return list(_vader(prompts, responses))
+'''
+
+
+@pytest.mark.slow
+def test_a_reward_failing_on_one_rank_stops_both_with_one_message(tmp_path: Path) -> None:
+    """Both processes stop at once (the ranks agree after each rollout), the failing rank's message is
+    printed once, and no rank dies at a collective (no peer-closed error, no traceback from our code)."""
+    work, module_dir = tmp_path / "work", tmp_path / "module"
+    for path in (work, module_dir):
+        path.mkdir()
+    (module_dir / "fails_on_rank_1.py").write_text(FAILS_ON_RANK_1, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="200", PYTHONPATH=str(module_dir), OMP_NUM_THREADS="1")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    done = subprocess.run(
+        [str(accelerate), *LAUNCH, "-m", "rlhf_cli", "train", "+recipe=smoke", "output_dir=run", "eval_prompts=0",
+         "reward=callable", "reward.function=fails_on_rank_1:score"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120,  # a hang at a collective would time out
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert output.count("rank one's reward broke") == 1, output[-4000:]
+    assert "Connection closed by peer" not in output and "rlhf_cli/" not in output, output[-4000:]
+    # Both ranks exited with the usage-error code (torchrun's summary lists each exit code).
+    assert output.count("exitcode  : 2 ") == 2, output[-4000:]
+    assert [json.loads(line)["step"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (work / "run" / ".rlhf.lock").exists()
