@@ -106,7 +106,9 @@ def test_a_reward_failing_on_one_rank_stops_both_with_one_message(tmp_path: Path
         path.mkdir()
     (module_dir / "fails_on_rank_1.py").write_text(FAILS_ON_RANK_1, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="200", PYTHONPATH=str(module_dir), OMP_NUM_THREADS="1")
+    # The code under test first (the checkout's, not an installed copy), then the reward's module.
+    pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(module_dir)) if p)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="200", PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
         [str(accelerate), *LAUNCH, "-m", "rlhf_cli", "train", "+recipe=smoke", "output_dir=run", "eval_prompts=0",
