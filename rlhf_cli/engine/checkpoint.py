@@ -23,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -221,6 +221,28 @@ def compare_configs(saved: DictConfig, current: DictConfig) -> ConfigChanges:
         else:
             changes.other.append(line)
     return changes
+
+
+def check_resumable(point: ResumePoint, cfg: DictConfig, num_processes: int, *, say: Callable[[str], None]) -> None:
+    """Check the checkpoint fits this run (CheckpointError otherwise) and ``say`` what changed."""
+    path, saved = point.path, point.state
+    if int(saved["num_processes"]) != num_processes:
+        raise CheckpointError(
+            f"{path} was written by {saved['num_processes']} process(es); resume it with the same number "
+            f"(this launch has {num_processes})."
+        )
+    changes = compare_configs(point.config, cfg)
+    if changes.breaking:
+        raise CheckpointError(
+            f"Cannot resume from {path}: the config changes what the checkpoint was made for — "
+            + "; ".join(changes.breaking)
+            + ". Resume with the checkpoint's values (its config.yaml), or start a fresh run in another output_dir."
+        )
+    say(f"Resuming from [bold]{path}[/] (after step {saved['step']}).")
+    for line in changes.harmless:
+        say(f"  changed (harmless): {line}")
+    for line in changes.other:
+        say(f"  changed (training differs from here on): {line}")
 
 
 # RNG state -------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ spike the run survives. The run stops (exit 2, one paragraph) when it has diverg
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -40,6 +41,7 @@ class DivergenceWatch:
 
     cfg: DictConfig
     run_dir: Path
+    is_main: bool = True  # every process finds the same divergence; the main one says so
     in_a_row: int = 0
 
     def after_step(self, step: int, stats: dict[str, Any]) -> None:
@@ -52,7 +54,19 @@ class DivergenceWatch:
             self.stop(step, f"the {quantity} was not finite in mini-batches of {STEPS_IN_A_ROW} steps in a row")
 
     def stop(self, step: int, what: str) -> None:
-        raise DivergenceError(divergence_message(self.cfg, self.run_dir, step, what))
+        error = DivergenceError(divergence_message(self.cfg, self.run_dir, step, what))
+        error.quiet = not self.is_main
+        raise error
+
+    @contextlib.contextmanager
+    def logits_guard(self, step: int) -> Iterator[None]:
+        """Generation refusing NaN/inf probabilities during ``step``'s rollout: the weights diverged."""
+        try:
+            yield
+        except RuntimeError as err:
+            if is_nonfinite_sampling(err):
+                self.stop(step, "the policy's logits were not finite during generation")
+            raise
 
     def check_weights(self, model: torch.nn.Module, step: int, writing: str) -> None:
         """Stop before ``writing`` (a checkpoint, final/) from weights that are not finite."""

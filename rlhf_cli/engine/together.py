@@ -14,7 +14,7 @@ quiet :class:`PeerFailed` by :func:`quiet_when_peer_died` instead of a second tr
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 from accelerate import PartialState
@@ -42,19 +42,30 @@ def agreed(state: PartialState, phase: Callable[[], T]) -> T:
         result = phase()
     except Exception as err:  # every kind: a bug or an OOM on one rank must not strand the others
         error = err
-    failed = _failed_ranks(state, error is not None)
+    agree(state, error)
+    return result
+
+
+def agree(state: PartialState, error: Optional[BaseException], flag: bool = False) -> bool:
+    """One all-reduce of one flag per rank, plus ``flag``: raises ``error`` on the lowest rank that had
+    one (and PeerFailed on the others) if any had; otherwise returns whether any rank set ``flag``."""
+    if state.num_processes == 1:
+        if error is not None:
+            raise error
+        return flag
+    flags = torch.zeros(state.num_processes + 1, device=state.device)
+    flags[state.process_index] = float(error is not None)
+    flags[-1] = float(flag)
+    torch.distributed.all_reduce(flags)
+    values = flags.tolist()
+    failed = [rank for rank, value in enumerate(values[:-1]) if value > 0]
     if not failed:
-        return result
+        return values[-1] > 0
     if error is not None and failed[0] == state.process_index:
+        if isinstance(error, RlhfError):
+            error.quiet = False  # this process speaks for the job, even if every rank found the same
         raise error
     raise PeerFailed(f"process {failed[0]} failed (its message is printed by that process)") from error
-
-
-def _failed_ranks(state: PartialState, failed_here: bool) -> list[int]:
-    flags = torch.zeros(state.num_processes, device=state.device)
-    flags[state.process_index] = float(failed_here)
-    torch.distributed.all_reduce(flags)
-    return [rank for rank, flag in enumerate(flags.tolist()) if flag > 0]
 
 
 def quiet_when_peer_died(state: PartialState, phase: Callable[[], T]) -> T:

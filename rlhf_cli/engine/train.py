@@ -10,11 +10,10 @@ and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlh
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -26,14 +25,14 @@ from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine.batches import PromptStream, StreamPosition
 from rlhf_cli.engine.components import check_launch, launch_state, ppo_config_from, prompts_per_step, total_steps
 from rlhf_cli.engine.disk import guarded_write, truncate_to
-from rlhf_cli.engine.divergence import DivergenceWatch, is_nonfinite_sampling
+from rlhf_cli.engine.divergence import DivergenceWatch
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.report import Comparison, comparison_table, plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.run_lock import RunLock, job_lock
 from rlhf_cli.engine.saving import resume_advice, save_checkpoint, save_final_model, write_outputs
 from rlhf_cli.engine.signals import Preempted, StopRequest
-from rlhf_cli.engine.together import agreed, quiet_when_peer_died
+from rlhf_cli.engine.together import agree, agreed, quiet_when_peer_died
 from rlhf_cli.logging import Reporter, metrics_line, tracker_logs
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.stats import reward_stats, scalar_stats
@@ -114,7 +113,8 @@ class TrainingRun:
     def _check_run_dir(self) -> list[str]:
         cfg = self.cfg
         self.run_dir = RunDirectory(Path(cfg.output_dir), is_main=self.state.is_main_process)
-        self.watch = DivergenceWatch(cfg, self.run_dir.root)
+        self.watch = DivergenceWatch(cfg, self.run_dir.root, is_main=self.state.is_main_process)
+        self.log_error: Optional[BaseException] = None  # the main process's failed metrics write, until agreed on
         self.reporter = Reporter(total_steps=0, enabled=self.state.is_main_process, progress=False)
         # The checkpoint is read (trainer state included) and checked before any model loads.
         self.resume, notices = ckpt.find_resume_point(cfg.checkpoint.resume, self.run_dir.root, self.state.process_index)
@@ -126,7 +126,7 @@ class TrainingRun:
         for notice in notices:  # after the refusal: "starting a fresh run" must not precede one
             self.reporter.print(notice)
         if self.resume is not None:
-            self._check_resumable(self.resume)
+            ckpt.check_resumable(self.resume, self.cfg, self.state.num_processes, say=self.reporter.print)
         resumed_metrics: list[str] = []
         if continuing and self.state.is_main_process:
             resumed_metrics, notice = self.run_dir.resumed_metrics(self.resume.step)
@@ -195,27 +195,6 @@ class TrainingRun:
         )
 
     # Checkpoints -------------------------------------------------------------------------------
-    def _check_resumable(self, point: ckpt.ResumePoint) -> None:
-        """Check the checkpoint fits this run (CheckpointError otherwise) and report what changed."""
-        path, saved = point.path, point.state
-        if int(saved["num_processes"]) != self.state.num_processes:
-            raise ckpt.CheckpointError(
-                f"{path} was written by {saved['num_processes']} process(es); resume it with the same number "
-                f"(this launch has {self.state.num_processes})."
-            )
-        changes = ckpt.compare_configs(point.config, self.cfg)
-        if changes.breaking:
-            raise ckpt.CheckpointError(
-                f"Cannot resume from {path}: the config changes what the checkpoint was made for — "
-                + "; ".join(changes.breaking)
-                + ". Resume with the checkpoint's values (its config.yaml), or start a fresh run in another output_dir."
-            )
-        self.reporter.print(f"Resuming from [bold]{path}[/] (after step {saved['step']}).")
-        for line in changes.harmless:
-            self.reporter.print(f"  changed (harmless): {line}")
-        for line in changes.other:
-            self.reporter.print(f"  changed (training differs from here on): {line}")
-
     def _restore(self, point: ckpt.ResumePoint) -> None:
         accelerator = self.trainer.accelerator
         saved = point.state
@@ -240,12 +219,10 @@ class TrainingRun:
         return every > 0 and self.loop.step % every == 0
 
     def stop_requested(self, request: StopRequest) -> bool:
-        """Whether any process received a stop signal (one tiny all-reduce when distributed)."""
-        flag = request.received is not None
-        if self.state.num_processes == 1:
-            return flag
-        accelerator = self.trainer.accelerator
-        return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
+        """Whether any process received a stop signal; raises on every process if the main one could
+        not write this step's metrics line (one tiny all-reduce when distributed, for both)."""
+        failed, self.log_error = self.log_error, None
+        return agree(self.state, failed, request.received is not None)
 
     def _budgets(self, n: int) -> list[int]:
         """``n`` response-length budgets, uniform in [response_min_tokens, response_max_tokens]."""
@@ -269,7 +246,7 @@ class TrainingRun:
             # such a run is bit for bit unchanged.
             budgets = [budget for budget in self._budgets(len(prompts.input_ids)) for _ in range(group)]
             # 2. Rollout: batched generation with the KV cache, cut at EOS; whole groups per call.
-            with generation_model(accelerator, self.trainer.model) as model, self._logits_guard():
+            with generation_model(accelerator, self.trainer.model) as model, self.watch.logits_guard(self.loop.step + 1):
                 responses = generate_responses(
                     model,
                     batch.input_ids,
@@ -288,16 +265,6 @@ class TrainingRun:
         """:meth:`rollout` on every process, or an exception on all of them (one small all-reduce)."""
         return agreed(self.state, self.rollout)
 
-    @contextlib.contextmanager
-    def _logits_guard(self) -> Iterator[None]:
-        """Generation refusing NaN/inf probabilities: the weights diverged (a DivergenceError)."""
-        try:
-            yield
-        except RuntimeError as err:
-            if is_nonfinite_sampling(err):
-                self.watch.stop(self.loop.step + 1, "the policy's logits were not finite during generation")
-            raise
-
     def train_step(self) -> dict[str, Any]:
         """One PPO step; returns the metrics written for it."""
         step = self.loop.step + 1
@@ -312,7 +279,10 @@ class TrainingRun:
         all_scores = self.trainer.gathered_scores
         stats.update(reward_stats(all_scores))
         stats.update(self._throughput(rollout, timer.seconds["ppo_step"], all_scores.numel()))
-        self._log(step, stats, rollout.batch.queries, rollout.texts, all_scores)
+        try:
+            self._log(step, stats, rollout.batch.queries, rollout.texts, all_scores)
+        except Exception as err:  # main process only: raised on every process by stop_requested
+            self.log_error = err
         self.loop.step = step
         self.loop.epoch, self.loop.batch_in_epoch = self.stream.position.epoch, self.stream.position.batch_in_epoch
         self.loop.reward_means.append(stats["env/reward_mean"])
@@ -370,9 +340,11 @@ class TrainingRun:
         return RunSummary(self.run_dir.root, self.steps, list(self.loop.reward_means), comparison)
 
     def _write_final(self, policy) -> Comparison | None:
-        """final/, the before/after table, report.md and curves.png (main process)."""
+        """The before/after comparison, final/, report.md and curves.png (main process). The comparison
+        comes first: its generation is the last check that the weights still give finite logits."""
+        with self.watch.logits_guard(self.loop.step):
+            comparison = self._compare(policy)
         save_final_model(self, policy)
-        comparison = self._compare(policy)
         root, advice = self.run_dir.root, "final/ is complete; free some space, then write them with `rlhf eval`."
         if comparison is not None:
             write_outputs(self.run_dir.report_path, "report.md",
@@ -422,14 +394,19 @@ def run_training(cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = N
         with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
             while run.loop.step < run.steps:
                 run.train_step()
-                saved = run.save_checkpoint() if run.checkpoint_due() else None
-                if run.stop_requested(stop):
-                    saved = saved or run.save_checkpoint()
-                    raise Preempted(
+                stopping = run.stop_requested(stop)  # before the checkpoint: none after a lost metrics line
+                saved = run.save_checkpoint() if run.checkpoint_due() or stopping else None
+                if stopping:
+                    raise _preempted(run, Preempted(
                         f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of "
                         f"{run.steps} and wrote the checkpoint {saved}. Continue it with the same command plus "
                         f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
-                    )
+                    ))
         return run.finish()
     finally:
         run.lock.release()
+
+
+def _preempted(run: TrainingRun, error: Preempted) -> Preempted:
+    error.quiet = not run.state.is_main_process  # every process stops; the main one says so
+    return error

@@ -123,3 +123,18 @@ def test_a_reward_failing_on_one_rank_stops_both_with_one_message(tmp_path: Path
     assert output.count("exitcode  : 2 ") == 2, output[-4000:]
     assert [json.loads(line)["step"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (work / "run" / ".rlhf.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_launch_check_error_is_printed_once(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="200", OMP_NUM_THREADS="1")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    done = subprocess.run(
+        [str(accelerate), *LAUNCH, "-m", "rlhf_cli", "train", "+recipe=smoke", "output_dir=run",
+         "ppo.batch_size=6", "ppo.mini_batch_size=3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert output.count("is not divisible by the 2 processes") == 1, output[-4000:]
+    assert "rlhf_cli/" not in output and not (tmp_path / "run").exists(), output[-4000:]
