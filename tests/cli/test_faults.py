@@ -157,6 +157,30 @@ def test_step_skips_a_nonfinite_minibatch_and_says_so(word_tokenizer, monkeypatc
     assert any(not torch.equal(before[name], p) for name, p in policy.named_parameters()), "the other three applied"
 
 
+# Trackers ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("reward, starts", [("raises", False), ("fine", True)])
+def test_trackers_start_only_once_the_first_reward_call_succeeded(tmp_path, monkeypatch, one_thread, reward, starts):
+    """A start whose first reward call fails never creates the trackers (nothing under trackers/)."""
+    from rlhf_cli.config.compose import compose_train_config
+    from rlhf_cli.engine import train
+    from rlhf_cli.errors import RewardError
+
+    (tmp_path / "rewards_25.py").write_text("def raises(p, r):\n    raise ValueError('no')\n\n"
+                                            "def fine(p, r):\n    return [0.5] * len(p)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    started = []
+    monkeypatch.setattr(train._EngineTrainer, "start_trackers", lambda self: started.append(True))
+    cfg = compose_train_config([SMOKE, f"output_dir={tmp_path / 'run'}", "reward=callable", f"reward.function=rewards_25:{reward}"])
+    if starts:
+        train.TrainingRun(cfg).lock.release()
+    else:
+        with pytest.raises(RewardError):
+            train.TrainingRun(cfg)
+        assert not (tmp_path / "run").exists()
+    assert started == ([True] if starts else [])
+
+
 # Whole runs ---------------------------------------------------------------------------------------
 def _rlhf(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "rlhf_cli", "train", SMOKE, *args], cwd=cwd,
