@@ -16,7 +16,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 from rlhf_cli.errors import RlhfError
 
@@ -61,10 +61,11 @@ def guarded_write(
     *,
     needed: Optional[int],
     undo: Callable[[], None],
-    advice: str,
+    advice: Union[str, Callable[[], str]],
 ) -> Iterator[None]:
     """Run the block that writes ``target`` (``what`` names it for the user); on a failed write, call
-    ``undo`` (remove what it half-wrote) and raise a WriteError ending with ``advice``."""
+    ``undo`` (remove what it half-wrote) and raise a WriteError ending with ``advice`` (a callable is
+    called only then: a write that succeeds costs nothing)."""
     try:
         yield
     except OSError as err:
@@ -78,7 +79,8 @@ def guarded_write(
         raise WriteError(_message(target, what, err, needed, advice)) from err
 
 
-def _message(target: Path, what: str, err: BaseException, needed: Optional[int], advice: str) -> str:
+def _message(target: Path, what: str, err: BaseException, needed: Optional[int], advice: Union[str, Callable[[], str]]) -> str:
+    advice = advice() if callable(advice) else advice
     filename = getattr(err, "filename", None) or target
     reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err).splitlines()[0][:200]
     full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (

@@ -326,7 +326,7 @@ class TrainingRun:
         line = metrics_line(step, stats)
         size = path.stat().st_size if path.exists() else 0
         with guarded_write(path, "metrics.jsonl", needed=len(line.encode()), undo=truncate_to(path, size),
-                           advice=resume_advice(self)):
+                           advice=lambda: resume_advice(self)):
             self.metrics.append(line)
 
     def finish(self) -> RunSummary:
