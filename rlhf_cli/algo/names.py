@@ -1,53 +1,46 @@
-"""The registry of advantage estimators (DESIGN §11.6): ``ppo.advantage_estimator`` names one entry.
+"""The names the math answers to, and what each advantage estimator needs: torch-free on purpose.
 
-Torch-free on purpose: the command line's schema and :class:`~rlhf_cli.ppo.config.PPOConfig` read the
-names and what each estimator needs (a critic, groups of responses) without importing torch; the math
-is in :mod:`rlhf_cli.ppo.advantages`, found on first use. A new estimator is one function there and
-one entry here.
+The command line's schema, the engine's settings and the TRL layer's ``PPOConfig`` read these (to
+check a value, or to say which values are valid) without importing torch; the math of
+:mod:`rlhf_cli.algo` imports them too, so each enumeration is declared here and only here. An
+estimator's function is registered beside its math, in :data:`rlhf_cli.algo.advantages.ESTIMATE`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
-    from rlhf_cli.ppo.advantages import EstimatorSettings
-    from rlhf_cli.ppo.functional import Advantages
+# The per-token KL estimates of the reward-side penalty; "full" needs both models' whole distributions.
+KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
+# Estimators of KL(π‖π_ref) from sampled tokens for the KL *loss* term (Schulman, "Approximating KL
+# Divergence", 2020; see rlhf_cli.algo.kl.kl_loss_terms). k3 is GRPO's.
+KL_LOSS_ESTIMATORS = ("k1", "k2", "k3")
+# The weights the policy computes with (see rlhf_cli.ppo.precision).
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
 class AdvantageEstimator:
-    """One entry of the registry: what the estimator needs, and its function in ``ppo.advantages``."""
+    """What an advantage estimator needs of a run; its math is ``rlhf_cli.algo.advantages.ESTIMATE[name]``."""
 
     name: str
-    function: str  # name of its function in rlhf_cli.ppo.advantages
     needs_critic: bool  # runs and trains the value head
     min_group_size: int  # smallest samples_per_prompt it can work with
     summary: str  # one line for documentation and error messages
 
-    @property
-    def estimate(self) -> Callable[["Tensor", Optional["Tensor"], "Tensor", "EstimatorSettings"], "Advantages"]:
-        """(rewards [B, T], values [B, T] or None, mask [B, T], settings) -> Advantages [B, T]."""
-        from rlhf_cli.ppo import advantages
-
-        return getattr(advantages, self.function)
-
 
 _REGISTRY = (
-    AdvantageEstimator("gae", "gae_advantages", needs_critic=True, min_group_size=1,
+    AdvantageEstimator("gae", needs_critic=True, min_group_size=1,
                        summary="PPO: generalised advantage estimation with a value head (TRL's)"),
-    AdvantageEstimator("grpo", "grpo_advantages", needs_critic=False, min_group_size=2,
+    AdvantageEstimator("grpo", needs_critic=False, min_group_size=2,
                        summary="GRPO: reward minus its group's mean, over the group's std"),
-    AdvantageEstimator("rloo", "rloo_advantages", needs_critic=False, min_group_size=2,
+    AdvantageEstimator("rloo", needs_critic=False, min_group_size=2,
                        summary="RLOO: reward minus the mean reward of the group's other responses"),
-    AdvantageEstimator("reinforce_pp", "reinforce_pp_advantages", needs_critic=False, min_group_size=1,
+    AdvantageEstimator("reinforce_pp", needs_critic=False, min_group_size=1,
                        summary="REINFORCE++: discounted per-token returns whitened over the batch"),
 )
 ESTIMATORS: dict[str, AdvantageEstimator] = {e.name: e for e in _REGISTRY}
-# The names ppo.advantage_estimator takes (the one declaration; PPOConfig and the schema import it).
+# The names ppo.advantage_estimator takes.
 ADVANTAGE_ESTIMATORS = tuple(ESTIMATORS)
 
 

@@ -4,7 +4,7 @@ The run config speaks in global sizes (all processes together); PPOConfig, like 
 in per-process sizes. Sizes count responses: a step takes ppo.batch_size / generation.samples_per_prompt
 prompts (:func:`prompts_per_step`), each with its group of responses. The division happens here,
 once (:func:`rlhf_cli.engine.sizes.per_process`), with errors that name the numbers. The knobs passed to PPOConfig are derived from PPOConfig itself
-(:func:`rlhf_cli.ppo.config.command_line_fields`), never listed by hand.
+(:func:`rlhf_cli.ppo.settings.ppo_group_fields`), never listed by hand.
 :func:`check_launch` checks everything about the launch that can be known before a model loads.
 """
 
@@ -23,10 +23,11 @@ from rlhf_cli.engine.sizes import per_process
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models.builder import check_peft_installed
 from rlhf_cli.config.schema import TRACKERS
-from rlhf_cli.ppo.config import PPOConfig, command_line_fields, default_mini_batch_size
+from rlhf_cli.algo.names import estimator_named, estimators_without_groups
 from rlhf_cli.ppo import precision as precision_support
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
-from rlhf_cli.ppo.estimators import estimator_named, estimators_without_groups
+from rlhf_cli.ppo.settings import default_mini_batch_size, ppo_group_fields
+from rlhf_cli.trl.config import PPOConfig
 
 # Sizes of the ppo group that are global on the command line and per process in PPOConfig.
 _GLOBAL_SIZES = ("batch_size", "mini_batch_size", "forward_batch_size")
@@ -241,10 +242,10 @@ def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) ->
 
 
 def _ppo_knobs(ppo: DictConfig) -> dict[str, Any]:
-    """The ppo group's values of PPOConfig's command-line fields, as plain Python values."""
+    """The ppo group's values of the engine's ppo.NAME knobs, as plain Python values."""
     return {
         f.name: OmegaConf.to_object(ppo[f.name]) if OmegaConf.is_config(ppo[f.name]) else ppo[f.name]
-        for f in command_line_fields()
+        for f in ppo_group_fields()
     }
 
 

@@ -4,7 +4,7 @@ Stage numbers in comments follow DESIGN §4. :class:`TrainingRun` is built in na
 order that writes nothing until the run has started (``_check_start``, ``_build_parts``,
 ``_seed_rollouts``, the first rollout, ``_start``). Each step's scores are gathered once, by
 ``PPOTrainer.step`` (``trainer.gathered_scores``): ``env/reward_*``, the sample table and the
-trackers (through :func:`rlhf_cli.logging.tracker_logs`) all read them. The held-out comparison
+trackers (through :func:`rlhf_cli.reporting.tracker_logs`) all read them. The held-out comparison
 and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlhf eval``.
 """
 
@@ -30,11 +30,11 @@ from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, wri
 from rlhf_cli.engine.report import Comparison, comparison_table, plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.signals import Preempted, StopRequest
-from rlhf_cli.logging import Reporter, tracker_logs
+from rlhf_cli.reporting import Reporter, tracker_logs
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.stats import reward_stats, scalar_stats
 from rlhf_cli.ppo.timing import PhaseTimer
-from rlhf_cli.ppo.trainer import PPOTrainer
+from rlhf_cli.trl.trainer import PPOTrainer
 from rlhf_cli.rewards import build_reward, score_responses
 from rlhf_cli.rollout.generation import generate_responses
 from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs
@@ -310,7 +310,7 @@ class TrainingRun:
         }
 
     def _log(self, step: int, stats: dict[str, Any], queries: list[str], texts: list[str], all_scores: torch.Tensor) -> None:
-        """metrics.jsonl, the console and the trackers (through rlhf_cli.logging); main process only."""
+        """metrics.jsonl, the console and the trackers (through rlhf_cli.reporting); main process only."""
         log = self.cfg.logging
         if not self.state.is_main_process:
             return

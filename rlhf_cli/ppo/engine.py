@@ -1,47 +1,41 @@
-"""PPOTrainer: legacy TRL's ``step(queries, responses, scores)`` API on Accelerate.
+"""PPOEngine: the PPO trainer itself; ``step()`` below reads top to bottom, one method per stage.
 
-The trainer orchestrates; the math lives in :mod:`rlhf_cli.ppo.functional`. One ``step`` runs
-DESIGN §4 stage 4: (a) score processing, (b) packing, (c) one no-gradient pass each of policy and
-reference, (d) per-token rewards and GAE, (e) PPO epochs over shuffled mini-batches, (f) stats and
-the KL controller update.
-
-Where things live: construction in named parts (the functions of ``setup``: accelerator, reference,
-default optimiser, a critic-free estimator's frozen value head; then ``_prepare`` and
-``_init_ppo_state``), advantage estimators in ``estimators`` (registry) and ``advantages`` (math),
-the rest of the math in ``functional``, statistics assembly as pure functions in ``stats`` (``minibatch_stats``,
-``assemble_step_stats``, whose typed :class:`~rlhf_cli.ppo.stats.StepStats` drive the KL controller
-and the skipped-mini-batch warning), collectives in ``distributed``, the one timer in ``timing``,
-TRL's protected methods in ``trl_compat``.
+One ``step`` on the global batch of all processes: (a) the batch gathered and its scores processed,
+(b) packed into response-aligned model inputs, (c) one no-gradient pass each of policy and
+reference, (d) per-token rewards (:meth:`compute_rewards`) and advantages
+(:meth:`compute_advantages`), both overridable, (e) PPO epochs over shuffled mini-batches,
+(f) stats, then the KL controller and scheduler. The math is in :mod:`rlhf_cli.algo`; the forward
+passes in :mod:`rlhf_cli.ppo.forward`; construction in :mod:`rlhf_cli.ppo.setup`; one mini-batch's
+losses in :mod:`rlhf_cli.ppo.minibatch`; stats records in :mod:`rlhf_cli.ppo.stats`; collectives in
+:mod:`rlhf_cli.ppo.distributed`. Legacy TRL's ``PPOTrainer`` (:mod:`rlhf_cli.trl.trainer`)
+subclasses this class; nothing here knows about it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from rlhf_cli.algo.advantages import ESTIMATE, settings_from
+from rlhf_cli.algo.functional import Advantages, per_token_rewards, process_scores, ratio_guard
+from rlhf_cli.algo.kl import full_kl, kl_penalty
+from rlhf_cli.algo.kl_control import make_kl_controller
+from rlhf_cli.algo.names import estimator_named
+from rlhf_cli.algo.running_moments import RunningMoments
 from rlhf_cli.models import PreTrainedModelWrapper
-from rlhf_cli.ppo.config import PPOConfig
-from rlhf_cli.ppo.estimators import estimator_named
-from rlhf_cli.ppo.distributed import (
-    gather_rows,
-    gather_samples,
-    own_share,
-    sum_across_processes,
-    sum_shares,
-)
+from rlhf_cli.ppo.distributed import gather_rows, gather_samples, own_share, sum_across_processes, sum_shares
 from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
-from rlhf_cli.ppo.functional import Advantages, kl_loss, per_token_rewards, policy_loss, process_scores, ratio_guard, value_loss
-from rlhf_cli.ppo.inputs import check_groups, check_step_inputs, token_ids
-from rlhf_cli.ppo.kl_control import make_kl_controller
+from rlhf_cli.ppo.inputs import as_score_tensor, check_prompt_groups, check_step_inputs, token_ids
+from rlhf_cli.ppo.minibatch import Rows, minibatch_losses, ratio_threshold_warning
 from rlhf_cli.ppo.precision import apply_precision
-from rlhf_cli.ppo.running_moments import RunningMoments
+from rlhf_cli.ppo.settings import Launch, PPOSettings
 from rlhf_cli.ppo.setup import (
+    check_model_arguments,
     check_sharding,
-    checked_arguments,
     default_optimizer,
     freeze_value_head,
     make_accelerator,
@@ -51,26 +45,23 @@ from rlhf_cli.ppo.setup import (
 from rlhf_cli.ppo.stats import (
     SHARE_FIELDS,
     MiniBatchStats,
-    RolloutStats,
     StepStats,
     WholeMiniBatch,
     assemble_step_stats,
     minibatch_stats,
+    rollout_stats,
 )
 from rlhf_cli.ppo.timing import PhaseTimer
-from rlhf_cli.ppo.trl_compat import TRLCompatMixin, fill_runtime_fields
-from rlhf_cli.rollout.packing import PackedBatch
+from rlhf_cli.rollout.packing import PackedBatch, pack_batch
 from rlhf_cli.seeding import set_seed
 
 
-class PPOTrainer(TRLCompatMixin):
+class PPOEngine:
     """PPO for a language model with a value head, kept near a frozen reference by a KL penalty.
 
-    ``config.batch_size`` (query, response, score) triplets go into each :meth:`step` on each
+    ``settings.batch_size`` (query, response, score) triplets go into each :meth:`step` on each
     process. ``ref_model=None`` makes a frozen copy of ``model`` (sharing its first
     ``num_shared_layers`` layers), or, for a PEFT model, uses the policy with its adapter disabled.
-    Sizes are derived from ``config`` as it is when the trainer is built. TRL 0.11's protected
-    methods come from :class:`~rlhf_cli.ppo.trl_compat.TRLCompatMixin`.
 
     On P processes a step computes what one process computes on the P·b samples concatenated in
     rank order (to float rounding): see :mod:`rlhf_cli.ppo.distributed` for the convention.
@@ -78,51 +69,50 @@ class PPOTrainer(TRLCompatMixin):
 
     def __init__(
         self,
-        config: Optional[PPOConfig] = None,
-        model: Optional[PreTrainedModelWrapper] = None,
+        settings: PPOSettings,
+        model: PreTrainedModelWrapper,
         ref_model: Optional[PreTrainedModelWrapper] = None,
+        *,
         tokenizer: Any = None,
-        dataset: Any = None,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        data_collator: Optional[Callable] = None,
         num_shared_layers: Optional[int] = None,
         lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-        training_data_collator: Optional[Callable] = None,
+        dataloader: Optional[torch.utils.data.DataLoader] = None,
+        launch: Optional[Launch] = None,
     ) -> None:
-        """TRL 0.11's arguments. ``training_data_collator`` is accepted for TRL scripts but has no
-        effect: ``step()`` packs its model inputs itself (see :mod:`rlhf_cli.rollout.packing`).
-
-        Built in this order: arguments checked, accelerator and sizes, reference model, optimiser,
-        everything prepared by Accelerate, PPO state (KL controller, score moments, shuffling), trackers."""
-        if training_data_collator is not None:
-            warnings.warn("training_data_collator has no effect in rlhf_cli: step() packs model inputs itself.", UserWarning, stacklevel=2)
-        self.config = checked_arguments(config, model, ref_model)
+        """Built in this order: arguments checked, accelerator and sizes, reference model, optimiser,
+        everything prepared by Accelerate (``dataloader`` too, when given), PPO state (KL controller,
+        score moments, shuffling), trackers."""
+        check_model_arguments(model, ref_model)
+        self.settings = settings
+        self.launch = launch if launch is not None else Launch()
         num_shared_layers = shared_layers(ref_model, num_shared_layers)
-        self.config.check_sizes()  # the config as it is now, not as it was constructed
-        self.config.check_estimator()
-        self.estimator = estimator_named(self.config.advantage_estimator)
-        self.accelerator = make_accelerator(self.config)
-        self.sizes = self.config.sizes(self.accelerator.num_processes)
-        fill_runtime_fields(self.config, self.sizes, model)
+        self.estimator = estimator_named(settings.advantage_estimator)
+        self.accelerator = make_accelerator(self.launch, settings.gradient_accumulation_steps)
+        self.sizes = settings.sizes(self.accelerator.num_processes)
         check_sharding(self.accelerator, model, ref_model)
-        set_seed(self.config.seed)
+        set_seed(settings.seed)
         self.tokenizer = tokenizer
         self.is_encoder_decoder = model.is_encoder_decoder
         self.is_peft_model = model.is_peft_model
-        ref_model = reference_model(model, ref_model, num_shared_layers, disable_dropout=self.config.disable_dropout)
+        ref_model = reference_model(model, ref_model, num_shared_layers, disable_dropout=settings.disable_dropout)
         if not self.estimator.needs_critic:
             freeze_value_head(model)
-        optimizer = optimizer if optimizer is not None else default_optimizer(model, self.config, self.accelerator.device)
+        optimizer = optimizer if optimizer is not None else default_optimizer(model, settings, self.accelerator.device)
         # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
-        optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
-        if self.config.gradient_checkpointing:
+        optimizer = apply_precision(settings.precision, optimizer, model, ref_model)
+        if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self._prepare(model, optimizer, ref_model, dataset, data_collator, lr_scheduler)
+        self._prepare(model, optimizer, ref_model, dataloader, lr_scheduler)
         self._init_ppo_state()
-        if self.accelerator.is_main_process and self.config.log_with is not None:
+        if self.accelerator.is_main_process and self.launch.log_with is not None:
             self.accelerator.init_trackers(
-                self.config.tracker_project_name, config=self.config.to_dict(), init_kwargs=self.config.tracker_kwargs
+                self.launch.tracker_project_name, config=self._tracker_config(), init_kwargs=dict(self.launch.tracker_kwargs)
             )
+
+    def _tracker_config(self) -> dict[str, Any]:
+        """The hyper-parameters the trackers record."""
+        return self.settings.to_dict()
 
     # Construction ------------------------------------------------------------------------------
     def _prepare(
@@ -130,43 +120,31 @@ class PPOTrainer(TRLCompatMixin):
         model: PreTrainedModelWrapper,
         optimizer: torch.optim.Optimizer,
         ref_model: Optional[PreTrainedModelWrapper],
-        dataset: Any,
-        data_collator: Optional[Callable],
+        dataloader: Optional[torch.utils.data.DataLoader],
         lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler],
     ) -> None:
         """Model, optimiser, dataloader and scheduler through ``accelerator.prepare``; the reference to the device."""
-        self.dataset = dataset
-        self.model = model  # prepared below; prepare_dataloader reads its forward signature
-        self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset is not None else None
-        if dataset is None:
-            warnings.warn(
-                "No dataset was given to PPOTrainer: make sure config.batch_size matches the number of samples "
-                f"you pass to step() (batch_size={self.config.batch_size}).",
-                UserWarning,
-                stacklevel=3,
-            )
         # Accelerate wraps the scheduler (trainer.lr_scheduler.scheduler is the user's); see make_accelerator.
-        extras = [x for x in (self.dataloader, lr_scheduler) if x is not None]
+        extras = [x for x in (dataloader, lr_scheduler) if x is not None]
         self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *extras)
-        self.dataloader = prepared.pop(0) if self.dataloader is not None else None
+        self.dataloader = prepared.pop(0) if dataloader is not None else None
         self.lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
 
     def _init_ppo_state(self) -> None:
         """KL controller, running score moments, mini-batch shuffling and the step counter (what
         :meth:`state_dict` saves)."""
-        self.kl_ctl = make_kl_controller(
-            self.config.adap_kl_ctrl, self.config.init_kl_coef, self.config.target, self.config.horizon
-        )
-        self.running = RunningMoments() if self.config.use_score_scaling else None
+        s = self.settings
+        self.kl_ctl = make_kl_controller(s.adap_kl_ctrl, s.init_kl_coef, s.target, s.horizon)
+        self.running = RunningMoments() if s.use_score_scaling else None
         # Mini-batch order comes from the trainer's own seeded generator, not the global RNG, so
         # generation sampling and shuffling do not perturb each other.
-        self.shuffle_generator = torch.Generator().manual_seed(self.config.seed)
+        self.shuffle_generator = torch.Generator().manual_seed(s.seed)
         self.current_step = 0
         # The raw scores of the last step's global batch (all processes, rank order), gathered once.
         self.gathered_scores: Optional[Tensor] = None
 
-    # Token ids ---------------------------------------------------------------------------------
+    # Token ids and the reference ---------------------------------------------------------------
     @property
     def _unwrapped(self) -> PreTrainedModelWrapper:
         return self.accelerator.unwrap_model(self.model)
@@ -183,9 +161,8 @@ class PPOTrainer(TRLCompatMixin):
     @property
     def reward_kl_coef(self) -> float:
         """β of the reward-side KL penalty: the controller's value, or 0 with ``kl_in_reward=False``."""
-        return self.kl_ctl.value if self.config.kl_in_reward else 0.0
+        return self.kl_ctl.value if self.settings.kl_in_reward else 0.0
 
-    # Reference model ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def reference_context(self) -> Iterator[nn.Module]:
         """The module that computes reference logprobs: the frozen model, or the policy with its
@@ -210,36 +187,31 @@ class PPOTrainer(TRLCompatMixin):
         scores: list[Tensor] | list[float] | Tensor,
         response_masks: Optional[list[Tensor]] = None,
     ) -> dict[str, Any]:
-        """One PPO step on ``config.batch_size`` samples per process; returns legacy TRL's stats dict
-        (DESIGN §7), computed over the global batch of all processes and the same on every process.
+        """One PPO step on ``settings.batch_size`` samples per process; returns legacy TRL's stats dict
+        (see :mod:`rlhf_cli.ppo.stats`), computed over the global batch of all processes and the same
+        on every process.
 
-        With ``config.samples_per_prompt`` = G > 1 the samples come prompt-major: the G responses of
+        With ``samples_per_prompt`` = G > 1 the samples come prompt-major: the G responses of
         each prompt next to each other (``queries[g*G : (g+1)*G]`` one prompt's tensor repeated), so
-        ``batch_size`` counts responses. Critic-free estimators (``config.advantage_estimator``) then
+        ``batch_size`` counts responses. Critic-free estimators (``advantage_estimator``) then
         compare each response with its group; without a critic the ``ppo/val/*``, ``ppo/returns/*``
         and ``ppo/loss/value`` stats are absent."""
         timer = PhaseTimer()
         queries, responses, scores, response_masks = check_step_inputs(
-            queries, responses, scores, response_masks, self.config.batch_size
+            queries, responses, scores, response_masks, self.settings.batch_size
         )
-        check_groups(queries, self.config.samples_per_prompt)
+        check_prompt_groups(queries, self.settings.samples_per_prompt)
         # (a) The global batch, on every process; then score scaling/normalisation/clipping.
         queries, responses, response_masks = self._gather_batch(queries, responses, scores, response_masks)
-        scores = process_scores(
-            self.gathered_scores,
-            running=self.running,
-            use_score_norm=self.config.use_score_norm,
-            score_clip=self.config.score_clip,
-        )
-        # (b) Pack into response-aligned model inputs (TRLCompatMixin._pack, also TRL's prepare_model_inputs).
+        scores = self._process_scores(self.gathered_scores)
+        # (b) Pack into response-aligned model inputs.
         batch = self._pack(queries, responses, response_masks)
         mask = batch.response_mask
         # (c) Old logprobs and values (policy) and reference logprobs: one no-gradient pass each.
         with timer("forward_pass"):
             rollout = self._score_global_batch(batch)
-        # (d) Per-token rewards (−β·KL, score on the last token) and advantages (GAE, or a critic-free
-        # estimator of ppo.estimators). Every process holds the whole batch, so whitening and groups
-        # use the global batch.
+        # (d) Per-token rewards and advantages. Every process holds the whole batch, so whitening
+        # and groups use the global batch.
         kl_coef = self.reward_kl_coef
         with timer("compute_rewards"):
             rewards, non_score, kl = self._rewards(scores, rollout, mask, kl_coef)
@@ -251,20 +223,11 @@ class PPOTrainer(TRLCompatMixin):
             minibatches = self._optimise(batch, rollout, advantages)
         # (f) Stats over the global batch, then the KL controller and scheduler.
         with timer("calc_stats"):
-            rollout_stats = self._rollout_stats(batch, rollout, kl, non_score, scores)
-            timer.seconds["total"] = timer.elapsed()
-            result = assemble_step_stats(
-                rollout_stats,
-                minibatches,
-                kl_coef=kl_coef,
-                learning_rate=self.optimizer.param_groups[0]["lr"],
-                timings=timer.seconds,
-                critic=self.estimator.needs_critic,
-                kl_loss_coef=self.config.kl_loss_coef,
-            )
+            result = self._step_stats(batch, rollout, kl, non_score, scores, minibatches, kl_coef, timer)
         self._finish_step(result, batch.batch_size)
         return result.flat
 
+    # (a) The global batch ------------------------------------------------------------------------
     def _gather_batch(
         self, queries: list[Tensor], responses: list[Tensor], scores: Tensor, response_masks: Optional[list[Tensor]]
     ) -> tuple[list[Tensor], list[Tensor], Optional[list[Tensor]]]:
@@ -277,30 +240,27 @@ class PPOTrainer(TRLCompatMixin):
         self.gathered_scores = scores
         return queries, responses, response_masks
 
-    def _rewards(self, scores: Tensor, rollout: RolloutScores, mask: Tensor, kl_coef: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-token rewards, non-score rewards and KL. ``compute_rewards`` (and ``compute_advantages``)
-        may be overridden: TRL's extension points."""
-        if rollout.full_kl is None:
-            return self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask)
-        # kl_penalty="full": computed per chunk in the forward pass (see trl_compat)
-        rewards, non_score = per_token_rewards(scores, rollout.full_kl, mask, kl_coef)
-        return rewards, non_score, rollout.full_kl
+    def _process_scores(self, scores: Tensor) -> Tensor:
+        """Score scaling (running moments), normalisation and clipping, as the settings ask."""
+        return process_scores(
+            scores, running=self.running, use_score_norm=self.settings.use_score_norm, score_clip=self.settings.score_clip
+        )
 
-    def _finish_step(self, result: StepStats, batch_size: int) -> None:
-        """Warn about skipped mini-batches, update the KL controller and scheduler, count the step:
-        from the step's typed values, not its flattened metric names."""
-        if result.skipped_minibatches > 0:
-            warnings.warn(
-                f"The mean probability ratio exceeded ratio_threshold={self.config.ratio_threshold} in "
-                f"{result.skipped_minibatches} mini-batch(es) of step {self.current_step}; their loss was zeroed.",
-                stacklevel=3,
-            )
-        if self.config.kl_in_reward:  # β is unused otherwise; the controller keeps its value
-            self.kl_ctl.update(result.kl, batch_size)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.current_step += 1
+    # (b) Packing -------------------------------------------------------------------------------
+    def _pack(self, queries: list[Tensor], responses: list[Tensor], response_masks: Optional[list[Tensor]] = None) -> PackedBatch:
+        """Left-padded queries, right-padded responses, explicit positions (see :mod:`rlhf_cli.rollout.packing`)."""
+        decoder_start = getattr(self._unwrapped.config, "decoder_start_token_id", None) if self.is_encoder_decoder else None
+        return pack_batch(
+            queries,
+            responses,
+            pad_token_id=self.pad_token_id,
+            is_encoder_decoder=self.is_encoder_decoder,
+            decoder_start_token_id=decoder_start,
+            response_masks=response_masks,
+            device=self.accelerator.device,
+        )
 
+    # (c) No-gradient forward passes ------------------------------------------------------------
     def _score_global_batch(self, batch: PackedBatch) -> RolloutScores:
         """Rollout scores [B, T] of the global batch: each process scores its own samples (rows
         r·b … (r+1)·b − 1), then the results are gathered."""
@@ -312,8 +272,8 @@ class PPOTrainer(TRLCompatMixin):
             self.model,
             self.reference_context,
             own,
-            chunk_size=self.config.forward_batch_size or own.batch_size,
-            need_full_kl=self.config.kl_penalty == "full",
+            chunk_size=self.settings.forward_batch_size or own.batch_size,
+            need_full_kl=self.settings.kl_penalty == "full",
             need_values=self.estimator.needs_critic,
         )
         if processes == 1:
@@ -321,12 +281,54 @@ class PPOTrainer(TRLCompatMixin):
         width = batch.response_width
         return RolloutScores(*(None if t is None else gather_rows(self.accelerator, t, width) for t in rollout))
 
+    # (d) Rewards and advantages: the overridable hooks -------------------------------------------
+    def _rewards(self, scores: Tensor, rollout: RolloutScores, mask: Tensor, kl_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token rewards, non-score rewards and KL, through :meth:`compute_rewards` unless the KL
+        is ``full``: then it was computed per chunk in the forward pass, so that [B, T, V]
+        log-probabilities of both models never sit in memory at once."""
+        if rollout.full_kl is None:
+            return self.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask)
+        rewards, non_score = per_token_rewards(scores, rollout.full_kl, mask, kl_coef)
+        return rewards, non_score, rollout.full_kl
+
+    def _kl_penalty(self, logprob: Tensor, ref_logprob: Tensor) -> Tensor:
+        """Per-token KL estimate for ``kl_penalty``: sampled-token logprobs [B, T] for
+        ``kl``/``abs``/``mse``; full log-probabilities [B, T, V] for ``full``."""
+        if self.settings.kl_penalty == "full":
+            # full_kl log-softmaxes its inputs, which leaves log-probabilities unchanged.
+            return full_kl(logprob, ref_logprob)
+        return kl_penalty(logprob, ref_logprob, self.settings.kl_penalty)
+
+    def compute_rewards(
+        self, scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, masks: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(rewards, non-score rewards, KL) [B, T]: −β·KL per token, the score added at each row's
+        last masked token. ``step()`` calls this: override it to shape rewards."""
+        kls = self._kl_penalty(logprobs, ref_logprobs)
+        terms = per_token_rewards(as_score_tensor(scores, kls.device), kls, masks, self.reward_kl_coef)
+        return terms.rewards, terms.non_score_rewards, kls
+
+    def compute_advantages(
+        self, values: Optional[Tensor], rewards: Tensor, mask: Tensor
+    ) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+        """(values, advantages, returns) [B, T] from the advantage estimator. For ``gae`` (TRL's):
+        GAE with ``gamma``/``lam`` (``whiten_rewards`` applied), whitened advantages, returns = raw
+        advantages + values; values masked as in TRL. A critic-free estimator gets and returns no
+        values and no returns (None). ``step()`` calls this: override it to change the estimate."""
+        result = ESTIMATE[self.estimator.name](rewards, values, mask, settings_from(self.settings))
+        if values is not None:
+            values = torch.where(mask.bool(), values, torch.zeros_like(values))
+        return values, result.advantages, result.returns
+
+    # (e) PPO epochs ----------------------------------------------------------------------------
     def _optimise(self, batch: PackedBatch, rollout: RolloutScores, advantages: Advantages) -> list[MiniBatchStats]:
-        cfg = self.config
+        """``ppo_epochs`` passes over the global batch in shuffled mini-batches (early stopping on the
+        policy KL when asked); each process trains on its share of every mini-batch."""
+        s = self.settings
         global_mini_batch = self.sizes.mini_batch_size * self.accelerator.num_processes
         self.model.train()
         collected: list[MiniBatchStats] = []
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(s.ppo_epochs):
             # The generator advances identically on every process: one permutation of the global rows.
             order = torch.randperm(batch.batch_size, generator=self.shuffle_generator)
             epoch_policykl = []
@@ -334,7 +336,7 @@ class PPOTrainer(TRLCompatMixin):
                 stats = self._train_minibatch(batch, order[start : start + global_mini_batch], rollout, advantages)
                 collected.append(stats)
                 epoch_policykl.append(stats.policykl)
-            if cfg.early_stopping and self._should_stop_early(torch.stack(epoch_policykl).mean()):
+            if s.early_stopping and self._should_stop_early(torch.stack(epoch_policykl).mean()):
                 break
         return self._sum_shares(collected)
 
@@ -346,57 +348,41 @@ class PPOTrainer(TRLCompatMixin):
         Fields named in ``stats.SHARE_FIELDS`` are this process's share of a mean over the global
         mini-batch (summed over processes in :meth:`_sum_shares`); the others are already global.
         """
-        cfg = self.config
         processes = self.accelerator.num_processes
         own_rows = rows if processes == 1 else own_share(rows, self.accelerator.process_index, processes)
         whole = batch.select(rows)
         mb = whole if processes == 1 else batch.select(own_rows)
         token_count = whole.response_mask.sum()
-        own_index, whole_index = own_rows.to(mb.response_ids.device), rows.to(mb.response_ids.device)
-
-        def take(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else t[own_index, : mb.response_width]
-
-        def take_whole(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else t[whole_index, : whole.response_width]
-
-        mask = mb.response_mask
         critic = self.estimator.needs_critic
         with self.accelerator.accumulate(self.model):
             out = response_outputs(self.model, mb, values=critic)
-            pl = policy_loss(out.logprobs, take(rollout.logprobs), take(advantages.advantages), mask, cfg.cliprange, token_count=token_count)
-            loss = pl.loss
-            vl = kl_term = None
-            if critic:
-                vl = value_loss(out.values, take(rollout.values), take(advantages.returns), mask, cfg.cliprange_value, token_count=token_count)
-                loss = loss + cfg.vf_coef * vl.loss
-            if cfg.kl_loss_coef > 0:
-                kl_term = kl_loss(out.logprobs, take(rollout.ref_logprobs), mask, cfg.kl_loss_estimator, token_count=token_count)
-                loss = loss + cfg.kl_loss_coef * kl_term
-            ratio_mean = self._sum_across_processes(pl.ratio_mean.detach())
-            loss = ratio_guard(loss, ratio_mean, cfg.ratio_threshold)
+            losses = minibatch_losses(out, Rows(own_rows, mb.response_width), rollout, advantages, mb.response_mask,
+                                      self.settings, critic=critic, token_count=token_count)
+            ratio_mean = self._sum_across_processes(losses.policy.ratio_mean.detach())
+            loss = ratio_guard(losses.total, ratio_mean, self.settings.ratio_threshold)
             self._backward_and_step(loss, processes)
+        take_whole = Rows(rows, whole.response_width).take
         whole_rollout = WholeMiniBatch(
             take_whole(advantages.advantages), take_whole(advantages.returns), take_whole(rollout.values), whole.response_mask
         )
-        return minibatch_stats(pl, vl, kl_term, loss, out.logits, mask, token_count, ratio_mean, cfg.ratio_threshold, whole_rollout)
+        return minibatch_stats(losses.policy, losses.value, losses.kl, loss, out.logits, mb.response_mask, token_count,
+                               ratio_mean, self.settings.ratio_threshold, whole_rollout)
 
     def _backward_and_step(self, loss: Tensor, processes: int) -> None:
         """Backward pass, gradient clipping and the optimiser step (inside ``accelerator.accumulate``)."""
         # The loss is this process's share of the global mini-batch mean; DDP averages the
         # gradients over the processes, so scaling by their number gives the mean's gradient.
         self.accelerator.backward(loss * processes)
-        if self.config.max_grad_norm is not None and self.accelerator.sync_gradients:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        if self.settings.max_grad_norm is not None and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
 
     def _should_stop_early(self, policykl: Tensor) -> bool:
         """Stop the epochs when the policy moved too far (agreed across processes: one host sync)."""
         policykl = self._sum_across_processes(policykl)
-        return bool(policykl > 1.5 * self.config.target_kl)
+        return bool(policykl > 1.5 * self.settings.target_kl)
 
-    # Multi-process helpers (the collectives live in ppo.distributed) -----------------------------
     def _sum_across_processes(self, value: Tensor) -> Tensor:
         return sum_across_processes(self.accelerator, value)
 
@@ -407,21 +393,38 @@ class PPOTrainer(TRLCompatMixin):
         columns = [MiniBatchStats._fields.index(name) for name in SHARE_FIELDS]
         return [MiniBatchStats(*row.unbind()) for row in sum_shares(self.accelerator, collected, columns)]
 
-    def _rollout_stats(
-        self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor
-    ) -> RolloutStats:
-        mask = batch.response_mask
-        device = mask.device
-        return RolloutStats(
-            kl_per_sample=(kl * mask).sum(dim=-1),
-            neg_logprob_sum=(-rollout.logprobs * mask).sum(dim=-1),
-            mean_non_score_reward=(non_score * mask).sum() / mask.sum(),
-            scores=scores,
-            query_lengths=torch.tensor(batch.query_lengths, device=device, dtype=torch.float32),
-            response_lengths=torch.tensor(batch.response_lengths, device=device, dtype=torch.float32),
-            logprobs=rollout.logprobs,
-            ref_logprobs=rollout.ref_logprobs,
+    # (f) Stats, the KL controller and the scheduler ------------------------------------------------
+    def _step_stats(
+        self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor,
+        minibatches: list[MiniBatchStats], kl_coef: float, timer: PhaseTimer,
+    ) -> StepStats:
+        """The step's typed stats over the global batch (timings up to now included)."""
+        rollout_record = rollout_stats(
+            kl=kl, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs, non_score=non_score,
+            mask=batch.response_mask, scores=scores,
+            query_lengths=batch.query_lengths, response_lengths=batch.response_lengths,
         )
+        timer.seconds["total"] = timer.elapsed()
+        return assemble_step_stats(
+            rollout_record,
+            minibatches,
+            kl_coef=kl_coef,
+            learning_rate=self.optimizer.param_groups[0]["lr"],
+            timings=timer.seconds,
+            critic=self.estimator.needs_critic,
+            kl_loss_coef=self.settings.kl_loss_coef,
+        )
+
+    def _finish_step(self, result: StepStats, batch_size: int) -> None:
+        """Warn about skipped mini-batches, update the KL controller and scheduler, count the step:
+        from the step's typed values, not its flattened metric names."""
+        if result.skipped_minibatches > 0:
+            warnings.warn(ratio_threshold_warning(self.settings.ratio_threshold, result.skipped_minibatches, self.current_step), stacklevel=3)
+        if self.settings.kl_in_reward:  # β is unused otherwise; the controller keeps its value
+            self.kl_ctl.update(result.kl, batch_size)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.current_step += 1
 
     # State for checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -442,10 +445,11 @@ class PPOTrainer(TRLCompatMixin):
         self.current_step = int(state["current_step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         if (state["running"] is None) != (self.running is None):
-            raise ValueError("The saved trainer state and this config disagree on use_score_scaling.")
+            raise ValueError("The saved trainer state and these settings disagree on use_score_scaling.")
         if self.running is not None:
             self.running.load_state_dict(state["running"])
         self.shuffle_generator.set_state(state["shuffle_generator"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
+from rlhf_cli.algo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
 
 
 class MiniBatchStats(NamedTuple):
@@ -153,10 +153,36 @@ class RolloutStats(NamedTuple):
     ref_logprobs: Tensor  # [b, T]
 
 
+def rollout_stats(
+    *,
+    kl: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    non_score: Tensor,
+    mask: Tensor,
+    scores: Tensor,
+    query_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+) -> RolloutStats:
+    """The rollout's record from per-token [B, T] tensors (KL, logprobs, non-score rewards, mask),
+    scores [B] and the samples' lengths: one construction for ``step()`` and TRL's ``record_step_stats``."""
+    device = mask.device
+    return RolloutStats(
+        kl_per_sample=(kl * mask).sum(dim=-1),
+        neg_logprob_sum=(-logprobs * mask).sum(dim=-1),
+        mean_non_score_reward=masked_mean(non_score, mask.bool()),
+        scores=scores,
+        query_lengths=torch.tensor([float(n) for n in query_lengths], device=device),
+        response_lengths=torch.tensor([float(n) for n in response_lengths], device=device),
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+    )
+
+
 class StepStats(NamedTuple):
     """A step's stats on the host: TRL's flat dict, and the typed values the step's control flow reads."""
 
-    flat: dict[str, float | np.ndarray]  # legacy TRL's names (DESIGN §7)
+    flat: dict[str, float | np.ndarray]  # legacy TRL's names
     kl: float  # mean summed KL per sample: what the KL controller is updated with
     skipped_minibatches: int  # mini-batches whose loss the ratio threshold zeroed
 

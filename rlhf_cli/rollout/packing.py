@@ -166,3 +166,22 @@ def pack_batch(
         is_encoder_decoder=is_encoder_decoder,
         **tensors,
     )
+
+
+def real_token_index(response_lengths: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(row, column) of every real response token of a response-aligned [B, T] tensor, row-major:
+    two [N] index tensors. Built on the host from the lengths, so finding them needs no device sync."""
+    lengths = torch.tensor(list(response_lengths), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    cols = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return rows.to(device), cols.to(device)
+
+
+def cat_to_width(chunks: Sequence[Tensor], width: int) -> Tensor:
+    """Row chunks of response-aligned tensors [b_i, T_i(, V)], each trimmed to its own longest
+    response, zero-padded back to ``width`` columns and concatenated: -> [Σ b_i, width(, V)]."""
+    padded = []
+    for t in chunks:
+        pad = (0, 0, 0, width - t.shape[1]) if t.dim() == 3 else (0, width - t.shape[1])
+        padded.append(torch.nn.functional.pad(t, pad))
+    return torch.cat(padded, dim=0)

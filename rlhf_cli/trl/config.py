@@ -1,7 +1,9 @@
-"""PPOConfig: legacy TRL 0.11.4's PPOConfig, field for field (DESIGN §6).
+"""PPOConfig: legacy TRL 0.11.4's PPOConfig, field for field, over the engine's settings.
 
 Sizes here are per process, as in legacy TRL: ``batch_size`` samples go into each call of
-``PPOTrainer.step`` on each process. The command line speaks in global sizes and divides them.
+``PPOTrainer.step`` on each process. Every knob the engine reads takes its default from
+:class:`rlhf_cli.ppo.settings.PPOSettings` (written there once); :meth:`PPOConfig.settings` converts
+the config, as it is when a trainer is built, into those frozen settings.
 """
 
 from __future__ import annotations
@@ -10,49 +12,20 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
-from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS, estimator_named, estimators_without_groups
+from rlhf_cli.algo.names import ADVANTAGE_ESTIMATORS, KL_LOSS_ESTIMATORS, KL_PENALTY_MODES, PRECISIONS
+from rlhf_cli.algo.names import estimator_named, estimators_without_groups
+from rlhf_cli.ppo.settings import PPOSettings, Sizes, default_mini_batch_size, settings_fields
 
-# The per-token KL estimates of the penalty (the one declaration; the schema and ppo.functional import it).
-KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
-# The weights the policy computes with (the one declaration; see rlhf_cli.ppo.precision).
-PRECISIONS = ("fp32", "bf16")
-# Estimators of KL(π‖π_ref) from sampled tokens for the KL *loss* term (Schulman, "Approximating KL
-# Divergence", 2020; see rlhf_cli.ppo.functional.kl_loss_terms). k3 is GRPO's.
-KL_LOSS_ESTIMATORS = ("k1", "k2", "k3")
-DEFAULT_MINI_BATCH_SIZE = 128
-# Fields that are not knobs of the command line's ppo group (every other field is one, with the
-# default written below; see rlhf_cli/config/schema.py): TRL's bookkeeping and the fields the run
-# fills in from elsewhere (seed, trackers, model, launch) or derives from the sizes.
-LIBRARY_ONLY_FIELDS = frozenset({
-    # experiment bookkeeping and tracker plumbing: the run sets these from seed / logging.*
-    "exp_name", "seed", "log_with", "task_name", "model_name", "query_dataset", "reward_model",
-    "remove_unused_columns", "tracker_kwargs", "accelerator_kwargs", "project_kwargs",
-    "tracker_project_name", "push_to_hub_if_best_kwargs", "steps", "compare_steps",
-    # a knob of the command line's generation group (generation.samples_per_prompt), not of ppo
-    "samples_per_prompt",
-    # accepted for TRL scripts without effect
-    "optimize_cuda_cache", "optimize_device_cache", "dataset_num_proc",
-    # set from model.* or filled in by the trainer
-    "gradient_checkpointing", "is_encoder_decoder", "is_peft_model",
-    # derived sizes
-    "world_size", "backward_batch_size", "global_backward_batch_size", "global_batch_size",
-})
+_DEFAULTS = PPOSettings()
 # The fields the other sizes derive from: assigning one of them refreshes the derived ones.
 _SIZE_FIELDS = ("batch_size", "mini_batch_size", "gradient_accumulation_steps")
 
 
-class Sizes(NamedTuple):
-    """The sizes a trainer runs with, derived from a config when the trainer is built."""
-
-    batch_size: int  # samples per step, per process
-    mini_batch_size: int  # samples per forward/backward pass, per process
-    gradient_accumulation_steps: int
-    backward_batch_size: int  # samples per optimiser step, per process
-    world_size: int  # processes
-    global_batch_size: int  # samples per step over all processes
-    global_backward_batch_size: int  # samples per optimiser step over all processes
+def _default(name: str) -> Any:
+    """The engine's default of knob ``name`` (PPOSettings writes each default once)."""
+    return getattr(_DEFAULTS, name)
 
 
 @dataclass
@@ -87,7 +60,7 @@ class PPOConfig:
 
     # experiment
     exp_name: str = "rlhf_cli"
-    seed: int = 0
+    seed: int = _default("seed")
     log_with: Optional[str] = None
     task_name: Optional[str] = None
     model_name: Optional[str] = "gpt2"
@@ -101,77 +74,49 @@ class PPOConfig:
     push_to_hub_if_best_kwargs: dict[str, Any] = field(default_factory=dict)
     steps: int = 20000
 
-    # The knobs of the command line's ppo group, in the order `rlhf train --cfg job` shows them
-    # (every field not in LIBRARY_ONLY_FIELDS is one; see rlhf_cli/config/schema.py).
-    learning_rate: float = 1.41e-5
-    # sizes (per process here; global on the command line)
-    batch_size: int = 128
-    mini_batch_size: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 4
-    # samples per no-gradient forward pass (old logprobs/values, reference); None: the whole batch
-    forward_batch_size: Optional[int] = None
+    # The engine's knobs: meanings, defaults and ranges in rlhf_cli.ppo.settings.PPOSettings.
+    learning_rate: float = _default("learning_rate")
+    batch_size: int = _default("batch_size")
+    mini_batch_size: Optional[int] = _default("mini_batch_size")
+    gradient_accumulation_steps: int = _default("gradient_accumulation_steps")
+    ppo_epochs: int = _default("ppo_epochs")
+    forward_batch_size: Optional[int] = _default("forward_batch_size")
+    advantage_estimator: str = _default("advantage_estimator")
+    grpo_scale_by_std: bool = _default("grpo_scale_by_std")
+    kl_in_reward: bool = _default("kl_in_reward")
+    adap_kl_ctrl: bool = _default("adap_kl_ctrl")
+    init_kl_coef: float = _default("init_kl_coef")
+    kl_penalty: str = _default("kl_penalty")
+    target: float = _default("target")
+    horizon: float = _default("horizon")
+    kl_loss_coef: float = _default("kl_loss_coef")
+    kl_loss_estimator: str = _default("kl_loss_estimator")
+    gamma: float = _default("gamma")
+    lam: float = _default("lam")
+    cliprange: float = _default("cliprange")
+    cliprange_value: float = _default("cliprange_value")
+    vf_coef: float = _default("vf_coef")
+    max_grad_norm: Optional[float] = _default("max_grad_norm")
+    early_stopping: bool = _default("early_stopping")
+    target_kl: float = _default("target_kl")
+    ratio_threshold: float = _default("ratio_threshold")
+    use_score_scaling: bool = _default("use_score_scaling")
+    use_score_norm: bool = _default("use_score_norm")
+    score_clip: Optional[float] = _default("score_clip")
+    whiten_rewards: bool = _default("whiten_rewards")
+    disable_dropout: bool = _default("disable_dropout")
+    weight_decay: float = _default("weight_decay")
+    adam_eps: float = _default("adam_eps")
+    precision: str = _default("precision")
 
-    # Advantages: "gae" (PPO with a value head, TRL's), or a critic-free estimator of
-    # rlhf_cli.ppo.advantages ("grpo", "rloo", "reinforce_pp"): no value head is run or trained.
-    advantage_estimator: str = "gae"
-    # grpo: divide by the group's reward std (GRPO); False: only subtract the group mean (Dr. GRPO).
-    grpo_scale_by_std: bool = True
-
-    # KL penalty and its controller
-    # Put −β·KL into the per-token rewards (TRL's PPO; β from the controller below). False: no
-    # reward-side penalty (β reported as 0); use kl_loss_coef to keep the policy near the reference.
-    kl_in_reward: bool = True
-    adap_kl_ctrl: bool = True
-    init_kl_coef: float = 0.2
-    kl_penalty: str = "kl"
-    target: float = 6.0
-    horizon: float = 10000.0
-    # Weight of a KL(π‖π_ref) term added to the loss (GRPO's way; 0: none), estimated per token by
-    # kl_loss_estimator from the sampled tokens.
-    kl_loss_coef: float = 0.0
-    kl_loss_estimator: str = "k3"
-
-    # advantages and losses
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: Optional[float] = None
-
-    early_stopping: bool = False
-    target_kl: float = 1.0
-    ratio_threshold: float = 10.0
-
-    # scores and rewards
-    use_score_scaling: bool = False
-    use_score_norm: bool = False
-    score_clip: Optional[float] = None
-    whiten_rewards: bool = False
-
-    # Deliberate difference from legacy TRL: dropout makes old and new logprobs disagree on the
-    # same weights, so it is switched off in policy, value head and reference during PPO.
-    disable_dropout: bool = True
-
-    # optimiser
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    # Ours: "bf16" computes with bfloat16 weights and keeps float32 master weights and Adam moments in
-    # the optimiser (see rlhf_cli.ppo.precision); "fp32" trains as legacy TRL does.
-    precision: str = "fp32"
-
-    # Library-only fields (LIBRARY_ONLY_FIELDS): accepted for TRL scripts, filled in by the trainer,
-    # or derived from the sizes.
-    # Responses per prompt (G): step() takes its samples in prompt-major order, the G responses of each
-    # prompt next to each other; batch_size counts responses and must be a multiple of G, so a group
-    # never straddles two processes or two steps. On the command line: generation.samples_per_prompt.
-    samples_per_prompt: int = 1
+    # Accepted for TRL scripts, filled in by the trainer, or derived from the sizes (samples_per_prompt
+    # and gradient_checkpointing are engine knobs too).
+    samples_per_prompt: int = _default("samples_per_prompt")
     world_size: Optional[int] = None
     optimize_cuda_cache: Optional[bool] = None
     optimize_device_cache: bool = False
     compare_steps: int = 1
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = _default("gradient_checkpointing")
     is_encoder_decoder: Optional[bool] = None
     is_peft_model: Optional[bool] = None
     backward_batch_size: Optional[int] = None
@@ -236,6 +181,13 @@ class PPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def settings(self) -> PPOSettings:
+        """The engine's frozen settings from this config as it is now, checked."""
+        self._refresh_sizes()
+        self.check_sizes()
+        self._validate()
+        return PPOSettings(**{f.name: getattr(self, f.name) for f in settings_fields()})
 
     # Checks ----------------------------------------------------------------------------------
     def check_sizes(self) -> None:
@@ -315,16 +267,6 @@ class PPOConfig:
     def uses_critic(self) -> bool:
         """Whether the advantage estimator needs the value head (only ``gae`` does)."""
         return estimator_named(self.advantage_estimator).needs_critic
-
-
-def default_mini_batch_size(batch_size: int) -> int:
-    """The mini-batch size ``mini_batch_size=None`` stands for: the whole batch, up to 128 (TRL: 128)."""
-    return min(batch_size, DEFAULT_MINI_BATCH_SIZE)
-
-
-def command_line_fields() -> list[dataclasses.Field]:
-    """PPOConfig's fields that the command line's ppo group exposes, in declaration order."""
-    return [f for f in dataclasses.fields(PPOConfig) if f.name not in LIBRARY_ONLY_FIELDS]
 
 
 def _is_positive_int(value: Any) -> bool:

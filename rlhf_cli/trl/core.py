@@ -1,6 +1,7 @@
 """Seed helpers under legacy TRL's names: ``from trl.core import X`` becomes ``from rlhf_cli.core import X``.
 
-The tensor math lives in :mod:`rlhf_cli.ppo.functional` and is re-exported here.
+The tensor math lives in :mod:`rlhf_cli.algo.functional` and is re-exported here; ``rlhf_cli.core``
+is this module under its public name.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.ppo import functional
-from rlhf_cli.ppo.functional import (
+from rlhf_cli.algo import functional
+from rlhf_cli.algo.functional import (
     clip_by_value,
     entropy_from_logits,
     masked_mean,

@@ -24,7 +24,7 @@ from rlhf_cli.config.compose import compose_train_config
 from rlhf_cli.engine.checkpoint import compare_configs
 from rlhf_cli.engine.components import check_launch
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.ppo.estimators import estimators_without_groups
+from rlhf_cli.algo.names import estimators_without_groups
 from tests.cli.test_checkpoints import _final_weights, _metrics
 from tests.cli.test_cli_errors import assert_one_paragraph_error, cli_env, rlhf
 from tests.cli.test_multiprocess import LAUNCH

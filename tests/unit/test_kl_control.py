@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlhf_cli.ppo.kl_control import (
+from rlhf_cli.algo.kl_control import (
     AdaptiveKLController,
     FixedKLController,
     KLController,
