@@ -32,25 +32,13 @@ from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
 from rlhf_cli.ppo.inputs import as_score_tensor, check_prompt_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.minibatch import Rows, minibatch_losses, ratio_threshold_warning
 from rlhf_cli.ppo.precision import apply_precision
+from rlhf_cli.ppo.rules import ENGINE, check_settings
 from rlhf_cli.ppo.settings import Launch, PPOSettings
-from rlhf_cli.ppo.setup import (
-    check_model_arguments,
-    check_sharding,
-    default_optimizer,
-    freeze_value_head,
-    make_accelerator,
-    reference_model,
-    shared_layers,
-)
-from rlhf_cli.ppo.stats import (
-    SHARE_FIELDS,
-    MiniBatchStats,
-    StepStats,
-    WholeMiniBatch,
-    assemble_step_stats,
-    minibatch_stats,
-    rollout_stats,
-)
+from rlhf_cli.ppo.state import engine_state, restore_engine_state
+from rlhf_cli.ppo.setup import (check_model_arguments, check_sharding, default_optimizer, freeze_value_head,
+                                 make_accelerator, reference_model, shared_layers)
+from rlhf_cli.ppo.stats import (SHARE_FIELDS, MiniBatchStats, StepStats, WholeMiniBatch, assemble_step_stats,
+                                minibatch_stats, rollout_stats)
 from rlhf_cli.ppo.timing import PhaseTimer
 from rlhf_cli.rollout.packing import PackedBatch, pack_batch
 from rlhf_cli.seeding import set_seed
@@ -84,8 +72,9 @@ class PPOEngine:
         everything prepared by Accelerate (``dataloader`` too, when given), PPO state (KL controller,
         score moments, shuffling), trackers."""
         check_model_arguments(model, ref_model)
-        self.settings = settings
         self.launch = launch if launch is not None else Launch()
+        check_settings({**settings.to_dict(), "mixed_precision": self.launch.accelerator_kwargs.get("mixed_precision")}, ENGINE)
+        self.settings = settings
         num_shared_layers = shared_layers(ref_model, num_shared_layers)
         self.estimator = estimator_named(settings.advantage_estimator)
         self.accelerator = make_accelerator(self.launch, settings.gradient_accumulation_steps)
@@ -115,14 +104,8 @@ class PPOEngine:
         return self.settings.to_dict()
 
     # Construction ------------------------------------------------------------------------------
-    def _prepare(
-        self,
-        model: PreTrainedModelWrapper,
-        optimizer: torch.optim.Optimizer,
-        ref_model: Optional[PreTrainedModelWrapper],
-        dataloader: Optional[torch.utils.data.DataLoader],
-        lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler],
-    ) -> None:
+    def _prepare(self, model: PreTrainedModelWrapper, optimizer: torch.optim.Optimizer,
+                 ref_model: Optional[PreTrainedModelWrapper], dataloader: Any, lr_scheduler: Any) -> None:
         """Model, optimiser, dataloader and scheduler through ``accelerator.prepare``; the reference to the device."""
         # Accelerate wraps the scheduler (trainer.lr_scheduler.scheduler is the user's); see make_accelerator.
         extras = [x for x in (dataloader, lr_scheduler) if x is not None]
@@ -242,23 +225,15 @@ class PPOEngine:
 
     def _process_scores(self, scores: Tensor) -> Tensor:
         """Score scaling (running moments), normalisation and clipping, as the settings ask."""
-        return process_scores(
-            scores, running=self.running, use_score_norm=self.settings.use_score_norm, score_clip=self.settings.score_clip
-        )
+        s = self.settings
+        return process_scores(scores, running=self.running, use_score_norm=s.use_score_norm, score_clip=s.score_clip)
 
     # (b) Packing -------------------------------------------------------------------------------
     def _pack(self, queries: list[Tensor], responses: list[Tensor], response_masks: Optional[list[Tensor]] = None) -> PackedBatch:
         """Left-padded queries, right-padded responses, explicit positions (see :mod:`rlhf_cli.rollout.packing`)."""
         decoder_start = getattr(self._unwrapped.config, "decoder_start_token_id", None) if self.is_encoder_decoder else None
-        return pack_batch(
-            queries,
-            responses,
-            pad_token_id=self.pad_token_id,
-            is_encoder_decoder=self.is_encoder_decoder,
-            decoder_start_token_id=decoder_start,
-            response_masks=response_masks,
-            device=self.accelerator.device,
-        )
+        return pack_batch(queries, responses, pad_token_id=self.pad_token_id, is_encoder_decoder=self.is_encoder_decoder,
+                          decoder_start_token_id=decoder_start, response_masks=response_masks, device=self.accelerator.device)
 
     # (c) No-gradient forward passes ------------------------------------------------------------
     def _score_global_batch(self, batch: PackedBatch) -> RolloutScores:
@@ -268,14 +243,9 @@ class PPOEngine:
         own = batch
         if processes > 1:
             own = batch.select(own_share(torch.arange(batch.batch_size), self.accelerator.process_index, processes))
-        rollout = score_rollout(
-            self.model,
-            self.reference_context,
-            own,
-            chunk_size=self.settings.forward_batch_size or own.batch_size,
-            need_full_kl=self.settings.kl_penalty == "full",
-            need_values=self.estimator.needs_critic,
-        )
+        s = self.settings
+        rollout = score_rollout(self.model, self.reference_context, own, chunk_size=s.forward_batch_size or own.batch_size,
+                                need_full_kl=s.kl_penalty == "full", need_values=self.estimator.needs_critic)
         if processes == 1:
             return rollout
         width = batch.response_width
@@ -388,38 +358,28 @@ class PPOEngine:
 
     def _sum_shares(self, collected: list[MiniBatchStats]) -> list[MiniBatchStats]:
         """Add up the processes' shares of every mini-batch's means (one collective per step)."""
-        if self.accelerator.num_processes == 1:
-            return collected
         columns = [MiniBatchStats._fields.index(name) for name in SHARE_FIELDS]
-        return [MiniBatchStats(*row.unbind()) for row in sum_shares(self.accelerator, collected, columns)]
+        return collected if self.accelerator.num_processes == 1 else [
+            MiniBatchStats(*row.unbind()) for row in sum_shares(self.accelerator, collected, columns)]
 
     # (f) Stats, the KL controller and the scheduler ------------------------------------------------
-    def _step_stats(
-        self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor,
-        minibatches: list[MiniBatchStats], kl_coef: float, timer: PhaseTimer,
-    ) -> StepStats:
+    def _step_stats(self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor,
+                    minibatches: list[MiniBatchStats], kl_coef: float, timer: PhaseTimer) -> StepStats:
         """The step's typed stats over the global batch (timings up to now included)."""
-        rollout_record = rollout_stats(
-            kl=kl, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs, non_score=non_score,
-            mask=batch.response_mask, scores=scores,
-            query_lengths=batch.query_lengths, response_lengths=batch.response_lengths,
-        )
+        rollout_record = rollout_stats(kl=kl, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs, non_score=non_score,
+                                       mask=batch.response_mask, scores=scores, query_lengths=batch.query_lengths,
+                                       response_lengths=batch.response_lengths)
         timer.seconds["total"] = timer.elapsed()
-        return assemble_step_stats(
-            rollout_record,
-            minibatches,
-            kl_coef=kl_coef,
-            learning_rate=self.optimizer.param_groups[0]["lr"],
-            timings=timer.seconds,
-            critic=self.estimator.needs_critic,
-            kl_loss_coef=self.settings.kl_loss_coef,
-        )
+        return assemble_step_stats(rollout_record, minibatches, kl_coef=kl_coef,
+                                   learning_rate=self.optimizer.param_groups[0]["lr"], timings=timer.seconds,
+                                   critic=self.estimator.needs_critic, kl_loss_coef=self.settings.kl_loss_coef)
 
     def _finish_step(self, result: StepStats, batch_size: int) -> None:
         """Warn about skipped mini-batches, update the KL controller and scheduler, count the step:
         from the step's typed values, not its flattened metric names."""
         if result.skipped_minibatches > 0:
-            warnings.warn(ratio_threshold_warning(self.settings.ratio_threshold, result.skipped_minibatches, self.current_step), stacklevel=3)
+            message = ratio_threshold_warning(self.settings.ratio_threshold, result.skipped_minibatches, self.current_step)
+            warnings.warn(message, stacklevel=3)
         if self.settings.kl_in_reward:  # β is unused otherwise; the controller keeps its value
             self.kl_ctl.update(result.kl, batch_size)
         if self.lr_scheduler is not None:
@@ -428,28 +388,9 @@ class PPOEngine:
 
     # State for checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything of the trainer that an exact continuation needs besides the model weights:
-        optimizer and scheduler state, KL coefficient, running score moments, the mini-batch
-        shuffling generator and the step counter."""
-        return {
-            "current_step": self.current_step,
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "running": self.running.state_dict() if self.running is not None else None,
-            "shuffle_generator": self.shuffle_generator.get_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-        }
+        """Everything of the trainer an exact continuation needs besides the model weights (see :mod:`rlhf_cli.ppo.state`)."""
+        return engine_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (model weights are loaded separately)."""
-        self.current_step = int(state["current_step"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        if (state["running"] is None) != (self.running is None):
-            raise ValueError("The saved trainer state and these settings disagree on use_score_scaling.")
-        if self.running is not None:
-            self.running.load_state_dict(state["running"])
-        self.shuffle_generator.set_state(state["shuffle_generator"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-
+        restore_engine_state(self, state)

@@ -14,8 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from rlhf_cli.algo.names import ADVANTAGE_ESTIMATORS, KL_LOSS_ESTIMATORS, KL_PENALTY_MODES, PRECISIONS
-from rlhf_cli.algo.names import estimator_named, estimators_without_groups
+from rlhf_cli.algo.names import estimator_named
+from rlhf_cli.ppo.rules import LIBRARY, check_settings
 from rlhf_cli.ppo.settings import PPOSettings, Sizes, default_mini_batch_size, settings_fields
 
 _DEFAULTS = PPOSettings()
@@ -143,8 +143,7 @@ class PPOConfig:
                 stacklevel=3,
             )
         self._refresh_sizes()
-        self.check_sizes()
-        self._validate()
+        self.check()
 
     # Derived sizes -------------------------------------------------------------------------
     def _refresh_sizes(self) -> None:
@@ -157,17 +156,7 @@ class PPOConfig:
 
     def sizes(self, world_size: int = 1) -> Sizes:
         """The sizes of this config as it is now, checked, for ``world_size`` processes."""
-        self._refresh_sizes()
-        self.check_sizes()
-        return Sizes(
-            batch_size=self.batch_size,
-            mini_batch_size=self.mini_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            backward_batch_size=self.backward_batch_size,
-            world_size=world_size,
-            global_batch_size=self.batch_size * world_size,
-            global_backward_batch_size=self.backward_batch_size * world_size,
-        )
+        return self.settings().sizes(world_size)
 
     @property
     def num_mini_batches(self) -> int:
@@ -185,83 +174,15 @@ class PPOConfig:
     def settings(self) -> PPOSettings:
         """The engine's frozen settings from this config as it is now, checked."""
         self._refresh_sizes()
-        self.check_sizes()
-        self._validate()
+        self.check()
         return PPOSettings(**{f.name: getattr(self, f.name) for f in settings_fields()})
 
     # Checks ----------------------------------------------------------------------------------
-    def check_sizes(self) -> None:
-        """Raise ValueError naming the numbers when the sizes are not positive or do not divide."""
-        for name in ("batch_size", *_SIZE_FIELDS[1:], "ppo_epochs"):
-            value = getattr(self, name)
-            if not _is_positive_int(value):
-                raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}.")
-        group = self.samples_per_prompt
-        if not _is_positive_int(group):
-            raise ValueError(f"PPOConfig.samples_per_prompt must be a positive integer, got {group!r}.")
-        if self.batch_size % group != 0:
-            raise ValueError(
-                f"PPOConfig sizes disagree: batch_size={self.batch_size} (responses per step, per process) is not "
-                f"divisible by samples_per_prompt={group}: a prompt's group of {group} responses would straddle "
-                f"two processes or two steps. Choose a batch_size that is a multiple of {group}."
-            )
-        backward = self.mini_batch_size * self.gradient_accumulation_steps
-        if self.batch_size % backward != 0:
-            raise ValueError(
-                f"PPOConfig sizes disagree: batch_size={self.batch_size} is not divisible by "
-                f"mini_batch_size × gradient_accumulation_steps = {self.mini_batch_size} × "
-                f"{self.gradient_accumulation_steps} = {backward}. Choose a mini_batch_size and "
-                f"gradient_accumulation_steps whose product divides batch_size."
-            )
-
-    def _validate(self) -> None:
-        if self.forward_batch_size is not None and self.forward_batch_size < 1:
-            raise ValueError(f"PPOConfig.forward_batch_size must be positive or None, got {self.forward_batch_size!r}.")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"PPOConfig.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
-        if self.precision == "bf16" and self.accelerator_kwargs.get("mixed_precision") not in (None, "no"):
-            raise ValueError(
-                "PPOConfig.precision='bf16' already computes in bfloat16; drop mixed_precision from "
-                "accelerator_kwargs (or use precision='fp32' with Accelerate's mixed precision)."
-            )
-        self.check_estimator()
-        if self.kl_penalty not in KL_PENALTY_MODES:
-            raise ValueError(f"PPOConfig.kl_penalty must be one of {', '.join(KL_PENALTY_MODES)}; got {self.kl_penalty!r}.")
-        for name in ("learning_rate", "target", "horizon", "target_kl", "ratio_threshold"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"PPOConfig.{name} must be positive, got {getattr(self, name)!r}.")
-        for name in ("cliprange", "cliprange_value", "vf_coef", "init_kl_coef", "weight_decay", "kl_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PPOConfig.{name} must not be negative, got {getattr(self, name)!r}.")
-        for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"PPOConfig.{name} must lie in [0, 1], got {getattr(self, name)!r}.")
-        if self.score_clip is not None and self.score_clip <= 0:
-            raise ValueError(f"PPOConfig.score_clip must be positive or None, got {self.score_clip!r}.")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"PPOConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}.")
-        if self.use_score_norm and not self.use_score_scaling:
-            raise ValueError("PPOConfig.use_score_norm=True needs use_score_scaling=True (normalisation uses the running moments).")
-
-    def check_estimator(self) -> None:
-        """Raise ValueError when the advantage estimator, the KL-loss estimator or the group size is not usable."""
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(
-                f"PPOConfig.advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; got {self.advantage_estimator!r}."
-            )
-        if self.kl_loss_estimator not in KL_LOSS_ESTIMATORS:
-            raise ValueError(
-                f"PPOConfig.kl_loss_estimator must be one of {', '.join(KL_LOSS_ESTIMATORS)}; got {self.kl_loss_estimator!r}."
-            )
-        needed = estimator_named(self.advantage_estimator).min_group_size
-        if self.samples_per_prompt < needed:
-            raise ValueError(
-                f"PPOConfig.advantage_estimator={self.advantage_estimator!r} compares the responses of one prompt "
-                f"with each other and needs samples_per_prompt >= {needed}, got {self.samples_per_prompt}: a "
-                f"group of one has no spread (its advantage would be 0 or undefined). Set samples_per_prompt "
-                f"to {needed} or more (e.g. 4), or use an advantage_estimator that needs no group: "
-                f"{', '.join(estimators_without_groups())}."
-            )
+    def check(self) -> None:
+        """ValueError naming the fields and the fix when the settings break one of the engine's rules
+        (:func:`rlhf_cli.ppo.rules.check_settings`: ranges, sizes, groups, precision, scores)."""
+        values = {f.name: getattr(self, f.name) for f in settings_fields()}
+        check_settings({**values, "mixed_precision": self.accelerator_kwargs.get("mixed_precision")}, LIBRARY)
 
     @property
     def uses_critic(self) -> bool:

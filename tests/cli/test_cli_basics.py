@@ -23,7 +23,7 @@ from omegaconf.errors import ValidationError
 
 from rlhf_cli.config import paths, schema
 from rlhf_cli.engine import components
-from rlhf_cli.engine.components import ppo_config_from
+from rlhf_cli.engine.components import settings_and_launch
 from rlhf_cli.ppo import settings as ppo_settings
 from rlhf_cli.config.compose import compose_train_config
 
@@ -140,7 +140,7 @@ def test_cfg_job_with_the_classic_recipe_shows_trl_values(tmp_path: Path) -> Non
 
 
 def test_forward_batch_size_is_settable_from_the_command_line(tmp_path: Path) -> None:
-    """PPOConfig.forward_batch_size was missing from the schema and the YAML: with PPOConfig as the one
+    """forward_batch_size was missing from the schema and the YAML: with the engine's settings as the one
     source it is a ppo knob, shown by --cfg job and divided over the processes like every global size."""
     done = rlhf("train", "ppo.forward_batch_size=8", "--cfg", "job", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -148,8 +148,8 @@ def test_forward_batch_size_is_settable_from_the_command_line(tmp_path: Path) ->
     default = OmegaConf.create(rlhf("train", "--cfg", "job", cwd=tmp_path).stdout)
     assert "forward_batch_size" in default.ppo and default.ppo.forward_batch_size is None
     cfg = compose_train_config(["ppo.forward_batch_size=8"])
-    assert ppo_config_from(cfg, num_processes=2, tracker_dir=str(tmp_path)).forward_batch_size == 4
-    assert ppo_config_from(compose_train_config(), num_processes=1, tracker_dir=str(tmp_path)).forward_batch_size is None
+    assert settings_and_launch(cfg, num_processes=2, tracker_dir=str(tmp_path))[0].forward_batch_size == 4
+    assert settings_and_launch(compose_train_config(), num_processes=1, tracker_dir=str(tmp_path))[0].forward_batch_size is None
 
 
 def test_a_knob_added_to_the_engine_settings_reaches_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -195,7 +195,9 @@ def test_kl_loss_is_a_masked_mean_that_ignores_padding_garbage():
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_group_estimators_need_two_samples_per_prompt(estimator):
-    with pytest.raises(ValueError, match=r"needs samples_per_prompt >= 2, got 1.*gae, reinforce_pp"):
+    # The command line's message, in field names: it names a concrete group size, not just the minimum.
+    with pytest.raises(ValueError, match=r"samples_per_prompt=1: a group of one has no spread.*Set samples_per_prompt=4"
+                                         r".*advantage_estimator=gae or advantage_estimator=reinforce_pp"):
         PPOConfig(advantage_estimator=estimator)
     assert not PPOConfig(advantage_estimator=estimator, samples_per_prompt=2, batch_size=8).uses_critic
 
@@ -204,9 +206,9 @@ def test_a_batch_that_splits_a_group_is_refused():
     with pytest.raises(ValueError, match="batch_size=10 .* not divisible by samples_per_prompt=4"):
         PPOConfig(batch_size=10, mini_batch_size=2, samples_per_prompt=4, advantage_estimator="grpo")
     config = PPOConfig(batch_size=8, mini_batch_size=2, samples_per_prompt=4, advantage_estimator="grpo")
-    config.batch_size = 6  # mutated after construction: the trainer's check_sizes() sees it
-    with pytest.raises(ValueError, match="straddle"):
-        config.check_sizes()
+    config.batch_size = 6  # mutated after construction: the settings a trainer takes from it see it
+    with pytest.raises(ValueError, match="batch_size=6 counts responses and is not divisible by samples_per_prompt=4"):
+        config.settings()
 
 
 def test_unknown_estimator_names_are_refused():
