@@ -141,23 +141,30 @@ class JobStart:
             path = path.parent
 
 
-def _make_task(failures: list[int], created_roots: dict[Path, Path], rank: int) -> Callable[[DictConfig], None]:
+def _make_task(
+    failures: list[int], created_roots: dict[Path, Path], rank: int, prevalidated: bool
+) -> Callable[[DictConfig], None]:
     """The Hydra task of ``rlhf train``. User errors are printed and recorded in ``failures``, so a
     sweep goes on with its other jobs and the command still exits non-zero; other exceptions propagate
     to Hydra, which prints their traceback. ``created_roots``: run directory -> the outermost part of
-    its path this command creates (see :class:`JobStart`). Only rank 0 writes Hydra's output."""
+    its path this command creates (see :class:`JobStart`). Only rank 0 writes Hydra's output.
+    ``prevalidated``: every job's config was validated when the command line was composed (then the
+    job only resolves it: one validation per run)."""
     import copy
 
     from rlhf_cli.config.compose import finalize
+    from rlhf_cli.engine.preflight import check_without_models
     from rlhf_cli.errors import RlhfError
     from rlhf_cli.hub import check_offline_downloads
 
     def train(cfg: DictConfig) -> None:
         job = JobStart(copy.deepcopy(cfg), created_roots)  # the composed config as Hydra saves it (unresolved)
         try:
-            cfg = finalize(cfg)
-            # Offline, every missing Hub download in one message, before torch and the engine load.
+            cfg = finalize(cfg, validate=not prevalidated)
+            # Offline, every missing Hub download in one message; then the data files and the reward
+            # functions: all before torch and the engine load.
             check_offline_downloads(cfg)
+            check_without_models(cfg)
             from rlhf_cli.engine.train import run_training
 
             run_training(cfg, on_start=job.started if rank == 0 else None)
@@ -268,7 +275,7 @@ def train_command(argv: list[str]) -> int:
             return err.exit_code
         register_configs()
         failures: list[int] = []
-        task = _make_task(failures, created_roots, rank)
+        task = _make_task(failures, created_roots, rank, prevalidated=not _hydra_only(args))
         app = hydra.main(config_path=primary_dir, config_name="train", version_base="1.3")(task)
         try:
             with _argv([f"{PROG} train", *_hydra_argv(args, overrides)]):
