@@ -1,4 +1,4 @@
-"""Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (DESIGN §7).
+"""Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (docs/architecture.md, "Metric names").
 
 Pure functions (no collectives, no optimiser): :func:`minibatch_stats` assembles one mini-batch's
 stats; inside the trainer everything stays a tensor on the device; :func:`assemble_step_stats`
@@ -206,25 +206,7 @@ def assemble_step_stats(
     table = torch.stack([torch.stack([t.float() for t in mb]) for mb in minibatches]).cpu()
     means = table.mean(dim=0)
     fields = MiniBatchStats._fields
-    stats: dict[str, float | np.ndarray] = {}
-
-    kl = rollout.kl_per_sample.float().cpu()
-    scores = rollout.scores.float().cpu()
-    qlen = rollout.query_lengths.float().cpu()
-    rlen = rollout.response_lengths.float().cpu()
-    stats["objective/kl"] = float(kl.mean())
-    stats["objective/kl_dist"] = kl.numpy()
-    stats["objective/logprobs"] = rollout.logprobs.float().cpu().numpy()
-    stats["objective/ref_logprobs"] = rollout.ref_logprobs.float().cpu().numpy()
-    stats["objective/kl_coef"] = float(kl_coef)
-    stats["objective/entropy"] = float(rollout.neg_logprob_sum.float().cpu().mean())
-    stats["ppo/mean_non_score_reward"] = float(rollout.mean_non_score_reward.cpu())
-    stats["ppo/mean_scores"] = float(scores.mean())
-    stats["ppo/std_scores"] = float(scores.std()) if scores.numel() > 1 else 0.0
-    stats["tokens/queries_len_mean"] = float(qlen.mean())
-    stats["tokens/queries_len_std"] = float(qlen.std()) if qlen.numel() > 1 else 0.0
-    stats["tokens/responses_len_mean"] = float(rlen.mean())
-    stats["tokens/responses_len_std"] = float(rlen.std()) if rlen.numel() > 1 else 0.0
+    stats = _rollout_entries(rollout, kl_coef)
     if kl_loss_coef > 0:
         stats["objective/kl_loss_coef"] = float(kl_loss_coef)
     for index, field in enumerate(fields):
@@ -239,6 +221,33 @@ def assemble_step_stats(
     for name, seconds in timings.items():
         stats[f"time/ppo/{name}"] = float(seconds)
     return StepStats(stats, kl=stats["objective/kl"], skipped_minibatches=int(stats["ppo/skipped_minibatches"]))
+
+
+def _std(values: Tensor) -> float:
+    return float(values.std()) if values.numel() > 1 else 0.0
+
+
+def _rollout_entries(rollout: RolloutStats, kl_coef: float) -> dict[str, float | np.ndarray]:
+    """The objective/*, ppo/mean_* and tokens/* entries of a step, from its rollout record."""
+    kl = rollout.kl_per_sample.float().cpu()
+    scores = rollout.scores.float().cpu()
+    qlen = rollout.query_lengths.float().cpu()
+    rlen = rollout.response_lengths.float().cpu()
+    return {
+        "objective/kl": float(kl.mean()),
+        "objective/kl_dist": kl.numpy(),
+        "objective/logprobs": rollout.logprobs.float().cpu().numpy(),
+        "objective/ref_logprobs": rollout.ref_logprobs.float().cpu().numpy(),
+        "objective/kl_coef": float(kl_coef),
+        "objective/entropy": float(rollout.neg_logprob_sum.float().cpu().mean()),
+        "ppo/mean_non_score_reward": float(rollout.mean_non_score_reward.cpu()),
+        "ppo/mean_scores": float(scores.mean()),
+        "ppo/std_scores": _std(scores),
+        "tokens/queries_len_mean": float(qlen.mean()),
+        "tokens/queries_len_std": _std(qlen),
+        "tokens/responses_len_mean": float(rlen.mean()),
+        "tokens/responses_len_std": _std(rlen),
+    }
 
 
 def _reported(field: str, critic: bool, kl_loss_coef: float) -> bool:
