@@ -174,7 +174,7 @@ def process_scores(
     score_clip: float | None,
     gathered: Tensor | None = None,
 ) -> Tensor:
-    """Score scaling, normalisation and clipping in DESIGN §6 order: [B] -> [B].
+    """Score scaling, normalisation and clipping, in legacy TRL's order: [B] -> [B].
 
     1. If ``running`` is given (score scaling on): update it with ``gathered`` (the scores of
        all processes, so every rank holds the same moments; defaults to ``scores``), then divide

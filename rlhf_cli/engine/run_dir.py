@@ -1,4 +1,4 @@
-"""The run directory: config.yaml, metrics.jsonl, trackers/, final/ (DESIGN §8).
+"""The run directory: config.yaml, metrics.jsonl, trackers/, final/ (docs/architecture.md, "The run directory").
 
 Nothing is written into it before the run has really started (every part built, the checkpoint
 loaded, the reward checked on the first batch): :meth:`RunDirectory.check_start` and

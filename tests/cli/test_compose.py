@@ -119,7 +119,7 @@ def test_imdb_sentiment_recipe_undoes_every_offline_default() -> None:
 
 
 def test_imdb_sentiment_recipe_is_a_true_delta() -> None:
-    """DESIGN §5: the recipe sets inside a group only what train.yaml's offline default changed (no
+    """Recipes are deltas (docs/architecture.md): the recipe sets inside a group only what train.yaml's offline default changed (no
     restated TRL value), and the composed run still has TRL's controller and sampling settings."""
     train_yaml = OmegaConf.load(CONFIGS / "train.yaml")
     recipe_yaml = OmegaConf.load(paths.recipe_files()["imdb_sentiment"])
@@ -131,7 +131,7 @@ def test_imdb_sentiment_recipe_is_a_true_delta() -> None:
 
 
 def test_batch_size_can_be_lowered_under_the_classic_recipe() -> None:
-    """DESIGN §2: `+recipe=imdb_sentiment ppo.learning_rate=1e-5 ppo.batch_size=64 model=gpt2`."""
+    """The documented override example: `+recipe=imdb_sentiment ppo.learning_rate=1e-5 ppo.batch_size=64 model=gpt2`."""
     cfg = compose_train_config(["+recipe=imdb_sentiment", "ppo.learning_rate=1e-5", "ppo.batch_size=64", "model=gpt2"])
     assert (cfg.ppo.batch_size, cfg.ppo.learning_rate, cfg.model.name_or_path) == (64, 1e-5, "gpt2")
 

@@ -1,4 +1,4 @@
-"""PPO math against naive loop references and hand-computed cases (DESIGN §6)."""
+"""PPO math against naive loop references and hand-computed cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KL controllers against the update rule written out (DESIGN §6)."""
+"""KL controllers against the update rule written out."""
 
 from __future__ import annotations
 
