@@ -63,8 +63,10 @@ def _engine_field(name: str) -> Any:
 
 MODEL_SOURCES = ("pretrained", "review_gpt2", "tiny_gpt2")
 MODEL_KINDS = ("causal", "seq2seq")
+# Weights a model loads in: torch dtype names, or "auto" (the checkpoint's); models.builder maps them.
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 PADDING_SIDES = ("left", "right")
+# The reward sources rlhf_cli.rewards.factory builds (it imports these names).
 REWARD_SOURCE_TYPES = ("vader", "classifier", "callable")
 REWARD_TYPES = REWARD_SOURCE_TYPES + ("weighted_sum",)
 REWARD_TEXTS = ("response", "full")
