@@ -1,4 +1,4 @@
-"""Checking what users hand to ``PPOTrainer.step`` before any tensor math sees it.
+"""Checking what users hand to ``PPOEngine.step`` (and TRL's ``PPOTrainer.step``) before any tensor math sees it.
 
 Each check names the argument and the offending index, so a mistake reads as a sentence and not
 as a shape error deep inside a matmul.

@@ -85,9 +85,12 @@ def out_of_range(value: Any, meta: Mapping[str, Any]) -> Optional[str]:
 def check_settings(values: Mapping[str, Any], phrasing: Phrasing = LIBRARY) -> None:
     """SettingsError for the first rule ``values`` break. ``values`` holds every PPOSettings field
     (sizes global over ``phrasing.processes``) and optionally ``mixed_precision`` (Accelerate's mode)."""
+    # In the order a user meets them: a mini-batch above the batch first (the plainest), then the
+    # groups in global numbers, then the per-process and accumulation sizes.
     _check_ranges(values, phrasing)
-    _check_sizes(values, phrasing)
+    _check_mini_batch_within_batch(values, phrasing)
     _check_groups(values, phrasing)
+    _check_sizes(values, phrasing)
     _check_precision(values, phrasing)
     if values["use_score_norm"] and not values["use_score_scaling"]:
         raise SettingsError(
@@ -107,23 +110,36 @@ def _check_ranges(values: Mapping[str, Any], phrasing: Phrasing) -> None:
             raise SettingsError(f"{phrasing.subject}{f.name} {problem}, got {value!r}.")
 
 
-def _check_sizes(values: Mapping[str, Any], phrasing: Phrasing) -> None:
-    """Sizes split evenly over the processes; a mini-batch (times accumulation) divides the batch."""
-    k, processes = phrasing.key, phrasing.processes
-    for name in GLOBAL_SIZES:
-        size = values[name]
-        if size is not None and size % processes != 0:
-            raise SettingsError(
-                f"{k(name)}={size} is not divisible by the {processes} processes of this launch; "
-                f"choose a multiple of {processes} (each process takes an equal share)."
-            )
-    batch, accumulation = values["batch_size"], values["gradient_accumulation_steps"]
-    mini = values["mini_batch_size"] if values["mini_batch_size"] is not None else default_mini_batch_size(batch)
+def _resolved_mini_batch(values: Mapping[str, Any]) -> int:
+    mini = values["mini_batch_size"]
+    return mini if mini is not None else default_mini_batch_size(values["batch_size"])
+
+
+def _check_mini_batch_within_batch(values: Mapping[str, Any], phrasing: Phrasing) -> None:
+    k, batch, mini = phrasing.key, values["batch_size"], _resolved_mini_batch(values)
     if mini > batch:
         raise SettingsError(
             f"'{k('mini_batch_size')}' ({mini}) is larger than '{k('batch_size')}' ({batch}): a mini-batch is a slice "
             f"of the batch. Lower {k('mini_batch_size')} or raise {k('batch_size')}."
         )
+
+
+def _check_split_over_processes(values: Mapping[str, Any], phrasing: Phrasing, names: tuple[str, ...]) -> None:
+    processes = phrasing.processes
+    for name in names:
+        size = values[name]
+        if size is not None and size % processes != 0:
+            raise SettingsError(
+                f"{phrasing.key(name)}={size} is not divisible by the {processes} processes of this launch; "
+                f"choose a multiple of {processes} (each process takes an equal share)."
+            )
+
+
+def _check_sizes(values: Mapping[str, Any], phrasing: Phrasing) -> None:
+    """Every size split evenly over the processes; a mini-batch times accumulation divides the batch."""
+    k = phrasing.key
+    _check_split_over_processes(values, phrasing, GLOBAL_SIZES)
+    batch, accumulation, mini = values["batch_size"], values["gradient_accumulation_steps"], _resolved_mini_batch(values)
     if batch % (mini * accumulation) != 0:
         raise SettingsError(
             f"{k('batch_size')}={batch} is not divisible by {k('mini_batch_size')} × "
@@ -153,6 +169,7 @@ def _check_groups(values: Mapping[str, Any], phrasing: Phrasing) -> None:
             f"each prompt's {group} responses must be in the same step. Choose a {k('batch_size')} that is a "
             f"multiple of {group} ({_example_batch(values, group, phrasing)}), or another {k('samples_per_prompt')}."
         )
+    _check_split_over_processes(values, phrasing, ("batch_size",))
     local = batch // processes
     if local % group != 0:
         factor = processes * group

@@ -40,7 +40,7 @@ class MiniBatchStats(NamedTuple):
     skipped: Tensor  # 1.0 when the ratio threshold zeroed this mini-batch's loss
 
 
-# TRL's flat names of the MiniBatchStats fields (ppo.trl_compat maps them back).
+# TRL's flat names of the MiniBatchStats fields (the TRL layer's loss() and record_step_stats use them too).
 TRAIN_NAMES = {
     "policy_loss": "ppo/loss/policy",
     "value_loss": "ppo/loss/value",

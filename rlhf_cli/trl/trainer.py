@@ -232,25 +232,17 @@ class PPOTrainer(TRLGenerationMixin, PPOEngine):
         vf_loss = ratio_guard(vl.loss, pl.ratio_mean, cfg.ratio_threshold)
         total = pg_loss + cfg.vf_coef * vf_loss
         with torch.no_grad():
-            stats = {
-                "loss/policy": pg_loss.detach(),
-                "loss/value": vf_loss.detach(),
-                "loss/total": total.detach(),
-                "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mask),
-                "policy/approxkl": pl.approxkl,
-                "policy/policykl": pl.policykl,
-                "policy/clipfrac": pl.clipfrac,
-                "policy/advantages": advantages.detach(),
-                "policy/advantages_mean": masked_mean(advantages.detach(), mask),
-                "policy/ratio": pl.ratio_mean,
-                "returns/mean": masked_mean(returns, mask),
-                "returns/var": masked_var(returns, mask),
-                "val/vpred": vl.vpred_mean,
-                "val/error": vl.error,
-                "val/clipfrac": vl.clipfrac,
-                "val/mean": masked_mean(values, mask),
-                "val/var": masked_var(values, mask),
-            }
+            fields = dict(
+                policy_loss=pg_loss.detach(), value_loss=vf_loss.detach(), total_loss=total.detach(),
+                entropy=masked_mean(entropy_from_logits(logits.detach()), mask), approxkl=pl.approxkl,
+                policykl=pl.policykl, clipfrac=pl.clipfrac, advantages_mean=masked_mean(advantages.detach(), mask),
+                ratio=pl.ratio_mean, returns_mean=masked_mean(returns, mask), returns_var=masked_var(returns, mask),
+                vpred=vl.vpred_mean, val_error=vl.error, val_clipfrac=vl.clipfrac, val_mean=masked_mean(values, mask),
+                val_var=masked_var(values, mask),
+            )
+            # TRL's names without their "ppo/" prefix (the step's names, written once in ppo.stats)
+            stats = {TRAIN_NAMES[name].removeprefix("ppo/"): value for name, value in fields.items()}
+            stats["policy/advantages"] = advantages.detach()
         return pg_loss, cfg.vf_coef * vf_loss, stats
 
     def record_step_stats(self, kl_coef: float, **data: Any) -> dict[str, Any]:

@@ -136,12 +136,12 @@ def test_the_math_and_the_engine_import_nothing_above_them(layer):
     assert {m: d for m, d in offending.items() if d} == {}
 
 
-def _modules_loaded_by(argv: list[str]) -> tuple[int, set[str]]:
+def _modules_loaded_by(argv: list[str], cwd: Path) -> tuple[int, set[str]]:
     code = (
         "import sys\nfrom rlhf_cli.cli import main\nrc = main(%r)\n"
         "print('\\nLOADED', rc, ' '.join(sorted(m for m in sys.modules if '.' not in m)))" % argv
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd)
     line = next(line for line in result.stdout.splitlines() if line.startswith("LOADED"))
     _, rc, *modules = line.split()
     return int(rc), set(modules)
@@ -154,10 +154,16 @@ def _modules_loaded_by(argv: list[str]) -> tuple[int, set[str]]:
         ["train", "ppo.cliprnage=0.1"],  # misspelt key
         ["train", "ppo.cliprange=0"],  # out of range
         ["train", "ppo.kl_penalty=forward"],  # not a choice
+        ["train", "generation.samples_per_prompt=3"],  # a group size the batch does not hold
+        ["train", "ppo.advantage_estimator=grpo"],  # an estimator that needs groups, without them
+        ["train", "dataset.source=files", "dataset.data_files=[no_such_prompts.jsonl]"],  # a missing data file
+        ["train", "reward=callable", "reward.function=no_such_module_xyz:score"],  # an unimportable reward
     ],
-    ids=["help", "misspelt-key", "range", "choice"],
+    ids=["help", "misspelt-key", "range", "choice", "group-size", "estimator-group", "data-file", "reward-module"],
 )
-def test_help_and_config_errors_import_no_torch(argv):
-    rc, modules = _modules_loaded_by(argv)
+def test_help_and_config_errors_import_no_torch(argv, tmp_path):
+    """Mistakes that need no model are reported before torch, transformers or accelerate load."""
+    rc, modules = _modules_loaded_by(argv, tmp_path)
     assert rc == (0 if argv == ["--help"] else 2)
     assert not modules & {"torch", "transformers", "accelerate"}
+    assert list(tmp_path.iterdir()) == []  # and nothing was written

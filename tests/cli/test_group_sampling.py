@@ -226,7 +226,9 @@ def test_cfg_job_shows_samples_per_prompt(tmp_path):
 
 
 # Checkpoints -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override", ["ppo.advantage_estimator=grpo", "generation.samples_per_prompt=2"])
+# reinforce_pp: an estimator change that composes with one response per prompt (grpo alone is refused
+# at composition now, the group-size rule being checked there).
+@pytest.mark.parametrize("override", ["ppo.advantage_estimator=reinforce_pp", "generation.samples_per_prompt=2"])
 def test_changing_estimator_or_group_size_on_resume_is_breaking(override):
     saved = compose_train_config([SMOKE, "output_dir=/tmp/unused"])
     current = compose_train_config([SMOKE, "output_dir=/tmp/unused", override])
