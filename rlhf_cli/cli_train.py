@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from rlhf_cli.console import PROG, print_error
+
+# How long a rank other than 0 waits before exiting on a mistake every rank finds, so that torchrun does
+# not stop rank 0 (the one that prints the paragraph) before it has printed it.
+_QUIET_RANK_GRACE_S = 3.0
 
 if TYPE_CHECKING:
     import argparse
@@ -236,6 +241,8 @@ def train_command(argv: list[str]) -> int:
         except ConfigError as err:
             if rank == 0:  # every rank finds the same mistake; say it once
                 print_error(err)
+            else:  # the launcher stops the other processes when one exits: give rank 0 time to say why
+                time.sleep(_QUIET_RANK_GRACE_S)
             return err.exit_code
         if prepared is None:  # --cfg: printed, nothing to run
             return 0
