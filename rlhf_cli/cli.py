@@ -390,6 +390,13 @@ def sample_command(argv: list[str]) -> int:
     return 0
 
 
+def label_command(argv: list[str]) -> int:
+    """``rlhf label SOURCE [PROMPT ...] --out FILE``: record which of two responses a person prefers."""
+    from rlhf_cli.label.command import label_command as run_label
+
+    return run_label(argv, prog=f"{PROG} label")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------
@@ -400,6 +407,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "eval": (eval_command, "before/after table of a finished run on held-out prompts (writes report.md, curves.png)"),
     "export": (export_command, "write a checkpoint as a plain Hugging Face model directory"),
     "sample": (sample_command, "generate from a run's final/ model, a checkpoint or the reference, with rewards"),
+    "label": (label_command, "show two responses side by side and record which you prefer (a preference file)"),
 }
 
 
