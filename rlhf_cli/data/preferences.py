@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import datasets
 
 FORMATS = ("auto", "explicit", "implicit", "conversational")
+# data.ties: tied pairs carry no weight (skip) or are trained towards P = 0.5 (half).
+TIE_MODES = ("skip", "half")
 DATA_KEY = "data"
 
 

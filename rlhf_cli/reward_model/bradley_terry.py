@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TIE_MODES = ("skip", "half")
+from rlhf_cli.data.preferences import TIE_MODES  # data.ties: the data owns the option, the math obeys it
 
 
 def pair_losses(

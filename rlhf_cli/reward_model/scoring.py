@@ -14,6 +14,7 @@ The rule (saved with the model as ``reward_model.json`` so a loader applies it u
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,7 +71,10 @@ def sequence_scores(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     ``model`` is a value-head causal LM (``AutoModelForCausalLMWithValueHead``, possibly wrapped by
     Accelerate); ``logits_to_keep=1`` spares the language-model head every other position.
     """
-    _, _, values = model(**batch, logits_to_keep=1)
+    with warnings.catch_warnings():
+        # The value-head wrapper passes past_key_values=None, which transformers 5 flags as deprecated.
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        _, _, values = model(**batch, logits_to_keep=1)
     return values[:, -1]
 
 
