@@ -136,6 +136,8 @@ class RewardConfig(RewardSourceConfig):
     # Redeclared (same position in the field order) to allow weighted_sum at the top level only.
     type: str = _field("vader", choices=REWARD_TYPES)
     components: List[RewardComponentConfig] = _field(factory=list)
+    # Sources logged (env/monitor/<name>_mean) and reported before/after, never optimised.
+    monitor: List[RewardSourceConfig] = _field(factory=list)
 
 
 @dataclass

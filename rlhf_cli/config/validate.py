@@ -169,6 +169,8 @@ def _check_required_by_choice(cfg: DictConfig) -> None:
     """Values that become mandatory once an option is chosen (only checked before a real run)."""
     _check_model_required(cfg)
     _check_reward_source(cfg.reward, "reward")
+    for index, monitor in enumerate(cfg.reward.monitor):
+        _check_reward_source(monitor, f"reward.monitor[{index}]")
     if cfg.reward.type == "weighted_sum":
         if len(cfg.reward.components) == 0:
             raise ConfigError(

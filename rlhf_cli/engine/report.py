@@ -214,7 +214,9 @@ def _curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
         panels.append(("objective/kl_coef", "KL coefficient β"))
     if kl_loss:
         panels.append(("ppo/loss/kl", "KL loss term (mean per token)"))
-    return panels
+    from rlhf_cli.engine.monitor import monitor_panels  # reward.monitor=[...]: one panel per monitor
+
+    return panels + monitor_panels(rows)
 
 
 def curves_figure(rows: list[dict], panels: list[tuple[str, str]] | None = None):
