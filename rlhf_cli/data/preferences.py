@@ -85,12 +85,10 @@ class PreferencePairs:
 # Reading ---------------------------------------------------------------------------------------------
 def read_preference_table(cfg: Any, split: str) -> "datasets.Dataset":
     """The raw rows of ``cfg`` (the ``data`` node, source files or hub)."""
-    from rlhf_cli.data.sources import read_data_files
-
     if cfg.source == "files":
         if split != cfg.split:
             raise DataError(f"{DATA_KEY}.source=files has no split '{split}'; held-out pairs come from {DATA_KEY}.eval_size.")
-        return read_data_files(list(cfg.data_files), key=f"{DATA_KEY}.data_files")
+        return _read_files(cfg)
     if cfg.source == "hub":
         import datasets
 
@@ -104,6 +102,24 @@ def read_preference_table(cfg: Any, split: str) -> "datasets.Dataset":
                 f"{DATA_KEY}.path, {DATA_KEY}.name and {DATA_KEY}.split, or use {DATA_KEY}.source=files with local files."
             ) from err
     raise DataError(f"Unknown {DATA_KEY}.source '{cfg.source}'; valid sources are imdb_pairs, files, hub.")
+
+
+def _read_files(cfg: Any) -> "datasets.Dataset":
+    """Every file of ``data.data_files``, read one by one and reduced to the columns a pair uses, so
+    files with different extra columns (label metadata) or without the optional ones combine."""
+    import datasets
+
+    from rlhf_cli.data.sources import _expand_data_files, read_data_files
+
+    key = f"{DATA_KEY}.data_files"
+    wanted = [c for c in (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column, cfg.margin_column, cfg.tie_column) if c]
+    tables = [read_data_files([path], key=key) for path in _expand_data_files(list(cfg.data_files), key)]
+    if len(tables) == 1:
+        return tables[0]
+    present = [c for c in dict.fromkeys(c for t in tables for c in t.column_names)]
+    columns = [c for c in present if c in wanted] or present  # no pair column at all: keep all, to name them
+    rows = [{c: row.get(c) for c in columns} for table in tables for row in table]
+    return datasets.Dataset.from_list(rows)
 
 
 def _require_column(table: "datasets.Dataset", column: str, key: str) -> None:
@@ -171,9 +187,11 @@ def _optional_column(table: "datasets.Dataset", column: Optional[str], kind: typ
         return None
     values = table[column]
     for number, value in enumerate(values, start=1):
-        if value is None or (kind is bool and not isinstance(value, bool)) or (kind is float and isinstance(value, (bool, str))):
-            raise DataError(f"Column '{column}' of row {number} holds {value!r}; it must be {what} in every row.")
-    return [kind(value) for value in values]
+        if value is None:
+            continue  # absent in this row (e.g. a file without the column): no margin, not tied
+        if (kind is bool and not isinstance(value, bool)) or (kind is float and isinstance(value, (bool, str))):
+            raise DataError(f"Column '{column}' of row {number} holds {value!r}; it must be {what} (or null).")
+    return [kind(value) if value is not None else kind() for value in values]
 
 
 def shared_prompt_length(chosen: str, rejected: str) -> int:
