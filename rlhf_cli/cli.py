@@ -141,8 +141,27 @@ class JobStart:
             path = path.parent
 
 
-def _make_task(failures: list[int], created_roots: dict[Path, Path], rank: int) -> Callable[[DictConfig], None]:
-    """The Hydra task of ``rlhf train``. User errors are printed and recorded in ``failures``, so a
+def _run_train(cfg: DictConfig, on_start: Callable[[Path], None] | None) -> None:
+    from rlhf_cli.hub import check_offline_downloads
+
+    # Offline, every missing Hub download in one message, before torch and the engine load.
+    check_offline_downloads(cfg)
+    from rlhf_cli.engine.train import run_training
+
+    run_training(cfg, on_start=on_start)
+
+
+def _run_reward(cfg: DictConfig, on_start: Callable[[Path], None] | None) -> None:
+    from rlhf_cli.engine.reward_train import run_reward_training
+
+    run_reward_training(cfg, on_start=on_start)
+
+
+def _make_task(
+    failures: list[int], created_roots: dict[Path, Path], rank: int, config_name: str = "train",
+    run: Callable[[DictConfig, Callable[[Path], None] | None], None] = _run_train,
+) -> Callable[[DictConfig], None]:
+    """The Hydra task of ``rlhf train`` (or ``rlhf reward``: ``config_name`` and ``run``). User errors are printed and recorded in ``failures``, so a
     sweep goes on with its other jobs and the command still exits non-zero; other exceptions propagate
     to Hydra, which prints their traceback. ``created_roots``: run directory -> the outermost part of
     its path this command creates (see :class:`JobStart`). Only rank 0 writes Hydra's output."""
@@ -150,17 +169,12 @@ def _make_task(failures: list[int], created_roots: dict[Path, Path], rank: int) 
 
     from rlhf_cli.config.compose import finalize
     from rlhf_cli.errors import RlhfError
-    from rlhf_cli.hub import check_offline_downloads
 
     def train(cfg: DictConfig) -> None:
         job = JobStart(copy.deepcopy(cfg), created_roots)  # the composed config as Hydra saves it (unresolved)
         try:
-            cfg = finalize(cfg)
-            # Offline, every missing Hub download in one message, before torch and the engine load.
-            check_offline_downloads(cfg)
-            from rlhf_cli.engine.train import run_training
-
-            run_training(cfg, on_start=job.started if rank == 0 else None)
+            cfg = finalize(cfg, config_name=config_name)
+            run(cfg, job.started if rank == 0 else None)
         except RlhfError as err:
             failures.append(err.exit_code)
             print_error(_job_label() + str(err), prefix=err.label)
@@ -224,6 +238,16 @@ def _print_job_configs(args: argparse.Namespace, jobs: list[tuple[list[str], Any
 
 def train_command(argv: list[str]) -> int:
     """``rlhf train [overrides] [hydra flags]``; returns the exit code."""
+    return _hydra_command(argv, command="train", run=_run_train)
+
+
+def reward_command(argv: list[str]) -> int:
+    """``rlhf reward [overrides] [hydra flags]``: train a reward model on preference pairs."""
+    return _hydra_command(argv, command="reward", run=_run_reward)
+
+
+def _hydra_command(argv: list[str], *, command: str, run: Callable) -> int:
+    """A Hydra command whose primary config is configs/<command>.yaml; returns the exit code."""
     import os
     import tempfile
 
@@ -236,7 +260,7 @@ def train_command(argv: list[str]) -> int:
     from rlhf_cli.errors import ConfigError
 
     parser = get_args_parser()
-    parser.prog = f"{PROG} train"
+    parser.prog = f"{PROG} {command}"
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     rank = process_rank()
     created_roots: dict[Path, Path] = {}
@@ -250,7 +274,7 @@ def train_command(argv: list[str]) -> int:
                     overrides,
                     multirun=args.multirun,
                     require_complete=not (args.cfg or args.help),
-                    config_name=args.config_name,
+                    config_name=args.config_name or command,
                     extra_config_dir=args.config_dir,
                     primary_dir=primary_dir,
                 )
@@ -268,10 +292,10 @@ def train_command(argv: list[str]) -> int:
             return err.exit_code
         register_configs()
         failures: list[int] = []
-        task = _make_task(failures, created_roots, rank)
-        app = hydra.main(config_path=primary_dir, config_name="train", version_base="1.3")(task)
+        task = _make_task(failures, created_roots, rank, args.config_name or command, run)
+        app = hydra.main(config_path=primary_dir, config_name=command, version_base="1.3")(task)
         try:
-            with _argv([f"{PROG} train", *_hydra_argv(args, overrides)]):
+            with _argv([f"{PROG} {command}", *_hydra_argv(args, overrides)]):
                 app()
         except SystemExit as stop:  # Hydra exits after --help and after reporting an error itself
             return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
@@ -288,7 +312,7 @@ def recipes_command(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from rlhf_cli.config.paths import recipe_description, recipe_files
+    from rlhf_cli.config.paths import recipe_description, recipe_files, reward_recipe_files
     from rlhf_cli.errors import ConfigError
 
     if argv and argv[0] in ("-h", "--help"):
@@ -302,6 +326,12 @@ def recipes_command(argv: list[str]) -> int:
     for name, path in recipe_files().items():
         table.add_row(name, recipe_description(path))
     Console().print(table)
+    reward_table = Table(title="Recipes: rlhf reward +recipe=NAME [overrides...]", title_justify="left")
+    reward_table.add_column("Recipe", style="bold cyan", no_wrap=True)
+    reward_table.add_column("Description")
+    for name, path in reward_recipe_files().items():
+        reward_table.add_row(name, recipe_description(path))
+    Console().print(reward_table)
     return 0
 
 
@@ -403,6 +433,7 @@ def label_command(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train_command, "fine-tune a model with PPO (Hydra overrides: key=value, group=option, +recipe=NAME)"),
+    "reward": (reward_command, "train a reward model on preference pairs (Bradley–Terry; same overrides as train)"),
     "recipes": (recipes_command, "list the recipes with a one-line description each"),
     "eval": (eval_command, "before/after table of a finished run on held-out prompts (writes report.md, curves.png)"),
     "export": (export_command, "write a checkpoint as a plain Hugging Face model directory"),

@@ -142,21 +142,22 @@ def _load_hub(cfg: Any, split: str) -> "datasets.Dataset":
         ) from err
 
 
-def _expand_data_files(patterns: list[str]) -> list[str]:
-    """Absolute paths of ``dataset.data_files``; globs expanded (sorted); missing files are an error."""
+def _expand_data_files(patterns: list[str], key: str = "dataset.data_files") -> list[str]:
+    """Absolute paths of ``key`` (the config key naming the files); globs expanded (sorted); missing
+    files are an error."""
     if not patterns:
-        raise DataError("dataset.source=files needs dataset.data_files=[path, ...] (json, jsonl, csv, parquet or txt files).")
+        raise DataError(f"{key.rsplit('.', 1)[0]}.source=files needs {key}=[path, ...] (json, jsonl, csv, parquet or txt files).")
     paths: list[str] = []
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         if any(char in pattern for char in _GLOB_CHARS):
             matches = sorted(glob.glob(pattern))
             if not matches:
-                raise DataError(f"dataset.data_files pattern '{pattern}' matches no file (looked from {os.getcwd()}).")
+                raise DataError(f"{key} pattern '{pattern}' matches no file (looked from {os.getcwd()}).")
             paths.extend(os.path.abspath(match) for match in matches)
         elif not os.path.isfile(pattern):
             raise DataError(
-                f"dataset.data_files names '{pattern}', which is not a file (resolved to "
+                f"{key} names '{pattern}', which is not a file (resolved to "
                 f"{os.path.abspath(pattern)}). Fix the path; relative paths are relative to {os.getcwd()}."
             )
         else:
@@ -164,7 +165,7 @@ def _expand_data_files(patterns: list[str]) -> list[str]:
     return paths
 
 
-def _builder_for(path: str) -> str:
+def _builder_for(path: str, key: str = "dataset.data_files") -> str:
     name = path.lower()
     for suffix in _COMPRESSION_SUFFIXES:
         if name.endswith(suffix):
@@ -172,30 +173,36 @@ def _builder_for(path: str) -> str:
     extension = os.path.splitext(name)[1]
     if extension not in FILE_BUILDERS:
         raise DataError(
-            f"dataset.data_files has '{path}' with extension '{extension or '(none)'}'; supported "
+            f"{key} has '{path}' with extension '{extension or '(none)'}'; supported "
             f"extensions are {', '.join(FILE_BUILDERS)} (optionally compressed)."
         )
     return FILE_BUILDERS[extension]
 
 
 def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
-    import datasets
-
     if split != "train":
         raise DataError(
             f"dataset.source=files reads all dataset.data_files as one table, so it has no split "
             f"'{split}'. Leave dataset.split=train and dataset.eval_split=null; held-out prompts are "
             f"then split off with dataset.eval_size."
         )
-    paths = _expand_data_files(list(cfg.data_files))
-    builders = {path: _builder_for(path) for path in paths}
+    return read_data_files(list(cfg.data_files))
+
+
+def read_data_files(patterns: list[str], key: str = "dataset.data_files") -> "datasets.Dataset":
+    """The rows of every file ``patterns`` names (one format), as one Dataset; ``key`` is the config key
+    the messages name. Missing, empty, mixed-format and malformed files are a DataError."""
+    import datasets
+
+    paths = _expand_data_files(patterns, key)
+    builders = {path: _builder_for(path, key) for path in paths}
     if len(set(builders.values())) > 1:
         listing = "; ".join(f"{path} -> {builder}" for path, builder in builders.items())
         raise DataError(
-            f"dataset.data_files mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
+            f"{key} mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
         )
     builder = next(iter(builders.values()))
-    _check_not_empty(paths)
+    _check_not_empty(paths, key)
     try:
         with datasets_quiet(errors=True):  # no "Generating train split" bar for a local read
             return datasets.load_dataset(builder, data_files=paths, split="train")
@@ -204,12 +211,12 @@ def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
         if bad_line is not None:
             raise DataError(bad_line + " Fix or remove that line (jsonl: one JSON object per line).") from err
         raise DataError(
-            f"Could not read dataset.data_files {paths} as {builder}: {type(err).__name__}: {err}. "
+            f"Could not read {key} {paths} as {builder}: {type(err).__name__}: {err}. "
             f"Check that the files are valid {builder}{_FORMAT_HINTS.get(builder, '')}."
         ) from err
 
 
-def _check_not_empty(paths: list[str]) -> None:
+def _check_not_empty(paths: list[str], key: str = "dataset.data_files") -> None:
     """A DataError naming the first file with no data (datasets' readers fail on one with a traceback)."""
     for path in paths:
         is_compressed = path.lower().endswith(_COMPRESSION_SUFFIXES)
@@ -217,8 +224,8 @@ def _check_not_empty(paths: list[str]) -> None:
         # Small files are read to catch whitespace-only ones too; large ones surely hold something.
         if size == 0 or (not is_compressed and size < 4096 and not Path(path).read_bytes().strip()):
             raise DataError(
-                f"The data file {path} (dataset.data_files) is empty. Point dataset.data_files at files that "
-                f"hold the prompts' texts, or remove this one from the list."
+                f"The data file {path} ({key}) is empty. Point {key} at files that "
+                f"hold the data, or remove this one from the list."
             )
 
 

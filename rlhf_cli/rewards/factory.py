@@ -8,7 +8,7 @@ from typing import Any
 from rlhf_cli.errors import RewardError
 from rlhf_cli.rewards.base import RewardFunction, describe
 
-SOURCE_TYPES = ("vader", "classifier", "callable")
+SOURCE_TYPES = ("vader", "classifier", "callable", "learned")
 REWARD_TYPES = SOURCE_TYPES + ("weighted_sum",)
 
 
@@ -57,6 +57,15 @@ def _source(cfg: Any, prefix: str, valid_types: tuple[str, ...]) -> RewardFuncti
                 f"'path/to/file.py:function' (e.g. rlhf_cli.rewards.examples:length_penalty)."
             )
         return CallableReward(cfg.function, _plain_dict(cfg.kwargs), config_prefix=prefix)
+    if cfg.type == "learned":
+        from rlhf_cli.rewards.learned import LearnedReward
+
+        if not cfg.model:
+            raise RewardError(
+                f"{prefix}.type=learned needs {prefix}.model=<the output_dir of a `rlhf reward` run, or its final/ "
+                f"directory> (e.g. `rlhf reward output_dir=runs/rm`, then {prefix}.model=runs/rm)."
+            )
+        return LearnedReward(cfg.model, batch_size=cfg.batch_size, device=cfg.device, config_prefix=prefix)
     raise RewardError(f"Unknown {prefix}.type '{cfg.type}'; valid types are {', '.join(valid_types)}.")
 
 
