@@ -114,13 +114,18 @@ def label_command(argv: list[str], prog: str = "rlhf label") -> int:
     from rich.console import Console
 
     console = Console()
+    if not session.pending:
+        console.print(f"No pairs left to label: every candidate pair is already in {out} (or its two responses are "
+                      "the same). Draw new pairs with another --seed or more prompts.", markup=False, highlight=False,
+                      soft_wrap=True)
+        return 0
     with ScriptKeys(args.script) if args.script is not None else TerminalKeys() as keys:
         result = session.run(keys, console)
     from rlhf_cli.label.screen import session_summary
 
     agreement = session.agreement.summary() if session.agreement is not None else None
     console.print(session_summary(result.written, len(labelled) + result.written, result.skipped, result.remaining,
-                                  str(out), agreement), markup=False, highlight=False)
+                                  str(out), agreement), markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

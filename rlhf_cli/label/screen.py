@@ -13,7 +13,7 @@ from rich.text import Text
 
 from rlhf_cli.label.pairs import ShownPair
 
-KEY_HELP = "[1] left is better   [2] right is better   [t] tie   [s] skip   [u] undo   [q] quit"
+KEY_HELP = "1: left is better · 2: right is better · t: tie · s: skip · u: undo · q: quit"
 
 
 @dataclass(frozen=True)

@@ -64,11 +64,13 @@ def _final_step(run_dir: Path) -> Optional[int]:
 
 def _load(what: str, load: Any) -> Any:
     """Run ``load()``; a model that does not load becomes one paragraph naming it."""
+    from safetensors import SafetensorError  # a truncated or corrupt weights file
+
     try:
         return load()
     except RlhfError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise LabelError(
             f"The model {what} cannot be loaded: {type(err).__name__}: {' '.join(str(err).split())[:300]}. Check that it "
             "is a complete run of `rlhf train` (or a model directory written by save_pretrained / `rlhf export`)."
