@@ -132,9 +132,12 @@ def label_command(argv: list[str], prog: str = "rlhf label") -> int:
 def _load_reward_model(path: Optional[str]) -> Any:
     if path is None:
         return None
+    import transformers
+
     from rlhf_cli.rewards.learned import load_learned_reward, reward_model_dir
 
     reward_model_dir(path)  # a path that is no reward model: refused before the policies load
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar above the screen
     return load_learned_reward(path)
 
 
@@ -145,8 +148,13 @@ def _build_session(args: argparse.Namespace, out: Path, labelled: list[dict], re
     from rlhf_cli.label.session import LabelSession
 
     transformers.utils.logging.disable_progress_bar()
-    pairs = new_pairs(_candidates(args), labelled)
+    candidates = _candidates(args)
+    pairs = new_pairs(candidates, labelled)
     seed = 0 if args.seed is None else int(args.seed)
     shown = _shown_pairs(pairs, seed=seed, reward_model=reward_model, select=args.select)
     agreement = Agreement() if reward_model is not None else None
-    return LabelSession(deque(shown), LabelFile(out), len(labelled), labeller=args.labeller, agreement=agreement)
+    session = LabelSession(deque(shown), LabelFile(out), len(labelled), labeller=args.labeller, agreement=agreement)
+    identical = sum(pair.response_a == pair.response_b for pair in candidates)
+    if identical:  # e.g. a policy that has barely moved from its reference, with common random numbers
+        session.status = f"left out {identical} of {len(candidates)} pairs whose two responses are identical"
+    return session
