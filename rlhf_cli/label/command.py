@@ -109,11 +109,13 @@ def label_command(argv: list[str], prog: str = "rlhf label") -> int:
     labelled = read_labelled(out)
     check_writable(out)
     _check_options(args)
-    reward_model = _load_reward_model(args.reward_model)
-    session = _build_session(args, out, labelled, reward_model)
     from rich.console import Console
 
     console = Console()
+    console.print(f"Loading the models and sampling the pairs of {args.source} (a moment on a CPU)...", style="dim",
+                  markup=False, highlight=False)
+    reward_model = _load_reward_model(args.reward_model)
+    session = _build_session(args, out, labelled, reward_model)
     if not session.pending:
         console.print(f"No pairs left to label: every candidate pair is already in {out} (or its two responses are "
                       "the same). Draw new pairs with another --seed or more prompts.", markup=False, highlight=False,
