@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_cli.label.pairs import left_is_a
+from rlhf_cli.label.pairs import Pair, left_is_a
 from tests.cli.test_train_runs import assert_one_paragraph_error, cli_env, rlhf_train
 
 HELDOUT = 4  # the smoke recipe's dataset.eval_size: held-out prompts, one pair each
@@ -78,10 +78,7 @@ def test_scripted_sessions_write_the_judgements_and_resume_without_repeats(run_d
     rows = read_rows(out)
     assert [row["key"] for row in rows] == ["1", "2", "t", "1"]
     assert len({row["pair_id"] for row in rows}) == 4
-    orders = set()
     for row, (prompt, response_a, response_b) in zip(rows, pairs):
-        from rlhf_cli.label.pairs import Pair
-
         pair = Pair(prompt, response_a, response_b, None, None)  # type: ignore[arg-type]
         left, right = (response_a, response_b) if left_is_a(pair, 0) else (response_b, response_a)
         assert row["prompt"] == prompt
@@ -90,7 +87,6 @@ def test_scripted_sessions_write_the_judgements_and_resume_without_repeats(run_d
         seeds = (row["chosen_source"]["seed"], row["rejected_source"]["seed"])
         assert seeds == ((0, 1) if row["chosen"] == response_a else (1, 0))
         assert row["chosen_source"]["model"] == "final" and row["chosen_source"]["step"] == 3
-        orders.add(left == response_a)
     assert rows[0]["labeller"] == "ana" and rows[2]["labeller"] is None
     # Session 3: nothing left, nothing written.
     third = rlhf_label(str(run_dir), "--out", str(out), cwd=tmp_path, keys="1 1")
