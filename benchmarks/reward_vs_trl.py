@@ -25,6 +25,14 @@ import time
 from pathlib import Path
 
 
+def _rss_mib() -> float:
+    """This process's resident memory now (Linux /proc), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _pairs(count: int):
     """(chosen texts, rejected texts) of the offline default's first ``count`` training pairs."""
     from omegaconf import OmegaConf
@@ -52,11 +60,12 @@ def run_ours(pairs: int, batch: int, lr: float) -> dict:
     model, tokenizer = load_policy_and_tokenizer(OmegaConf.structured(ModelConfig(source="review_gpt2")))
     trainer = RewardModelTrainer(model, tokenizer, tokenize_pairs(rows, tokenizer, 512), learning_rate=lr,
                                  batch_size=batch, accelerator=Accelerator(cpu=True))
+    rss_before = _rss_mib()
     started = time.perf_counter()
     for index in range(trainer.batches_per_epoch):
         trainer.step(0, index)
     seconds = time.perf_counter() - started
-    return {"impl": "rlhf_cli", "pairs": trainer.batches_per_epoch * batch, "seconds": seconds}
+    return {"impl": "rlhf_cli", "pairs": trainer.batches_per_epoch * batch, "seconds": seconds, "rss_before_loop_mib": rss_before}
 
 
 def run_trl(pairs: int, batch: int, lr: float) -> dict:
@@ -80,6 +89,9 @@ def run_trl(pairs: int, batch: int, lr: float) -> dict:
     class LoopClock(TrainerCallback):
         """Wall time of the training loop alone (from the first step's start to the end of training)."""
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.rss_before = _rss_mib()
+
         def on_step_begin(self, args, state, control, **kwargs):
             self.started = getattr(self, "started", None) or time.perf_counter()
 
@@ -94,7 +106,8 @@ def run_trl(pairs: int, batch: int, lr: float) -> dict:
                                 dataloader_drop_last=True, bf16=False, fp16=False, seed=0)
         trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[clock])
         trainer.train()
-    return {"impl": f"trl {trl.__version__}", "pairs": (pairs // batch) * batch, "seconds": clock.seconds}
+    return {"impl": f"trl {trl.__version__}", "pairs": (pairs // batch) * batch, "seconds": clock.seconds,
+            "rss_before_loop_mib": clock.rss_before}
 
 
 def _one(args: argparse.Namespace) -> None:
@@ -104,6 +117,8 @@ def _one(args: argparse.Namespace) -> None:
     result = (run_ours if args.impl == "ours" else run_trl)(args.pairs, args.batch, args.lr)
     result["pairs_per_s"] = result["pairs"] / result["seconds"]
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # What training itself adds on top of the process (imports, data, model): comparable across the two.
+    result["training_rss_growth_mib"] = result["peak_rss_mib"] - result["rss_before_loop_mib"]
     print(json.dumps(result))
 
 
@@ -123,7 +138,8 @@ def _compare(args: argparse.Namespace) -> None:
     for impl, runs in results.items():
         speeds = [r["pairs_per_s"] for r in runs]
         print(f"{runs[0]['impl']}: {statistics.median(speeds):.1f} pairs/s (median of {len(runs)}: "
-              f"{', '.join(f'{s:.1f}' for s in speeds)}), peak RSS {max(r['peak_rss_mib'] for r in runs):.0f} MiB")
+              f"{', '.join(f'{s:.1f}' for s in speeds)}), peak RSS {max(r['peak_rss_mib'] for r in runs):.0f} MiB, "
+              f"of which the training loop added {max(r['training_rss_growth_mib'] for r in runs):.0f} MiB")
     ratio = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(results["ours"], results["trl"])]
     print(f"ratio rlhf_cli / TRL per interleaved round: {', '.join(f'{r:.2f}' for r in ratio)}")
 
