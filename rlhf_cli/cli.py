@@ -161,7 +161,8 @@ def _make_task(
     failures: list[int], created_roots: dict[Path, Path], rank: int, config_name: str = "train",
     run: Callable[[DictConfig, Callable[[Path], None] | None], None] = _run_train,
 ) -> Callable[[DictConfig], None]:
-    """The Hydra task of ``rlhf train`` (or ``rlhf reward``: ``config_name`` and ``run``). User errors are printed and recorded in ``failures``, so a
+    """The Hydra task of ``rlhf train`` (or of ``rlhf reward``: ``config_name`` and ``run``). User errors
+    are printed and recorded in ``failures``, so a
     sweep goes on with its other jobs and the command still exits non-zero; other exceptions propagate
     to Hydra, which prints their traceback. ``created_roots``: run directory -> the outermost part of
     its path this command creates (see :class:`JobStart`). Only rank 0 writes Hydra's output."""

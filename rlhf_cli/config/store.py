@@ -31,11 +31,17 @@ def schema_of(config_name: str) -> type:
     return SCHEMAS.get(config_name, TrainConfig)
 
 
-def _config_groups_help() -> str:
-    """The "group: options" lines of ``rlhf train --help``. Hydra's own $APP_CONFIG_GROUPS would also
-    list configs/accelerate/, which holds `accelerate launch --config_file` files, not a group."""
-    groups = dict(group_options())
-    groups[RECIPE_GROUP] = list(recipe_files())
+# The config groups `rlhf reward` composes (the others are `rlhf train`'s).
+REWARD_GROUPS = ("model", "data")
+
+
+def _config_groups_help(command: str = "train") -> str:
+    """The "group: options" lines of ``rlhf train --help`` (``rlhf reward --help`` with ``command``
+    "reward"). Hydra's own $APP_CONFIG_GROUPS would also list configs/accelerate/, which holds
+    `accelerate launch --config_file` files, not a group, and the other command's groups."""
+    reward = command == "reward"
+    groups = {name: options for name, options in group_options().items() if (name in REWARD_GROUPS) == reward or name == "model"}
+    groups[RECIPE_GROUP] = list(reward_recipe_files() if reward else recipe_files())
     return "\n".join(f"{name}: {', '.join(options)}" for name, options in sorted(groups.items()))
 
 

@@ -78,12 +78,22 @@ def check_text_column(dataset: "datasets.Dataset", column: str, where: str) -> N
             f"The {where} has no column '{column}' (dataset.text_column); its columns are "
             f"{', '.join(dataset.column_names) or '(none)'}.{hint}"
         )
+    if column not in string_columns and _is_message_list(dataset.features[column]):
+        return  # conversational prompts: rendered by the tokenizer's chat template (data.chat_prompts)
     if column not in string_columns:
         raise DataError(
             f"Column '{column}' of the {where} holds {dataset.features[column]}, not text. Set "
             f"dataset.text_column to a text column"
             + (f" (text columns: {', '.join(string_columns)})." if string_columns else ".")
         )
+
+
+def _is_message_list(feature: Any) -> bool:
+    """A column of lists of {role, content} records (how datasets reads chat messages from json)."""
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, list) and feature:
+        inner = feature[0]
+    return isinstance(inner, dict) and "role" in inner and "content" in inner if inner is not None else False
 
 
 @contextlib.contextmanager

@@ -21,14 +21,14 @@ MONITOR_PREFIX = "env/monitor/"
 
 def build_monitors(sources: Sequence[Any]) -> dict[str, RewardFunction]:
     """Name -> reward function for each ``reward.monitor`` entry (names: the type, numbered on repeats)."""
-    from rlhf_cli.rewards.factory import _source
+    from rlhf_cli.rewards.factory import build_reward_source
 
     monitors: dict[str, RewardFunction] = {}
     for index, source in enumerate(sources):
         name = str(source.type)
         if name in monitors:
             name = f"{name}_{index}"
-        monitors[name] = _source(source, f"reward.monitor[{index}]", ("vader", "classifier", "callable", "learned"))
+        monitors[name] = build_reward_source(source, f"reward.monitor[{index}]")
     return monitors
 
 

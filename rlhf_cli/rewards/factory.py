@@ -24,6 +24,12 @@ def build_reward(cfg: Any) -> RewardFunction:
     return _source(cfg, "reward", REWARD_TYPES)
 
 
+def build_reward_source(cfg: Any, prefix: str) -> RewardFunction:
+    """One non-composite source (vader, classifier, callable, learned) from the node at config path ``prefix``
+    (e.g. a ``reward.monitor`` entry)."""
+    return _source(cfg, prefix, SOURCE_TYPES)
+
+
 def _source(cfg: Any, prefix: str, valid_types: tuple[str, ...]) -> RewardFunction:
     """One non-composite source from a RewardSourceConfig at config path ``prefix``."""
     if cfg.type == "vader":

@@ -132,3 +132,21 @@ def test_several_files_are_read_as_one_table(tmp_path, tokenizer):
     cfg = OmegaConf.structured(PreferenceDataConfig(source="files", data_files=[str(first), str(second)], eval_size=1))
     data = build_preference_data(cfg, tokenizer, seed=0)
     assert len(data.train) + len(data.heldout) == 2
+
+
+def test_train_prompts_accept_conversational_rows(tmp_path, tokenizer):
+    """rlhf train's prompt datasets: a list of messages is rendered with the chat template and its
+    generation prompt, whole (no length sampling)."""
+    from rlhf_cli.config.schema import DatasetConfig
+    from rlhf_cli.data.prompts import build_prompt_data
+
+    path = tmp_path / "chats.jsonl"
+    words = ["movie", "film", "story", "plot", "music"]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"the {w}"}]}) + "\n" for w in words))
+    cfg = OmegaConf.structured(DatasetConfig(source="files", data_files=[str(path)], text_column="messages", eval_size=1))
+    data = build_prompt_data(cfg, tokenizer, seed=0)
+    assert len(data.train) == 4 and len(data.heldout) == 1
+    rendered = sorted([*data.train["query"], *data.heldout["query"]])
+    assert rendered == sorted(f"user : the {w} . assistant : " for w in words)
+    for row in data.train:
+        assert row["input_ids"] == _ids(tokenizer, row["query"])
