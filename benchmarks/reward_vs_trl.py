@@ -61,11 +61,12 @@ def run_ours(pairs: int, batch: int, lr: float) -> dict:
     trainer = RewardModelTrainer(model, tokenizer, tokenize_pairs(rows, tokenizer, 512), learning_rate=lr,
                                  batch_size=batch, accelerator=Accelerator(cpu=True))
     rss_before = _rss_mib()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for index in range(trainer.batches_per_epoch):
         trainer.step(0, index)
-    seconds = time.perf_counter() - started
-    return {"impl": "rlhf_cli", "pairs": trainer.batches_per_epoch * batch, "seconds": seconds, "rss_before_loop_mib": rss_before}
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"impl": "rlhf_cli", "pairs": trainer.batches_per_epoch * batch, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "rss_before_loop_mib": rss_before}
 
 
 def run_trl(pairs: int, batch: int, lr: float) -> dict:
@@ -93,10 +94,12 @@ def run_trl(pairs: int, batch: int, lr: float) -> dict:
             self.rss_before = _rss_mib()
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.started = getattr(self, "started", None) or time.perf_counter()
+            if getattr(self, "started", None) is None:
+                self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
         def on_train_end(self, args, state, control, **kwargs):
             self.seconds = time.perf_counter() - self.started
+            self.cpu_seconds = time.process_time() - self.cpu_started
 
     clock = LoopClock()
     with tempfile.TemporaryDirectory() as out:
@@ -107,7 +110,7 @@ def run_trl(pairs: int, batch: int, lr: float) -> dict:
         trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[clock])
         trainer.train()
     return {"impl": f"trl {trl.__version__}", "pairs": (pairs // batch) * batch, "seconds": clock.seconds,
-            "rss_before_loop_mib": clock.rss_before}
+            "cpu_seconds": clock.cpu_seconds, "rss_before_loop_mib": clock.rss_before}
 
 
 def _one(args: argparse.Namespace) -> None:
@@ -116,6 +119,8 @@ def _one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     result = (run_ours if args.impl == "ours" else run_trl)(args.pairs, args.batch, args.lr)
     result["pairs_per_s"] = result["pairs"] / result["seconds"]
+    # Pairs per CPU-second (one thread): far less sensitive than wall time to other jobs on a shared machine.
+    result["pairs_per_cpu_s"] = result["pairs"] / result["cpu_seconds"]
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # What training itself adds on top of the process (imports, data, model): comparable across the two.
     result["training_rss_growth_mib"] = result["peak_rss_mib"] - result["rss_before_loop_mib"]
@@ -137,11 +142,13 @@ def _compare(args: argparse.Namespace) -> None:
             print(json.dumps(result), flush=True)
     for impl, runs in results.items():
         speeds = [r["pairs_per_s"] for r in runs]
-        print(f"{runs[0]['impl']}: {statistics.median(speeds):.1f} pairs/s (median of {len(runs)}: "
-              f"{', '.join(f'{s:.1f}' for s in speeds)}), peak RSS {max(r['peak_rss_mib'] for r in runs):.0f} MiB, "
+        cpu = [r["pairs_per_cpu_s"] for r in runs]
+        print(f"{runs[0]['impl']}: {statistics.median(speeds):.1f} pairs/s wall, {statistics.median(cpu):.1f} pairs per CPU-s "
+              f"(medians of {len(runs)}: {', '.join(f'{s:.1f}' for s in speeds)} / {', '.join(f'{s:.1f}' for s in cpu)}), peak RSS {max(r['peak_rss_mib'] for r in runs):.0f} MiB, "
               f"of which the training loop added {max(r['training_rss_growth_mib'] for r in runs):.0f} MiB")
-    ratio = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(results["ours"], results["trl"])]
-    print(f"ratio rlhf_cli / TRL per interleaved round: {', '.join(f'{r:.2f}' for r in ratio)}")
+    for key in ("pairs_per_s", "pairs_per_cpu_s"):
+        ratio = [a[key] / b[key] for a, b in zip(results["ours"], results["trl"])]
+        print(f"ratio rlhf_cli / TRL of {key} per interleaved round: {', '.join(f'{r:.2f}' for r in ratio)}")
 
 
 def main() -> None:

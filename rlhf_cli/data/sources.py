@@ -175,6 +175,21 @@ def _expand_data_files(patterns: list[str], key: str = "dataset.data_files") -> 
     return paths
 
 
+def checked_data_files(patterns: list[str], key: str = "dataset.data_files") -> tuple[list[str], str]:
+    """The absolute paths of ``key`` (the config key naming the files) and the ``datasets`` builder
+    that reads them; a DataError if one is missing, empty, of an unknown format, or the formats are
+    mixed. Reads no data (and imports no ``datasets``), so the command line runs it before anything heavy loads."""
+    paths = _expand_data_files(patterns, key)
+    builders = {path: _builder_for(path, key) for path in paths}
+    if len(set(builders.values())) > 1:
+        listing = "; ".join(f"{path} -> {builder}" for path, builder in builders.items())
+        raise DataError(
+            f"{key} mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
+        )
+    _check_not_empty(paths, key)
+    return paths, next(iter(builders.values()))
+
+
 def _builder_for(path: str, key: str = "dataset.data_files") -> str:
     name = path.lower()
     for suffix in _COMPRESSION_SUFFIXES:
@@ -204,15 +219,7 @@ def read_data_files(patterns: list[str], key: str = "dataset.data_files") -> "da
     the messages name. Missing, empty, mixed-format and malformed files are a DataError."""
     import datasets
 
-    paths = _expand_data_files(patterns, key)
-    builders = {path: _builder_for(path, key) for path in paths}
-    if len(set(builders.values())) > 1:
-        listing = "; ".join(f"{path} -> {builder}" for path, builder in builders.items())
-        raise DataError(
-            f"{key} mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
-        )
-    builder = next(iter(builders.values()))
-    _check_not_empty(paths, key)
+    paths, builder = checked_data_files(patterns, key)
     try:
         with datasets_quiet(errors=True):  # no "Generating train split" bar for a local read
             return datasets.load_dataset(builder, data_files=paths, split="train")

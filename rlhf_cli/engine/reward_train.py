@@ -28,7 +28,7 @@ from rlhf_cli.engine.report import plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.signals import Preempted, StopRequest
 from rlhf_cli.errors import ConfigError, DataError
-from rlhf_cli.logging import Reporter
+from rlhf_cli.reporting import Reporter
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.reward_model.data import build_preference_data
 from rlhf_cli.reward_model.evaluate import PairScore, report_markdown, score_model_on_pairs, score_reward_on_pairs
