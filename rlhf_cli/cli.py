@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from rlhf_cli.cli_train import train_command
+from rlhf_cli.cli_train import reward_command, train_command
 from rlhf_cli.console import PROG, print_error
 
 __all__ = ["COMMANDS", "PROG", "main", "print_error"]
@@ -26,7 +26,7 @@ def recipes_command(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from rlhf_cli.config.paths import recipe_description, recipe_files
+    from rlhf_cli.config.paths import recipe_description, recipe_files, reward_recipe_files
     from rlhf_cli.errors import ConfigError
 
     if argv and argv[0] in ("-h", "--help"):
@@ -40,6 +40,12 @@ def recipes_command(argv: list[str]) -> int:
     for name, path in recipe_files().items():
         table.add_row(name, recipe_description(path))
     Console().print(table)
+    reward_table = Table(title="Recipes: rlhf reward +recipe=NAME [overrides...]", title_justify="left")
+    reward_table.add_column("Recipe", style="bold cyan", no_wrap=True)
+    reward_table.add_column("Description")
+    for name, path in reward_recipe_files().items():
+        reward_table.add_row(name, recipe_description(path))
+    Console().print(reward_table)
     return 0
 
 
@@ -128,16 +134,25 @@ def sample_command(argv: list[str]) -> int:
     return 0
 
 
+def label_command(argv: list[str]) -> int:
+    """``rlhf label SOURCE [PROMPT ...] --out FILE``: record which of two responses a person prefers."""
+    from rlhf_cli.label.command import label_command as run_label
+
+    return run_label(argv, prog=f"{PROG} label")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train_command, "fine-tune a model with PPO (Hydra overrides: key=value, group=option, +recipe=NAME)"),
+    "reward": (reward_command, "train a reward model on preference pairs (Bradley–Terry; same overrides as train)"),
     "recipes": (recipes_command, "list the recipes with a one-line description each"),
     "eval": (eval_command, "before/after table of a finished run on held-out prompts (writes report.md, curves.png)"),
     "export": (export_command, "write a checkpoint as a plain Hugging Face model directory"),
     "sample": (sample_command, "generate from a run's final/ model, a checkpoint or the reference, with rewards"),
+    "label": (label_command, "show two responses side by side and record which you prefer (a preference file)"),
 }
 
 

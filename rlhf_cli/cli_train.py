@@ -129,10 +129,34 @@ class JobStart:
             path = path.parent
 
 
+def _run_train(cfg: DictConfig, on_start: Callable[[Path], None] | None) -> None:
+    """``rlhf train``'s job: offline, every missing Hub download in one message; then the data files
+    and the reward functions: all before torch and the engine load."""
+    from rlhf_cli.engine.preflight import check_without_models
+    from rlhf_cli.hub import check_offline_downloads
+
+    check_offline_downloads(cfg)
+    check_without_models(cfg)
+    from rlhf_cli.engine.train import run_training
+
+    run_training(cfg, on_start=on_start)
+
+
+def _run_reward(cfg: DictConfig, on_start: Callable[[Path], None] | None) -> None:
+    """``rlhf reward``'s job (rlhf_cli.engine.reward_train)."""
+    from rlhf_cli.engine.reward_train import run_reward_training
+
+    run_reward_training(cfg, on_start=on_start)
+
+
+# A Hydra command: its name is also its primary config (configs/<name>.yaml); ``run`` does its job.
+RUNNERS: dict[str, Callable[[DictConfig, Callable[[Path], None] | None], None]] = {"train": _run_train, "reward": _run_reward}
+
+
 def _make_task(
-    failures: list[int], created_roots: dict[Path, Path], rank: int, prevalidated: bool
+    failures: list[int], created_roots: dict[Path, Path], rank: int, prevalidated: bool, command: str = "train"
 ) -> Callable[[DictConfig], None]:
-    """The Hydra task of ``rlhf train``. User errors are printed and recorded in ``failures``, so a
+    """The Hydra task of ``rlhf train`` (``rlhf reward`` with ``command``). User errors are printed and recorded in ``failures``, so a
     sweep goes on with its other jobs and the command still exits non-zero; other exceptions propagate
     to Hydra, which prints their traceback. ``created_roots``: run directory -> the outermost part of
     its path this command creates (see :class:`JobStart`). Only rank 0 writes Hydra's output.
@@ -141,21 +165,13 @@ def _make_task(
     import copy
 
     from rlhf_cli.config.compose import finalize
-    from rlhf_cli.engine.preflight import check_without_models
     from rlhf_cli.errors import RlhfError
-    from rlhf_cli.hub import check_offline_downloads
 
     def train(cfg: DictConfig) -> None:
         job = JobStart(copy.deepcopy(cfg), created_roots)  # the composed config as Hydra saves it (unresolved)
         try:
-            cfg = finalize(cfg, validate=not prevalidated)
-            # Offline, every missing Hub download in one message; then the data files and the reward
-            # functions: all before torch and the engine load.
-            check_offline_downloads(cfg)
-            check_without_models(cfg)
-            from rlhf_cli.engine.train import run_training
-
-            run_training(cfg, on_start=job.started if rank == 0 else None)
+            cfg = finalize(cfg, validate=not prevalidated, config_name=command)
+            RUNNERS[command](cfg, job.started if rank == 0 else None)
         except RlhfError as err:
             failures.append(err.exit_code)
             print_error(_job_label() + str(err), prefix=err.label)
@@ -219,6 +235,16 @@ def _print_job_configs(args: argparse.Namespace, jobs: list[tuple[list[str], Any
 
 def train_command(argv: list[str]) -> int:
     """``rlhf train [overrides] [hydra flags]``; returns the exit code."""
+    return hydra_command(argv, "train")
+
+
+def reward_command(argv: list[str]) -> int:
+    """``rlhf reward [overrides] [hydra flags]``: train a reward model on preference pairs."""
+    return hydra_command(argv, "reward")
+
+
+def hydra_command(argv: list[str], command: str) -> int:
+    """``rlhf COMMAND [overrides] [hydra flags]`` for a command of :data:`RUNNERS`; returns the exit code."""
     import os
     import tempfile
 
@@ -229,7 +255,7 @@ def train_command(argv: list[str]) -> int:
     from rlhf_cli.errors import ConfigError
 
     parser = get_args_parser()
-    parser.prog = f"{PROG} train"
+    parser.prog = f"{PROG} {command}"
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     rank = process_rank()
     primary_dir = os.path.abspath(args.config_path) if args.config_path else str(config_dir())
@@ -237,7 +263,7 @@ def train_command(argv: list[str]) -> int:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"rlhf-rank{rank}-")) if rank else ""
         try:
             overrides = rewrite_output_dir(args.overrides, multirun=args.multirun) + rank_overrides(rank, scratch)
-            prepared = _checked_jobs(args, overrides, rank, primary_dir)
+            prepared = _checked_jobs(args, overrides, rank, primary_dir, command)
         except ConfigError as err:
             if rank == 0:  # every rank finds the same mistake; say it once
                 print_error(err)
@@ -247,11 +273,11 @@ def train_command(argv: list[str]) -> int:
         if prepared is None:  # --cfg: printed, nothing to run
             return 0
         overrides, created_roots = prepared
-        return _run_hydra_app(args, overrides, created_roots, rank, primary_dir)
+        return _run_hydra_app(args, overrides, created_roots, rank, primary_dir, command)
 
 
 def _checked_jobs(
-    args: argparse.Namespace, overrides: list[str], rank: int, primary_dir: str
+    args: argparse.Namespace, overrides: list[str], rank: int, primary_dir: str, command: str = "train"
 ) -> tuple[list[str], dict[Path, Path]] | None:
     """Compose and validate every job (ConfigError on the first mistake). With ``--cfg``, print the
     composed configs and return None; otherwise the overrides Hydra's app gets (the run directory
@@ -263,7 +289,7 @@ def _checked_jobs(
     if _hydra_only(args):
         return overrides, {}
     jobs = compose_jobs(overrides, multirun=args.multirun, require_complete=not (args.cfg or args.help),
-                        config_name=args.config_name, extra_config_dir=args.config_dir, primary_dir=primary_dir)
+                        config_name=args.config_name or command, extra_config_dir=args.config_dir, primary_dir=primary_dir)
     if args.cfg and not args.help:
         _print_job_configs(args, jobs)
         return None
@@ -275,7 +301,8 @@ def _checked_jobs(
 
 
 def _run_hydra_app(
-    args: argparse.Namespace, overrides: list[str], created_roots: dict[Path, Path], rank: int, primary_dir: str
+    args: argparse.Namespace, overrides: list[str], created_roots: dict[Path, Path], rank: int, primary_dir: str,
+    command: str = "train",
 ) -> int:
     """Run the jobs through ``hydra.main`` (every Hydra flag keeps working); the worst exit code."""
     import hydra
@@ -284,10 +311,10 @@ def _run_hydra_app(
 
     register_configs()
     failures: list[int] = []
-    task = _make_task(failures, created_roots, rank, prevalidated=not _hydra_only(args))
-    app = hydra.main(config_path=primary_dir, config_name="train", version_base="1.3")(task)
+    task = _make_task(failures, created_roots, rank, prevalidated=not _hydra_only(args), command=command)
+    app = hydra.main(config_path=primary_dir, config_name=command, version_base="1.3")(task)
     try:
-        with _argv([f"{PROG} train", *_hydra_argv(args, overrides)]):
+        with _argv([f"{PROG} {command}", *_hydra_argv(args, overrides)]):
             app()
     except SystemExit as stop:  # Hydra exits after --help and after reporting an error itself
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)

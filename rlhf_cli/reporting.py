@@ -79,14 +79,26 @@ class MetricsFile:
 class Reporter:
     """Rank-0 console output: a progress bar with live reward/KL, stats lines and sample tables."""
 
-    def __init__(self, *, total_steps: int, enabled: bool, progress: bool, console: Optional[Console] = None) -> None:
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        enabled: bool,
+        progress: bool,
+        console: Optional[Console] = None,
+        label: str = "PPO",
+        headline: Sequence[tuple[str, str, str]] = HEADLINE,
+    ) -> None:
+        """``label`` names the bar; ``headline`` (key, label, format) lists the numbers of each stats
+        line, and its first two are the bar's live numbers (rlhf reward passes its own)."""
         self.enabled = enabled
+        self.headline = tuple(headline)
         self.console = console or Console(stderr=False, highlight=False)
         self._progress: Optional[Progress] = None
         self._task = None
         if enabled and progress:
             self._progress = Progress(
-                TextColumn("[bold]PPO[/]"),
+                TextColumn(f"[bold]{label}[/]"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[live]}"),
@@ -115,11 +127,11 @@ class Reporter:
         """Move the bar to ``step`` (1-based count of finished steps) and refresh the live numbers."""
         if self._progress is None:
             return
-        live = f"reward {_fmt(stats.get('env/reward_mean', float('nan')))}  kl {_fmt(stats.get('objective/kl', float('nan')))}"
+        live = "  ".join(f"{label} {_fmt(stats.get(key, float('nan')))}" for key, label, _ in self.headline[:2])
         self._progress.update(self._task, completed=step, live=live)
 
     def stats_line(self, step: int, stats: dict[str, Any]) -> None:
-        parts = [f"{label} {fmt.format(float(stats[key]))}" for key, label, fmt in HEADLINE if _shown(key, stats)]
+        parts = [f"{label} {fmt.format(float(stats[key]))}" for key, label, fmt in self.headline if _shown(key, stats)]
         if "time/step" in stats:
             parts.append(f"{float(stats['time/step']):.2f} s")
         self.print(f"[dim]step {step:>4}[/]  " + "  ".join(parts))

@@ -67,7 +67,7 @@ MODEL_KINDS = ("causal", "seq2seq")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 PADDING_SIDES = ("left", "right")
 # The reward sources rlhf_cli.rewards.factory builds (it imports these names).
-REWARD_SOURCE_TYPES = ("vader", "classifier", "callable")
+REWARD_SOURCE_TYPES = ("vader", "classifier", "callable", "learned")
 REWARD_TYPES = REWARD_SOURCE_TYPES + ("weighted_sum",)
 REWARD_TEXTS = ("response", "full")
 REWARD_OUTPUTS = ("logit", "probability")
@@ -142,6 +142,8 @@ class RewardConfig(RewardSourceConfig):
     # Redeclared (same position in the field order) to allow weighted_sum at the top level only.
     type: str = _field("vader", choices=REWARD_TYPES)
     components: List[RewardComponentConfig] = _field(factory=list)
+    # Sources logged (env/monitor/<name>_mean) and reported before/after, never optimised.
+    monitor: List[RewardSourceConfig] = _field(factory=list)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from rlhf_cli.ppo.rules import out_of_range
 _ROOT_EXTRAS = ("hydra",)
 
 
-def validate(cfg: DictConfig, *, require_complete: bool = True) -> None:
+def validate(cfg: DictConfig, *, require_complete: bool = True, schema: type = TrainConfig) -> None:
     """Raise ConfigError for the first invalid value of a composed training config.
 
     ``require_complete``: also demand the values the chosen options need (``???`` placeholders filled,
@@ -32,7 +32,7 @@ def validate(cfg: DictConfig, *, require_complete: bool = True) -> None:
     skips this so an incomplete config can still be inspected.
     """
     missing: list[str] = []
-    _check_node(cfg, TrainConfig, [], missing)
+    _check_node(cfg, schema, [], missing)
     if require_complete and missing:
         raise ConfigError(
             "Missing required config value" + ("s " if len(missing) > 1 else " ")
@@ -46,9 +46,12 @@ def validate(cfg: DictConfig, *, require_complete: bool = True) -> None:
         )
     _check_consistency(cfg)
     if require_complete:
-        _check_required_by_choice(cfg)
-        # Every rule of the ppo settings (sizes, groups, precision, ...), for this launch's processes.
-        check_engine_settings(cfg, launch_processes())
+        if schema is TrainConfig:
+            _check_required_by_choice(cfg)
+            # Every rule of the ppo settings (sizes, groups, precision, ...), for this launch's processes.
+            check_engine_settings(cfg, launch_processes())
+        else:  # another command's config (rlhf reward): the sections it shares with train
+            _check_model_required(cfg)
 
 
 def _check_node(node: DictConfig, dc_type: type, path: list[str], missing: list[str]) -> None:
@@ -142,15 +145,21 @@ def _check_consistency(cfg: DictConfig) -> None:
             )
 
 
-def _check_required_by_choice(cfg: DictConfig) -> None:
-    """Values that become mandatory once an option is chosen (only checked before a real run)."""
+def _check_model_required(cfg: DictConfig) -> None:
     if cfg.model.source == "pretrained" and not cfg.model.name_or_path and not cfg.model.gguf_file:
         raise ConfigError(
             "model.source is 'pretrained' but 'model.name_or_path' is empty: give the policy model with "
             "model.name_or_path=<Hub id or local directory> (or model.gguf_file=<path to a .gguf file>), "
             "or use model=tiny_gpt2 for the offline tiny model."
         )
+
+
+def _check_required_by_choice(cfg: DictConfig) -> None:
+    """Values that become mandatory once an option is chosen (only checked before a real run)."""
+    _check_model_required(cfg)
     _check_reward_source(cfg.reward, "reward")
+    for index, monitor in enumerate(cfg.reward.monitor):
+        _check_reward_source(monitor, f"reward.monitor[{index}]")
     if cfg.reward.type == "weighted_sum":
         if len(cfg.reward.components) == 0:
             raise ConfigError(
@@ -177,6 +186,11 @@ def _check_reward_source(source: DictConfig, key: str) -> None:
         raise ConfigError(
             f"{key}.type is 'classifier' but '{key}.model' is empty: give a text-classification model with "
             f"{key}.model=<Hub id or local directory>."
+        )
+    if source.type == "learned" and not source.model:
+        raise ConfigError(
+            f"{key}.type is 'learned' but '{key}.model' is empty: give the reward model with {key}.model=<the "
+            f"output_dir of a `rlhf reward` run, or its final/ directory>."
         )
     if source.type == "callable" and not source.function:
         raise ConfigError(

@@ -203,8 +203,11 @@ class ConfigChanges:
     other: list[str]
 
 
-def compare_configs(saved: DictConfig, current: DictConfig) -> ConfigChanges:
-    """Keys whose values differ between the checkpoint's config and this run's, by consequence."""
+def compare_configs(
+    saved: DictConfig, current: DictConfig, *, breaking: tuple[str, ...] = _BREAKING, harmless: tuple[str, ...] = _HARMLESS
+) -> ConfigChanges:
+    """Keys whose values differ between the checkpoint's config and this run's, by consequence
+    (``breaking``/``harmless``: key patterns, a trailing dot for a whole section; rlhf reward passes its own)."""
     old = _flatten(OmegaConf.to_container(saved, resolve=True))
     new = _flatten(OmegaConf.to_container(current, resolve=True))
     changes = ConfigChanges([], [], [])
@@ -214,9 +217,9 @@ def compare_configs(saved: DictConfig, current: DictConfig) -> ConfigChanges:
         line = f"{key}: {old.get(key)!r} → {new.get(key)!r}"
         if key not in old:  # a key this version added: the checkpoint predates it, nothing to compare
             changes.other.append(f"{key}: (not in the checkpoint's config) → {new.get(key)!r}")
-        elif _matches(key, _HARMLESS):
+        elif _matches(key, harmless):
             changes.harmless.append(line)
-        elif _matches(key, _BREAKING):
+        elif _matches(key, breaking):
             changes.breaking.append(line)
         else:
             changes.other.append(line)

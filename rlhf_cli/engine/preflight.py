@@ -21,6 +21,7 @@ def check_without_models(cfg: DictConfig) -> None:
     sources = [(cfg.reward, "reward")]
     if cfg.reward.type == "weighted_sum":
         sources = [(component, f"reward.components[{i}]") for i, component in enumerate(cfg.reward.components)]
+    sources += [(monitor, f"reward.monitor[{i}]") for i, monitor in enumerate(cfg.reward.monitor)]
     for source, prefix in sources:
         if source.type == "callable" and source.function:
             CallableReward(str(source.function), _plain(source.kwargs), config_prefix=prefix)

@@ -190,12 +190,13 @@ def smoothing_window(steps: int) -> int:
     return max(1, (steps // 10) | 1)
 
 
-def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    """The figure of :func:`curves_figure` for the rows of ``metrics_path`` (metrics.jsonl), saved as a PNG."""
+def plot_curves(metrics_path: Path, out_path: Path, panels: list[tuple[str, str]] | None = None) -> None:
+    """The figure of :func:`curves_figure` for the rows of ``metrics_path`` (metrics.jsonl), saved as a PNG.
+    ``panels``: (metric, title) of each panel; None: PPO's (reward, KL, KL coefficient or KL loss)."""
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    figure = curves_figure(rows)
+    figure = curves_figure(rows, panels)
     figure.savefig(out_path, dpi=100)
     plt.close(figure)
 
@@ -213,10 +214,12 @@ def _curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
         panels.append(("objective/kl_coef", "KL coefficient β"))
     if kl_loss:
         panels.append(("ppo/loss/kl", "KL loss term (mean per token)"))
-    return panels
+    from rlhf_cli.engine.monitor import monitor_panels  # reward.monitor=[...]: one panel per monitor
+
+    return panels + monitor_panels(rows)
 
 
-def curves_figure(rows: list[dict]):
+def curves_figure(rows: list[dict], panels: list[tuple[str, str]] | None = None):
     """Reward (with its per-step spread), KL and KL coefficient (or KL loss term) against step, one panel each.
 
     Each panel shows the raw per-step values as points and a centred moving average as a line; the
@@ -229,7 +232,7 @@ def curves_figure(rows: list[dict]):
 
     steps = [row["step"] for row in rows]
     window = smoothing_window(len(rows))
-    panels = _curve_panels(rows)
+    panels = panels or _curve_panels(rows)
     figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), constrained_layout=True)
     for axis, (key, title) in zip(axes, panels):
         values = [float(row.get(key, math.nan)) for row in rows]

@@ -27,7 +27,7 @@ from rlhf_cli.reporting import MetricsFile
 # A directory holding any of these holds a run: a new run there must be asked for (overwrite=true).
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 # Everything a run writes at the top of its directory: what overwrite=true deletes (nothing else is touched).
-RUN_ENTRIES = (*RUN_MARKERS, "final", "trackers", "report.md", "curves.png", ".hydra", "train.log")
+RUN_ENTRIES = (*RUN_MARKERS, "final", "trackers", "report.md", "curves.png", ".hydra", "train.log", "reward.log")
 
 
 class RunDirectoryError(RlhfError):

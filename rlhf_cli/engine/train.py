@@ -26,6 +26,7 @@ from rlhf_cli.engine.batches import PromptStream, StreamPosition
 from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
 from rlhf_cli.engine.export import save_final
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
+from rlhf_cli.engine.monitor import build_monitors, heldout_monitor_lines, monitor_stats
 from rlhf_cli.engine.report import Comparison, comparison_table, plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.signals import Preempted, StopRequest
@@ -118,6 +119,7 @@ class TrainingRun:
         policy, self.tokenizer = load_policy_and_tokenizer(cfg.model, disable_dropout=bool(cfg.ppo.disable_dropout))
         self.data = build_prompt_data(cfg.dataset, self.tokenizer, seed=int(cfg.seed))
         self.reward_fn = build_reward(cfg.reward)
+        self.monitors = build_monitors(cfg.reward.monitor)  # logged only: never handed to the trainer
         settings, launch = settings_and_launch(cfg, num_processes=self.state.num_processes, tracker_dir=str(self.run_dir.trackers_dir))
         self.trainer = PPOEngine(settings, policy, tokenizer=self.tokenizer, launch=launch)
         self.stream = PromptStream(
@@ -285,6 +287,7 @@ class TrainingRun:
         all_scores = self.trainer.gathered_scores
         stats.update(reward_stats(all_scores))
         stats.update(self._throughput(rollout, timer.seconds["ppo_step"], all_scores.numel()))
+        stats.update(monitor_stats(self.monitors, rollout.batch.queries, rollout.texts, self.trainer.accelerator))
         self._log(step, stats, rollout.batch.queries, rollout.texts, all_scores)
         self.loop.step = step
         self.loop.epoch, self.loop.batch_in_epoch = self.stream.position.epoch, self.stream.position.batch_in_epoch
@@ -332,9 +335,12 @@ class TrainingRun:
         if self.state.is_main_process:
             save_final(policy, self.tokenizer, self.run_dir.final_dir)
             comparison = self._compare(policy)
+            monitor_lines = heldout_monitor_lines(self.monitors, comparison) if comparison is not None else []
             if comparison is not None:
-                write_report(self.run_dir.root, comparison, self.loop.reward_means)
+                write_report(self.run_dir.root, comparison, self.loop.reward_means, monitor_lines)
             plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path)
+            for line in monitor_lines:
+                self.reporter.print(line)
             self._print_summary(self.loop.reward_means, comparison)
         accelerator.wait_for_everyone()
         if self.trainer.launch.log_with:

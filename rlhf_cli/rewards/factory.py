@@ -23,6 +23,12 @@ def build_reward(cfg: Any) -> RewardFunction:
     return _source(cfg, "reward", REWARD_TYPES)
 
 
+def build_reward_source(cfg: Any, prefix: str) -> RewardFunction:
+    """One non-composite source (vader, classifier, callable, learned) from the node at config path ``prefix``
+    (e.g. a ``reward.monitor`` entry)."""
+    return _source(cfg, prefix, SOURCE_TYPES)
+
+
 def _source(cfg: Any, prefix: str, valid_types: tuple[str, ...]) -> RewardFunction:
     """One non-composite source from a RewardSourceConfig at config path ``prefix``."""
     if cfg.type == "vader":
@@ -56,6 +62,15 @@ def _source(cfg: Any, prefix: str, valid_types: tuple[str, ...]) -> RewardFuncti
                 f"'path/to/file.py:function' (e.g. rlhf_cli.rewards.examples:length_penalty)."
             )
         return CallableReward(cfg.function, _plain_dict(cfg.kwargs), config_prefix=prefix)
+    if cfg.type == "learned":
+        from rlhf_cli.rewards.learned import LearnedReward
+
+        if not cfg.model:
+            raise RewardError(
+                f"{prefix}.type=learned needs {prefix}.model=<the output_dir of a `rlhf reward` run, or its final/ "
+                f"directory> (e.g. `rlhf reward output_dir=runs/rm`, then {prefix}.model=runs/rm)."
+            )
+        return LearnedReward(cfg.model, batch_size=cfg.batch_size, device=cfg.device, config_prefix=prefix)
     raise RewardError(f"Unknown {prefix}.type '{cfg.type}'; valid types are {', '.join(valid_types)}.")
 
 

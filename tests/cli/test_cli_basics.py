@@ -190,7 +190,7 @@ def test_train_help_lists_groups_and_recipes(tmp_path: Path) -> None:
     done = rlhf("train", "--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "model: gpt2, gpt2_imdb, local, review_gpt2, smollm2, t5_small, tiny_gpt2" in done.stdout
-    assert "recipe: imdb_grpo, imdb_rloo, imdb_sentiment, smoke, smollm2_imdb" in done.stdout
+    assert "recipe: imdb_grpo, imdb_rlhf, imdb_rloo, imdb_sentiment, smoke, smollm2_imdb" in done.stdout
     # configs/accelerate/ holds `accelerate launch --config_file` files, not a config group.
     assert "accelerate:" not in done.stdout and "cpu_ddp" not in done.stdout
 

@@ -25,7 +25,10 @@ REQUIRED_VALUES = {
     "reward/classifier": ("reward.model", "reward.model=/tmp/some-classifier"),
     "reward/callable": ("reward.function", "reward.function=my_rewards:score"),
     "dataset/files": ("dataset.data_files", "dataset.data_files=[/tmp/prompts.jsonl]"),
+    "reward/learned": ("reward.model", "reward.model=/tmp/some-reward-run"),
 }
+# Recipes that need a value only the user can give.
+RECIPE_VALUES = {"imdb_rlhf": ["reward.model=/tmp/some-reward-run"]}
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +79,7 @@ def test_options_needing_a_value_fail_without_it(option: str) -> None:
 
 @pytest.mark.parametrize("recipe", sorted(paths.recipe_files()))
 def test_every_recipe_composes_and_has_a_description(recipe: str) -> None:
-    cfg = compose_train_config([f"+recipe={recipe}"])
+    cfg = compose_train_config([f"+recipe={recipe}", *RECIPE_VALUES.get(recipe, [])])
     assert isinstance(cfg.steps, int)
     text = paths.recipe_files()[recipe].read_text(encoding="utf-8").splitlines()
     assert text[0].startswith("# ") and len(text[0]) > 20, "first line: the one-line description"
@@ -300,7 +303,7 @@ def test_wrong_type_names_expected_type() -> None:
 def test_unknown_option_and_recipe_list_the_available_ones() -> None:
     with pytest.raises(ConfigError, match=r"Unknown model option 'gpt3'.*gpt2, gpt2_imdb, local, review_gpt2, smollm2, t5_small, tiny_gpt2.*'gpt2'"):
         compose_train_config(["model=gpt3"])
-    with pytest.raises(ConfigError, match=r"Unknown recipe 'smok'.*imdb_sentiment, smoke, smollm2_imdb.*Did you mean 'smoke'"):
+    with pytest.raises(ConfigError, match=r"Unknown recipe 'smok'.*imdb_sentiment, rm_smoke, smoke, smollm2_imdb.*Did you mean 'smoke'"):
         compose_train_config(["+recipe=smok"])
 
 
@@ -365,7 +368,7 @@ def uncommented_keys(path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "path",
-    sorted(p for p in [*CONFIGS.rglob("*.yaml"), *paths.recipes_dir().glob("*.yaml")] if "accelerate" not in p.parts),
+    sorted(p for p in [*CONFIGS.rglob("*.yaml"), *paths.recipes_dir().rglob("*.yaml")] if "accelerate" not in p.parts),
     ids=lambda p: str(p.relative_to(p.parent.parent)),
 )
 def test_every_yaml_field_has_a_comment_above_it(path: Path) -> None:
