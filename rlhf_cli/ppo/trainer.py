@@ -146,9 +146,12 @@ class PPOTrainer(TRLCompatMixin):
                 stacklevel=3,
             )
         # Accelerate wraps the scheduler (trainer.lr_scheduler.scheduler is the user's); see make_accelerator.
-        extras = [x for x in (self.dataloader, lr_scheduler) if x is not None]
+        # An empty dataloader (a dataset smaller than one batch) stays as it is: there is nothing to
+        # shard, and Accelerate 1.1-1.3 (1.1 is TRL 0.11's) raise UnboundLocalError iterating a prepared one.
+        prepare_dataloader = self.dataloader is not None and len(self.dataloader) > 0
+        extras = [x for x in (self.dataloader if prepare_dataloader else None, lr_scheduler) if x is not None]
         self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *extras)
-        self.dataloader = prepared.pop(0) if self.dataloader is not None else None
+        self.dataloader = prepared.pop(0) if prepare_dataloader else self.dataloader
         self.lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
 
