@@ -27,6 +27,16 @@ from transformers.utils import cached_file
 
 from rlhf_cli.errors import ModelLoadError
 from rlhf_cli.hub import check_loadable, hub_failure_message
+from rlhf_cli.models.logit_positions import keep_positions, logits_at
+from rlhf_cli.models.reward_adapter import load_reward_adapter, reward_scores
+from rlhf_cli.models.trl_loading import (
+    TRLLoadingOptions,
+    adapter_config_of,
+    load_trained_adapter,
+    translate_legacy_kwargs,
+    warn_ignored_loading_kwargs,
+    with_new_adapter,
+)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_WEIGHT = "v_head.summary.weight"
@@ -54,10 +64,13 @@ def hidden_size_of(config: PretrainedConfig) -> int:
     """
     text_config = config.get_text_config(decoder=True)
     # Configs share no common field for this width; most map ``hidden_size`` onto their own name.
-    for name in ("hidden_size", "n_embd", "d_model"):
-        size = getattr(text_config, name, None)
-        if isinstance(size, int):
-            return size
+    # The top-level config is the fallback: under transformers 4.46, FSMT's decoder config holds
+    # only the vocabulary size.
+    for source in (text_config, config):
+        for name in ("hidden_size", "n_embd", "d_model"):
+            size = getattr(source, name, None)
+            if isinstance(size, int):
+                return size
     raise ValueError(
         f"Cannot tell the hidden size of a {type(config).__name__}: it has none of the fields "
         f"hidden_size, n_embd, d_model, so the value head cannot be sized."
@@ -76,23 +89,6 @@ def _peft_model_class() -> type | None:
 def _is_peft_model(model: object) -> bool:
     peft_class = _peft_model_class()
     return peft_class is not None and isinstance(model, peft_class)
-
-
-def keep_positions(tensor: Tensor, logits_to_keep: int | Tensor) -> Tensor:
-    """The positions of ``tensor`` [B, L, ...] that ``logits_to_keep`` selects, as transformers reads it.
-
-    An int k keeps the last k positions (0 keeps all); a 1-D tensor holds positions shared by the batch;
-    a 2-D integer tensor [B, K] holds positions per row; a 2-D bool mask [B, L] keeps its True
-    positions, flattened to [N, ...].
-    """
-    if isinstance(logits_to_keep, int):
-        return tensor[:, -logits_to_keep:] if logits_to_keep else tensor
-    if logits_to_keep.ndim == 1:
-        return tensor[:, logits_to_keep]
-    if logits_to_keep.dtype == torch.bool:
-        return tensor[logits_to_keep]
-    index = logits_to_keep.reshape(*logits_to_keep.shape, *([1] * (tensor.ndim - 2)))
-    return torch.take_along_dim(tensor, index, dim=1)
 
 
 def check_model_source(name: str, *, what: str, config_key: str, subfolder: str = "") -> None:
@@ -181,6 +177,9 @@ class PreTrainedModelWrapper(nn.Module):
         self.pretrained_model = pretrained_model
         self.config = pretrained_model.config
         self.is_peft_model = _is_peft_model(pretrained_model)
+        # TRL's reward-adapter attributes; from_pretrained(..., reward_adapter=...) sets them and ``score``.
+        self.supports_rm_adapter = False
+        self.rm_adapter_name: str | None = None
         if summary_dropout_prob is None:
             summary_dropout_prob = getattr(self.config, "summary_dropout_prob", None)
         self.v_head = ValueHead(self.config, 0.1 if summary_dropout_prob is None else summary_dropout_prob)
@@ -242,38 +241,63 @@ class PreTrainedModelWrapper(nn.Module):
         """Load (or wrap) a language model and attach its saved value head, or a fresh one.
 
         ``pretrained_model_name_or_path`` is a Hub id or local directory (str or Path), or an already
-        built ``PreTrainedModel`` / peft ``PeftModel``. ``summary_dropout_prob``, ``v_head_init_strategy``
-        and ``v_head_initializer_range`` configure the head; every other argument goes to the
-        transformers auto class's ``from_pretrained`` (``dtype``, ``trust_remote_code``, ``revision``...).
+        built ``PreTrainedModel`` / peft ``PeftModel`` (loading arguments are then ignored, as in TRL).
+        ``summary_dropout_prob``, ``v_head_init_strategy`` and ``v_head_initializer_range`` configure
+        the head; TRL's ``peft_config``, ``is_trainable``, ``reward_adapter`` and ``reward_adapter_name``
+        are read by :mod:`rlhf_cli.models.trl_loading`; every other argument goes to the transformers
+        auto class's ``from_pretrained`` (``torch_dtype``, ``trust_remote_code``, ``revision``...).
         """
         head_kwargs = {key: kwargs.pop(key) for key in _HEAD_KWARGS if key in kwargs}
+        options = TRLLoadingOptions.pop_from(kwargs)
         source = pretrained_model_name_or_path
+        head_state = None
         if isinstance(source, (str, os.PathLike)):
             name = os.fspath(source)
-            model = cls(cls._load_language_model(name, model_args, kwargs), **head_kwargs)
+            translate_legacy_kwargs(kwargs)
+            language_model = cls._load_language_model(name, model_args, kwargs, options)
             head_state = read_value_head(name, **{key: kwargs[key] for key in _HUB_KWARGS if key in kwargs})
-            if head_state is not None:
-                model.v_head.load_state_dict(head_state)
-            return model
-        if isinstance(source, PreTrainedModel) or _is_peft_model(source):
-            if model_args or kwargs:
-                raise TypeError(
-                    f"from_pretrained got loading arguments {sorted(kwargs) or list(model_args)} with an already "
-                    f"built model; they only apply when loading from a name or path."
-                )
-            return cls(source, **head_kwargs)
-        raise TypeError(
-            f"pretrained_model_name_or_path must be a Hub id, a local path or a transformers PreTrainedModel, "
-            f"got {type(source).__name__}."
-        )
+        elif isinstance(source, PreTrainedModel) or _is_peft_model(source):
+            warn_ignored_loading_kwargs(source, model_args, kwargs)
+            language_model = source
+        else:
+            raise TypeError(
+                f"pretrained_model_name_or_path must be a Hub id, a local path or a transformers PreTrainedModel, "
+                f"got {type(source).__name__}."
+            )
+        language_model = with_new_adapter(language_model, options)
+        score = None
+        if options.reward_adapter is not None:
+            score = load_reward_adapter(language_model, options.reward_adapter, options.reward_adapter_name, kwargs.get("token"))
+        model = cls(language_model, **head_kwargs)
+        if head_state is not None:
+            model.v_head.load_state_dict(head_state)
+        if score is not None:
+            model.score, model.supports_rm_adapter, model.rm_adapter_name = score, True, options.reward_adapter_name
+        return model
 
     @classmethod
-    def _load_language_model(cls, name: str, model_args: tuple, kwargs: dict[str, Any]) -> PreTrainedModel:
-        check_model_source(name, what="policy model", config_key="model.name_or_path", subfolder=kwargs.get("subfolder", ""))
+    def _load_language_model(cls, name: str, model_args: tuple, kwargs: dict[str, Any], options: TRLLoadingOptions) -> nn.Module:
+        """The language model ``name`` holds, or, when it holds a trained PEFT adapter, its base model
+        with that adapter (trainable if ``options.is_trainable``)."""
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        adapter_config = adapter_config_of(name, hub_kwargs)
+        base_name = adapter_config.get("base_model_name_or_path") if adapter_config is not None else name
+        if not base_name:
+            raise ModelLoadError(f"The PEFT adapter in '{name}' does not say which base model it adapts (base_model_name_or_path).")
+        base_kwargs = kwargs if adapter_config is None else {k: v for k, v in kwargs.items() if k not in ("subfolder", "revision")}
+        check_model_source(base_name, what="policy model", config_key="model.name_or_path", subfolder=base_kwargs.get("subfolder", ""))
         try:
-            return cls.transformers_parent_class.from_pretrained(name, *model_args, **kwargs)
+            model = cls.transformers_parent_class.from_pretrained(base_name, *model_args, **base_kwargs)
         except OSError as err:  # missing files, unknown repo, no network
-            raise ModelLoadError(hub_failure_message(name, what="policy model", config_key="model.name_or_path", error=err)) from err
+            raise ModelLoadError(hub_failure_message(base_name, what="policy model", config_key="model.name_or_path", error=err)) from err
+        if adapter_config is None:
+            return model
+        return load_trained_adapter(name, model, is_trainable=options.is_trainable, token=kwargs.get("token"))
+
+    def compute_reward_score(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Scores [B, L, num_labels] of the reward adapter loaded with ``reward_adapter=`` (TRL's method;
+        see :func:`rlhf_cli.models.reward_adapter.reward_scores`)."""
+        return reward_scores(self, input_ids, attention_mask, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write the language model in plain Hugging Face format and the head as ``value_head.safetensors``.
@@ -295,6 +319,10 @@ class PreTrainedModelWrapper(nn.Module):
             }
         self.pretrained_model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):
+            if self.is_peft_model:  # peft writes only the adapter: add the base model's config.json, so
+                # the directory reads as a model (AutoConfig, our source checks); loading still follows
+                # adapter_config.json to the base weights.
+                self.pretrained_model.get_base_model().config.save_pretrained(save_directory)
             tensors = {key: value.detach().to("cpu").contiguous() for key, value in head_state.items()}
             save_file(tensors, str(Path(save_directory) / VALUE_HEAD_FILE), metadata={"format": "pt"})
 
@@ -325,12 +353,16 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         """Returns (lm_logits [B, L, V], loss or None, values [B, L] float32).
 
         The logits keep the model's dtype: upcasting a [B, L, V] tensor costs memory the caller may
-        not need. ``logits_to_keep=k`` is passed to the model (its LM head then skips the other
-        positions) and the values cover the same last k positions. ``with_values=False`` (ours: a
+        not need. ``logits_to_keep`` (an int k: the last k positions; or transformers' tensor forms)
+        selects positions: the LM head skips the others where the model allows it (see
+        :mod:`rlhf_cli.models.logit_positions`), and the values cover the same positions. ``with_values=False`` (ours: a
         critic-free estimator, or the reference) skips the value head and the hidden states it reads:
         values are None.
         """
-        outputs = self.pretrained_model(
+        logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        outputs = logits_at(  # feature-detects what the model's forward takes
+            self.pretrained_model,
+            logits_to_keep,
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
@@ -339,9 +371,7 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         )
         if not with_values:
             return outputs.logits, outputs.loss, None
-        hidden = outputs.hidden_states[-1]
-        if "logits_to_keep" in kwargs:
-            hidden = keep_positions(hidden, kwargs["logits_to_keep"])
+        hidden = keep_positions(outputs.hidden_states[-1], logits_to_keep)
         return outputs.logits, outputs.loss, self.v_head(hidden)
 
 
