@@ -11,22 +11,19 @@ model's own weight files.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
-from transformers.utils import cached_file
 
 from rlhf_cli.errors import ModelLoadError
-from rlhf_cli.hub import check_loadable, hub_failure_message
+from rlhf_cli.hub import hub_failure_message
 from rlhf_cli.models.logit_positions import keep_positions, logits_at
 from rlhf_cli.models.reward_adapter import load_reward_adapter, reward_scores
 from rlhf_cli.models.trl_loading import (
@@ -37,19 +34,12 @@ from rlhf_cli.models.trl_loading import (
     warn_ignored_loading_kwargs,
     with_new_adapter,
 )
+from rlhf_cli.models.value_head_files import VALUE_HEAD_FILE, check_model_source, read_value_head
 
-VALUE_HEAD_FILE = "value_head.safetensors"
-VALUE_HEAD_WEIGHT = "v_head.summary.weight"
-VALUE_HEAD_BIAS = "v_head.summary.bias"
-_VALUE_HEAD_KEYS = (VALUE_HEAD_WEIGHT, VALUE_HEAD_BIAS)
 # Keyword arguments of from_pretrained that configure the value head, not the language model.
 _HEAD_KWARGS = ("summary_dropout_prob", "v_head_init_strategy", "v_head_initializer_range")
 # Keyword arguments of from_pretrained that also say where to find the value head file.
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-# TRL-format checkpoints keep the value head inside the model's weight files; searched in this order
-# (transformers prefers safetensors, so that is the file whose tensors were loaded).
-_WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def is_seq2seq_config(config: PretrainedConfig) -> bool:
@@ -89,21 +79,6 @@ def _peft_model_class() -> type | None:
 def _is_peft_model(model: object) -> bool:
     peft_class = _peft_model_class()
     return peft_class is not None and isinstance(model, peft_class)
-
-
-def check_model_source(name: str, *, what: str, config_key: str, subfolder: str = "") -> None:
-    """Fail with one paragraph if ``name`` is neither a loadable Hub id nor a directory holding a model.
-
-    Adds to ``rlhf_cli.hub.check_loadable`` the case of an existing directory without ``config.json``,
-    which transformers reports as an unrecognised model type.
-    """
-    check_loadable(name, what=what, config_key=config_key)
-    directory = Path(name).expanduser() / subfolder
-    if directory.is_dir() and not (directory / "config.json").is_file():
-        raise ModelLoadError(
-            f"The {what} directory '{directory}' holds no config.json, so it is not a model saved with "
-            f"save_pretrained. Point {config_key}=... at the directory that contains config.json and the weights."
-        )
 
 
 class ValueHead(nn.Module):
@@ -417,72 +392,3 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         if logits_to_keep is not None:
             hidden = keep_positions(hidden, logits_to_keep)
         return logits, outputs.loss, self.v_head(hidden)
-
-
-def read_value_head(name: str, **hub_kwargs: Any) -> dict[str, Tensor] | None:
-    """The value head saved with model ``name`` as a ``ValueHead`` state dict, or None if it has none.
-
-    Looks for ``value_head.safetensors`` first, then for ``v_head.summary.*`` tensors inside the model's
-    weight files (TRL's layout; sharded or not, safetensors or ``.bin``). ``hub_kwargs`` (revision,
-    cache_dir, token, ...) locate files of a Hub id.
-    """
-
-    def locate(filename: str) -> str | None:
-        # Offline, a file missing from the cache counts as absent: the model itself did load from it.
-        return cached_file(
-            name,
-            filename,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **hub_kwargs,
-        )
-
-    head_file = locate(VALUE_HEAD_FILE)
-    if head_file is not None:
-        found = _read_tensors(head_file, _VALUE_HEAD_KEYS)
-        return _as_head_state(found, head_file, required=True)
-    # TRL's layouts: the head inside the (sharded) model weights, or, for a PEFT adapter saved by TRL,
-    # alone in a pytorch_model.bin beside the adapter. The first file that holds it wins.
-    for index_name in _WEIGHT_INDEX_FILES:
-        index_file = locate(index_name)
-        if index_file is None:
-            continue
-        weight_map = json.loads(Path(index_file).read_text())["weight_map"]
-        found = {}
-        for shard in sorted({weight_map[key] for key in _VALUE_HEAD_KEYS if key in weight_map}):
-            shard_file = locate(shard)
-            if shard_file is None:
-                raise ModelLoadError(f"The weight index {index_file} names the shard '{shard}', which is missing.")
-            found.update(_read_tensors(shard_file, _VALUE_HEAD_KEYS))
-        head_state = _as_head_state(found, index_file, required=False)
-        if head_state is not None:
-            return head_state
-    for weights_name in _WEIGHT_FILES:
-        weights_file = locate(weights_name)
-        if weights_file is not None:
-            head_state = _as_head_state(_read_tensors(weights_file, _VALUE_HEAD_KEYS), weights_file, required=False)
-            if head_state is not None:
-                return head_state
-    return None
-
-
-def _read_tensors(path: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
-    """Those of ``keys`` present in a safetensors or torch weight file (``.bin`` via weights_only loading)."""
-    if path.endswith(".safetensors"):
-        # Reads only the header and the requested tensors, not the whole model.
-        with safe_open(path, framework="pt") as weights:
-            return {key: weights.get_tensor(key) for key in keys if key in weights.keys()}
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {key: state[key] for key in keys if key in state}
-
-
-def _as_head_state(found: dict[str, Tensor], source: str, *, required: bool) -> dict[str, Tensor] | None:
-    if not found and not required:
-        return None
-    missing = [key for key in _VALUE_HEAD_KEYS if key not in found]
-    if missing:
-        raise ModelLoadError(
-            f"The value head in {source} is incomplete: {', '.join(missing)} is missing. Re-save the model "
-            f"with save_pretrained, or delete the value head tensors to start from a fresh head."
-        )
-    return {"summary.weight": found[VALUE_HEAD_WEIGHT], "summary.bias": found[VALUE_HEAD_BIAS]}
