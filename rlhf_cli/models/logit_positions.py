@@ -20,26 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rlhf_cli.models.model_facts import keep_positions
+
 # The helper transformers' modeling modules call to slice by logits_to_keep in all its forms; a module
 # that imports it reads 2-D positions and boolean masks too.
 _SLICING_HELPER = "slice_logits_to_keep"
-
-
-def keep_positions(tensor: Tensor, logits_to_keep: int | Tensor) -> Tensor:
-    """The positions of ``tensor`` [B, L, ...] that ``logits_to_keep`` selects, as transformers reads it.
-
-    An int k keeps the last k positions (0 keeps all); a 1-D tensor holds positions shared by the batch;
-    a 2-D integer tensor [B, K] holds positions per row; a 2-D bool mask [B, L] keeps its True
-    positions, flattened to [N, ...].
-    """
-    if isinstance(logits_to_keep, int):
-        return tensor[:, -logits_to_keep:] if logits_to_keep else tensor
-    if logits_to_keep.ndim == 1:
-        return tensor[:, logits_to_keep]
-    if logits_to_keep.dtype == torch.bool:
-        return tensor[logits_to_keep]
-    index = logits_to_keep.reshape(*logits_to_keep.shape, *([1] * (tensor.ndim - 2)))
-    return torch.take_along_dim(tensor, index, dim=1)
 
 
 def _innermost_model(model: nn.Module) -> nn.Module:

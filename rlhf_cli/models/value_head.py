@@ -10,7 +10,6 @@ model's own weight files.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -24,7 +23,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from rlhf_cli.errors import ModelLoadError
 from rlhf_cli.hub import hub_failure_message
-from rlhf_cli.models.logit_positions import keep_positions, logits_at
+from rlhf_cli.models.logit_positions import logits_at
+from rlhf_cli.models.model_facts import (  # noqa: F401 (check_model_source, is_seq2seq_config: also imported from here)
+    _is_peft_model,
+    check_model_source,
+    hidden_size_of,
+    is_seq2seq_config,
+    keep_positions,
+)
 from rlhf_cli.models.reward_adapter import load_reward_adapter, reward_scores
 from rlhf_cli.models.trl_loading import (
     TRLLoadingOptions,
@@ -34,51 +40,12 @@ from rlhf_cli.models.trl_loading import (
     warn_ignored_loading_kwargs,
     with_new_adapter,
 )
-from rlhf_cli.models.value_head_files import VALUE_HEAD_FILE, check_model_source, read_value_head
+from rlhf_cli.models.value_head_files import VALUE_HEAD_FILE, read_value_head
 
 # Keyword arguments of from_pretrained that configure the value head, not the language model.
 _HEAD_KWARGS = ("summary_dropout_prob", "v_head_init_strategy", "v_head_initializer_range")
 # Keyword arguments of from_pretrained that also say where to find the value head file.
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-
-
-def is_seq2seq_config(config: PretrainedConfig) -> bool:
-    """Whether ``config`` describes an encoder-decoder model (T5, BART) rather than a decoder-only one."""
-    return bool(config.is_encoder_decoder)
-
-
-def hidden_size_of(config: PretrainedConfig) -> int:
-    """Width of the decoder's last hidden state: ``hidden_size``, GPT-2's ``n_embd`` or T5's ``d_model``.
-
-    Composite (multimodal) configs are read through their text config.
-    """
-    text_config = config.get_text_config(decoder=True)
-    # Configs share no common field for this width; most map ``hidden_size`` onto their own name.
-    # The top-level config is the fallback: under transformers 4.46, FSMT's decoder config holds
-    # only the vocabulary size.
-    for source in (text_config, config):
-        for name in ("hidden_size", "n_embd", "d_model"):
-            size = getattr(source, name, None)
-            if isinstance(size, int):
-                return size
-    raise ValueError(
-        f"Cannot tell the hidden size of a {type(config).__name__}: it has none of the fields "
-        f"hidden_size, n_embd, d_model, so the value head cannot be sized."
-    )
-
-
-def _peft_model_class() -> type | None:
-    """peft's ``PeftModel`` if peft is installed (it is an optional dependency), else None."""
-    if importlib.util.find_spec("peft") is None:
-        return None
-    from peft import PeftModel
-
-    return PeftModel
-
-
-def _is_peft_model(model: object) -> bool:
-    peft_class = _peft_model_class()
-    return peft_class is not None and isinstance(model, peft_class)
 
 
 class ValueHead(nn.Module):

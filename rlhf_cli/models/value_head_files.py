@@ -1,6 +1,5 @@
-"""What a saved model directory holds: a check that it holds a model at all, and the value head —
-``value_head.safetensors`` beside a model rlhf_cli saved, or TRL's layout, the ``v_head.summary.*``
-tensors inside the model's own weight files."""
+"""Where a saved value head lives, and reading it: ``value_head.safetensors`` beside a model rlhf_cli
+saved, or TRL's layout, the ``v_head.summary.*`` tensors inside the model's own weight files."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from torch import Tensor
 from transformers.utils import cached_file
 
 from rlhf_cli.errors import ModelLoadError
-from rlhf_cli.hub import check_loadable
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_WEIGHT = "v_head.summary.weight"
@@ -24,21 +22,6 @@ _VALUE_HEAD_KEYS = (VALUE_HEAD_WEIGHT, VALUE_HEAD_BIAS)
 # (transformers prefers safetensors, so that is the file whose tensors were loaded).
 _WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def check_model_source(name: str, *, what: str, config_key: str, subfolder: str = "") -> None:
-    """Fail with one paragraph if ``name`` is neither a loadable Hub id nor a directory holding a model.
-
-    Adds to ``rlhf_cli.hub.check_loadable`` the case of an existing directory without ``config.json``,
-    which transformers reports as an unrecognised model type.
-    """
-    check_loadable(name, what=what, config_key=config_key)
-    directory = Path(name).expanduser() / subfolder
-    if directory.is_dir() and not (directory / "config.json").is_file():
-        raise ModelLoadError(
-            f"The {what} directory '{directory}' holds no config.json, so it is not a model saved with "
-            f"save_pretrained. Point {config_key}=... at the directory that contains config.json and the weights."
-        )
 
 
 def read_value_head(name: str, **hub_kwargs: Any) -> dict[str, Tensor] | None:
