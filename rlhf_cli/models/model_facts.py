@@ -27,10 +27,13 @@ def hidden_size_of(config: PretrainedConfig) -> int:
     """
     text_config = config.get_text_config(decoder=True)
     # Configs share no common field for this width; most map ``hidden_size`` onto their own name.
-    for name in ("hidden_size", "n_embd", "d_model"):
-        size = getattr(text_config, name, None)
-        if isinstance(size, int):
-            return size
+    # The top-level config is the fallback: under transformers 4.46, FSMT's decoder config holds
+    # only the vocabulary size.
+    for source in (text_config, config):
+        for name in ("hidden_size", "n_embd", "d_model"):
+            size = getattr(source, name, None)
+            if isinstance(size, int):
+                return size
     raise ValueError(
         f"Cannot tell the hidden size of a {type(config).__name__}: it has none of the fields "
         f"hidden_size, n_embd, d_model, so the value head cannot be sized."

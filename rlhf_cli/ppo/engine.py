@@ -38,7 +38,7 @@ from rlhf_cli.ppo.state import engine_state, restore_engine_state
 from rlhf_cli.ppo.setup import (check_model_arguments, check_sharding, default_optimizer, freeze_value_head,
                                  make_accelerator, reference_model, shared_layers)
 from rlhf_cli.ppo.stats import (SHARE_FIELDS, MiniBatchStats, StepStats, WholeMiniBatch, assemble_step_stats,
-                                minibatch_stats, rollout_stats)
+                                minibatch_stats, record_final_timings, rollout_stats)
 from rlhf_cli.ppo.timing import PhaseTimer
 from rlhf_cli.rollout.packing import PackedBatch, pack_batch
 from rlhf_cli.seeding import set_seed
@@ -108,9 +108,11 @@ class PPOEngine:
                  ref_model: Optional[PreTrainedModelWrapper], dataloader: Any, lr_scheduler: Any) -> None:
         """Model, optimiser, dataloader and scheduler through ``accelerator.prepare``; the reference to the device."""
         # Accelerate wraps the scheduler (trainer.lr_scheduler.scheduler is the user's); see make_accelerator.
-        extras = [x for x in (dataloader, lr_scheduler) if x is not None]
+        # An empty dataloader stays unprepared: Accelerate 1.1-1.3 (TRL 0.11's) fail iterating a prepared one.
+        prepare_dataloader = dataloader is not None and len(dataloader) > 0
+        extras = [x for x in (dataloader if prepare_dataloader else None, lr_scheduler) if x is not None]
         self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *extras)
-        self.dataloader = prepared.pop(0) if dataloader is not None else None
+        self.dataloader = prepared.pop(0) if prepare_dataloader else dataloader
         self.lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
 
@@ -206,7 +208,8 @@ class PPOEngine:
             minibatches = self._optimise(batch, rollout, advantages)
         # (f) Stats over the global batch, then the KL controller and scheduler.
         with timer("calc_stats"):
-            result = self._step_stats(batch, rollout, kl, non_score, scores, minibatches, kl_coef, timer)
+            result = self._step_stats(batch, rollout, kl, non_score, scores, minibatches, kl_coef, timer, advantages)
+        record_final_timings(result.flat, timer)
         self._finish_step(result, batch.batch_size)
         return result.flat
 
@@ -364,7 +367,7 @@ class PPOEngine:
 
     # (f) Stats, the KL controller and the scheduler ------------------------------------------------
     def _step_stats(self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor,
-                    minibatches: list[MiniBatchStats], kl_coef: float, timer: PhaseTimer) -> StepStats:
+                    minibatches: list[MiniBatchStats], kl_coef: float, timer: PhaseTimer, advantages: Advantages) -> StepStats:
         """The step's typed stats over the global batch (timings up to now included)."""
         rollout_record = rollout_stats(kl=kl, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs, non_score=non_score,
                                        mask=batch.response_mask, scores=scores, query_lengths=batch.query_lengths,
@@ -372,7 +375,8 @@ class PPOEngine:
         timer.seconds["total"] = timer.elapsed()
         return assemble_step_stats(rollout_record, minibatches, kl_coef=kl_coef,
                                    learning_rate=self.optimizer.param_groups[0]["lr"], timings=timer.seconds,
-                                   critic=self.estimator.needs_critic, kl_loss_coef=self.settings.kl_loss_coef)
+                                   critic=self.estimator.needs_critic, kl_loss_coef=self.settings.kl_loss_coef,
+                                   advantages=advantages.advantages[batch.response_mask.bool()])
 
     def _finish_step(self, result: StepStats, batch_size: int) -> None:
         """Warn about skipped mini-batches, update the KL controller and scheduler, count the step:

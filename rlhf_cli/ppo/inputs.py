@@ -35,8 +35,11 @@ def _check_token_list(name: str, items: Any, expected: int) -> list[Tensor]:
 
 def _score_value(i: int, score: Any) -> float:
     if isinstance(score, Tensor):
-        if score.numel() != 1:
-            raise ValueError(f"scores[{i}] must be a scalar (one number per sample), got a tensor of shape {tuple(score.shape)}.")
+        # A one-element 1-D tensor is a score too (TRL squeezes it); 2-D is refused, as TRL refuses it.
+        if score.numel() != 1 or score.dim() > 1:
+            raise ValueError(
+                f"scores[{i}] must be a scalar (one number per sample: a 0-d or one-element 1-d tensor), got a tensor of shape {tuple(score.shape)}."
+            )
         value = float(score.detach().float().cpu().reshape(()))
     elif isinstance(score, Real) and not isinstance(score, bool):
         value = float(score)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rlhf_cli.algo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
+from rlhf_cli.ppo.timing import PhaseTimer
 
 
 class MiniBatchStats(NamedTuple):
@@ -196,17 +197,22 @@ def assemble_step_stats(
     timings: dict[str, float],
     critic: bool = True,
     kl_loss_coef: float = 0.0,
+    advantages: Tensor | None = None,
 ) -> StepStats:
     """Legacy TRL's stats dict (objective/*, ppo/*, tokens/*, time/ppo/*) and the typed values of a step.
 
     Without a ``critic`` the value head's stats (ppo/loss/value, ppo/returns/*, ppo/val/*) are left
     out; with a KL loss term (``kl_loss_coef`` > 0) ``ppo/loss/kl`` and ``objective/kl_loss_coef``
-    are added. ``kl_coef`` is the β of the reward-side penalty (0 when the KL is not in the reward)."""
+    are added. ``kl_coef`` is the β of the reward-side penalty (0 when the KL is not in the reward).
+    ``advantages``, the batch's advantages at its response tokens (flat), become the
+    ``ppo/policy/advantages`` histogram array."""
     # One host transfer for all mini-batch scalars: [num_minibatches, num_fields].
     table = torch.stack([torch.stack([t.float() for t in mb]) for mb in minibatches]).cpu()
     means = table.mean(dim=0)
     fields = MiniBatchStats._fields
     stats = _rollout_entries(rollout, kl_coef)
+    if advantages is not None:
+        stats["ppo/policy/advantages"] = advantages.detach().float().cpu().numpy()
     if kl_loss_coef > 0:
         stats["objective/kl_loss_coef"] = float(kl_loss_coef)
     for index, field in enumerate(fields):
@@ -247,7 +253,16 @@ def _rollout_entries(rollout: RolloutStats, kl_coef: float) -> dict[str, float |
         "tokens/queries_len_std": _std(qlen),
         "tokens/responses_len_mean": float(rlen.mean()),
         "tokens/responses_len_std": _std(rlen),
+        "tokens/queries_dist": qlen.numpy(),
+        "tokens/responses_dist": rlen.numpy(),
     }
+
+
+def record_final_timings(flat: dict[str, float | np.ndarray], timer: PhaseTimer) -> None:
+    """Add to a step's stats what is known only once they are built, as TRL reports it: the time
+    they took (``time/ppo/calc_stats``) and a ``time/ppo/total`` that includes it."""
+    flat["time/ppo/calc_stats"] = timer.seconds["calc_stats"]
+    flat["time/ppo/total"] = timer.elapsed()
 
 
 def _reported(field: str, critic: bool, kl_loss_coef: float) -> bool:

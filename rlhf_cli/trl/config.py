@@ -70,7 +70,8 @@ class PPOConfig:
     tracker_kwargs: dict[str, Any] = field(default_factory=dict)
     accelerator_kwargs: dict[str, Any] = field(default_factory=dict)
     project_kwargs: dict[str, Any] = field(default_factory=dict)
-    tracker_project_name: str = "rlhf_cli"
+    # TRL's default: trackers (and their directories) keep the project name a TRL script logged under.
+    tracker_project_name: str = "trl"
     push_to_hub_if_best_kwargs: dict[str, Any] = field(default_factory=dict)
     steps: int = 20000
 

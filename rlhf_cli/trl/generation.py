@@ -48,10 +48,9 @@ class TRLGenerationMixin:
         queries = [query_tensor] if single else list(query_tensor)
         if single and query_tensor.dim() != 1:
             raise ValueError(f"query_tensor must be 1-D token ids (or a list of them), got shape {tuple(query_tensor.shape)}.")
-        generation_kwargs = {**synced_generation_kwargs(self.accelerator), **generation_kwargs}
+        generation_kwargs, pad_token_id, generate_eos = self._generation_options(generation_kwargs)
         default_budget = generation_kwargs.pop("max_new_tokens", None) or 20
         budgets = [length_sampler() for _ in queries] if length_sampler is not None else default_budget
-        pad_token_id = generation_kwargs.pop("pad_token_id", self.pad_token_id)
 
         def sample(model: nn.Module) -> Tensor | list[Tensor]:
             responses = generate_responses(
@@ -64,6 +63,7 @@ class TRLGenerationMixin:
                 batch_size=1 if single else batch_size,
                 device=self.accelerator.device,
                 stop_at_eos=remove_padding,
+                generate_eos_token_id=generate_eos,
                 **generation_kwargs,
             )
             if return_prompt and not self.is_encoder_decoder:
@@ -76,6 +76,14 @@ class TRLGenerationMixin:
             return responses
         with self._generation_reference() as reference:
             return responses, sample(reference)
+
+    def _generation_options(self, generation_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int, Any]:
+        """(keyword arguments for generation, the pad id, the eos id ``model.generate`` stops at). As
+        in TRL, a caller's ``eos_token_id`` goes to ``model.generate`` (scripts pass -1 never to stop
+        early) and responses are still cut at the tokenizer's EOS."""
+        kwargs = {**synced_generation_kwargs(self.accelerator), **generation_kwargs}
+        pad_token_id = kwargs.pop("pad_token_id", self.pad_token_id)
+        return kwargs, pad_token_id, kwargs.pop("eos_token_id", None)
 
     @contextlib.contextmanager
     def _generation_reference(self) -> Iterator[nn.Module]:
@@ -103,8 +111,7 @@ class TRLGenerationMixin:
         ``max_new_tokens`` per batch, each output 1-D without padding — the prompt followed by the
         response (``return_prompt``), cut after the first EOS when ``remove_padding``."""
         budget = generation_kwargs.pop("max_new_tokens", None) or 20
-        generation_kwargs = {**synced_generation_kwargs(self.accelerator), **generation_kwargs}
-        pad_token_id = generation_kwargs.pop("pad_token_id", self.pad_token_id)
+        generation_kwargs, pad_token_id, generate_eos = self._generation_options(generation_kwargs)
         outputs: list[Tensor] = []
         batch_size = min(len(query_tensors), batch_size)
         for start in range(0, len(query_tensors), batch_size):
@@ -123,6 +130,7 @@ class TRLGenerationMixin:
                     device=self.accelerator.device,
                     stop_at_eos=remove_padding,
                     pad_to_multiple_of=pad_to_multiple_of,
+                    generate_eos_token_id=generate_eos,
                     **generation_kwargs,
                 )
             if return_prompt and not self.is_encoder_decoder:

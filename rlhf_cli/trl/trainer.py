@@ -234,7 +234,7 @@ class PPOTrainer(TRLGenerationMixin, PPOEngine):
         with torch.no_grad():
             fields = dict(
                 policy_loss=pg_loss.detach(), value_loss=vf_loss.detach(), total_loss=total.detach(),
-                entropy=masked_mean(entropy_from_logits(logits.detach()), mask), approxkl=pl.approxkl,
+                entropy=masked_mean(_broadcast_to_mask(entropy_from_logits(logits.detach()), mask), mask), approxkl=pl.approxkl,
                 policykl=pl.policykl, clipfrac=pl.clipfrac, advantages_mean=masked_mean(advantages.detach(), mask),
                 ratio=pl.ratio_mean, returns_mean=masked_mean(returns, mask), returns_var=masked_var(returns, mask),
                 vpred=vl.vpred_mean, val_error=vl.error, val_clipfrac=vl.clipfrac, val_mean=masked_mean(values, mask),
@@ -268,8 +268,6 @@ class PPOTrainer(TRLGenerationMixin, PPOEngine):
         for key in ("ppo/skipped_minibatches", "ppo/minibatches", "ppo/learning_rate"):
             stats.pop(key)
         stats.update(train)
-        stats["tokens/queries_dist"] = rollout.query_lengths.cpu().numpy()
-        stats["tokens/responses_dist"] = rollout.response_lengths.cpu().numpy()
         return stats
 
     # Logging ------------------------------------------------------------------------------------
@@ -315,3 +313,10 @@ def _to_trl_layout(aligned: Tensor, columns: list[int], lengths: list[int], out_
     rows, tokens, cols = rows.to(aligned.device), tokens.to(aligned.device), cols.to(aligned.device)
     out = aligned.new_zeros(aligned.shape[0], out_width, *aligned.shape[2:])
     return out.index_put((rows, cols), aligned[rows, tokens])
+
+
+def _broadcast_to_mask(entropy: Tensor, mask: Tensor) -> Tensor:
+    """Per-token entropy shaped like ``mask``. Logits [B, T, V] give it as is; TRL's own test passes
+    [B, T] probabilities as ``logits``, whose entropy [B] TRL's masked mean broadcasts against the
+    mask, and so does this."""
+    return entropy if entropy.shape == mask.shape else torch.broadcast_to(entropy, mask.shape)
