@@ -320,6 +320,7 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         past_key_values: Any = None,
         *,
         with_values: bool = True,
+        lm_head: bool = True,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Returns (lm_logits [B, L, V], loss or None, values [B, L] float32).
@@ -328,21 +329,30 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         not need. ``logits_to_keep=k`` is passed to the model (its LM head then skips the other
         positions) and the values cover the same last k positions. ``with_values=False`` (ours: a
         critic-free estimator, or the reference) skips the value head and the hidden states it reads:
-        values are None.
+        values are None. ``lm_head=False`` (ours: the chunked log-probabilities apply the head
+        themselves) skips the LM head and returns, in place of the logits, the last hidden state
+        at the kept positions: the head's input, [B, k, H] or [N, H] for a boolean mask.
         """
+        keep = kwargs.get("logits_to_keep")
+        if not lm_head:  # the head over no position at all: an empty index
+            kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=_device_of(input_ids, kwargs))
         outputs = self.pretrained_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
-            output_hidden_states=with_values,
+            output_hidden_states=with_values or not lm_head,
             **kwargs,
         )
-        if not with_values:
-            return outputs.logits, outputs.loss, None
-        hidden = outputs.hidden_states[-1]
-        if "logits_to_keep" in kwargs:
-            hidden = keep_positions(hidden, kwargs["logits_to_keep"])
-        return outputs.logits, outputs.loss, self.v_head(hidden)
+        if with_values or not lm_head:
+            hidden = outputs.hidden_states[-1]
+            hidden = hidden if keep is None else keep_positions(hidden, keep)
+        first = outputs.logits if lm_head else hidden
+        return first, outputs.loss, self.v_head(hidden) if with_values else None
+
+
+def _device_of(input_ids: Tensor | None, kwargs: dict[str, Any]) -> torch.device:
+    embeds = kwargs.get("inputs_embeds")
+    return (input_ids if input_ids is not None else embeds).device
 
 
 class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):

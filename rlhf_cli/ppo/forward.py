@@ -13,23 +13,30 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_cli.ppo.functional import full_kl, logprobs_from_logits
+from rlhf_cli.ppo.head_logprobs import chunkable_lm_head, chunked_response_outputs
 from rlhf_cli.rollout.packing import PackedBatch
 
 
 class ResponseOutputs(NamedTuple):
     """Model outputs at the positions that predict each response token.
 
-    logits [B, T, V] (None once reduced), logprobs [B, T] of the response tokens, values [B, T]
-    (None when the value head was not run).
+    logits [B, T, V] (None when not kept: ``response_outputs(logits=False)``), logprobs [B, T] of the
+    response tokens, values [B, T] (None when the value head was not run), entropy [B, T] of the
+    policy at each position (only from the chunked head; else None: compute it from the logits).
     """
 
-    logits: Tensor
+    logits: Tensor | None
     logprobs: Tensor
     values: Tensor | None
+    entropy: Tensor | None = None
 
 
-def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = True) -> ResponseOutputs:
+def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = True, logits: bool = True) -> ResponseOutputs:
     """One forward pass of ``model`` over ``batch``, sliced to the response positions.
+
+    ``logits=False``: the caller needs no logits; where the model allows it (:func:`chunkable_lm_head`)
+    the LM head and log-softmax then run in chunks of tokens and no [B, T, V] tensor is made
+    (``ResponseOutputs.logits`` None, ``entropy`` set); elsewhere the logits are computed as usual.
 
     ``values=False`` skips the value head (a critic-free estimator; the reference, whose values
     nobody reads): ``ResponseOutputs.values`` is then None.
@@ -40,6 +47,10 @@ def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = Tru
     some are shorter (EOS, sampled lengths), only at their real tokens, see
     :func:`_packed_response_outputs`. Padding positions then hold zero logits and values.
     """
+    head = None if logits or batch.is_encoder_decoder else chunkable_lm_head(model)
+    if head is not None:
+        chunked = chunked_response_outputs(model, head, batch, values=values)
+        return ResponseOutputs(logits=None, logprobs=chunked.logprobs, values=chunked.values, entropy=chunked.entropy)
     width_t = batch.response_width
     with_values = {"with_values": False} if not values else {}  # the wrappers' default: values on
     if batch.is_encoder_decoder:
@@ -132,13 +143,16 @@ def score_rollout(
     ``need_values`` (a critic-free estimator has none to read). The full-vocabulary KL (``kl_penalty="full"``) needs both
     models' logits at once; computing it per chunk keeps only [chunk, T, V] alive at a time.
     """
+    # Both models the same way (chunked head or logits), so that their log-probabilities differ by
+    # the models alone: a reference equal to the policy must give a KL of exactly 0.
+    logits = need_full_kl or chunkable_lm_head(policy) is None
     parts: list[RolloutScores] = []
     for start in range(0, batch.batch_size, chunk_size):
         rows = list(range(start, min(start + chunk_size, batch.batch_size)))
         chunk = batch if len(rows) == batch.batch_size else batch.select(rows)
-        pol = response_outputs(policy, chunk, values=need_values)
+        pol = response_outputs(policy, chunk, values=need_values, logits=logits)
         with _as_context(reference) as ref_model:
-            ref = response_outputs(ref_model, chunk, values=False)
+            ref = response_outputs(ref_model, chunk, values=False, logits=logits)
         kl = full_kl(pol.logits, ref.logits) if need_full_kl else None
         parts.append(RolloutScores(pol.logprobs, pol.values, ref.logprobs, kl))
     width = batch.response_width

@@ -34,7 +34,8 @@ from rlhf_cli.ppo.distributed import (
     sum_shares,
 )
 from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
-from rlhf_cli.ppo.functional import Advantages, kl_loss, per_token_rewards, policy_loss, process_scores, ratio_guard, value_loss
+from rlhf_cli.ppo.functional import (Advantages, entropy_from_logits, kl_loss, per_token_rewards, policy_loss,
+                                    process_scores, ratio_guard, value_loss)
 from rlhf_cli.ppo.inputs import check_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.kl_control import make_kl_controller
 from rlhf_cli.ppo.precision import apply_precision
@@ -363,7 +364,7 @@ class PPOTrainer(TRLCompatMixin):
         mask = mb.response_mask
         critic = self.estimator.needs_critic
         with self.accelerator.accumulate(self.model):
-            out = response_outputs(self.model, mb, values=critic)
+            out = response_outputs(self.model, mb, values=critic, logits=False)
             pl = policy_loss(out.logprobs, take(rollout.logprobs), take(advantages.advantages), mask, cfg.cliprange, token_count=token_count)
             loss = pl.loss
             vl = kl_term = None
@@ -379,7 +380,8 @@ class PPOTrainer(TRLCompatMixin):
         whole_rollout = WholeMiniBatch(
             take_whole(advantages.advantages), take_whole(advantages.returns), take_whole(rollout.values), whole.response_mask
         )
-        return minibatch_stats(pl, vl, kl_term, loss, out.logits, mask, token_count, ratio_mean, cfg.ratio_threshold, whole_rollout)
+        entropy = out.entropy if out.entropy is not None else entropy_from_logits(out.logits.detach())
+        return minibatch_stats(pl, vl, kl_term, loss, entropy, mask, token_count, ratio_mean, cfg.ratio_threshold, whole_rollout)
 
     def _backward_and_step(self, loss: Tensor, processes: int) -> None:
         """Backward pass, gradient clipping and the optimiser step (inside ``accelerator.accumulate``)."""
