@@ -1,4 +1,4 @@
-"""Response log-probabilities through the chunked LM head (:mod:`rlhf_cli.ppo.chunked_logprobs`).
+"""Response log-probabilities through the chunked LM head (:mod:`rlhf_cli.algo.chunked_logprobs`).
 
 The model runs without its LM head (``lm_head=False`` of the causal value-head wrapper) and returns
 the last hidden state at the positions that predict response tokens, flattened to [N, H]; the head,
@@ -13,8 +13,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.ppo.chunked_logprobs import chunked_head_logprobs
-from rlhf_cli.rollout.packing import PackedBatch
+from rlhf_cli.algo.chunked_logprobs import chunked_head_logprobs
+from rlhf_cli.rollout.packing import PackedBatch, real_token_index
 
 # Architectures whose logits are exactly ``lm_head(last hidden state)`` (no soft-capping, logit
 # scale or other transform after the head): others keep the straightforward path.
@@ -54,10 +54,8 @@ def _real_tokens(batch: PackedBatch) -> tuple[Tensor, Tensor, Tensor]:
     """
     width_t, device = batch.response_width, batch.input_ids.device
     width_q = batch.input_ids.shape[1] - width_t
-    lengths = torch.tensor(batch.response_lengths, dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
-    cols = (torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)).to(device)
-    if int(lengths.sum()) == batch.batch_size * width_t:
+    rows, cols = real_token_index(batch.response_lengths, device)
+    if sum(batch.response_lengths) == batch.batch_size * width_t:
         return torch.arange(width_q - 1, width_q - 1 + width_t, device=device), rows, cols
     keep = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=device)
     keep[rows, cols + (width_q - 1)] = True  # input position Lq - 1 + t predicts response token t

@@ -13,7 +13,8 @@ import torch
 
 from rlhf_cli import AutoModelForCausalLMWithValueHead
 from rlhf_cli.models import disable_dropout
-from rlhf_cli.ppo.forward import _real_token_index, response_outputs
+from rlhf_cli.ppo.forward import response_outputs
+from rlhf_cli.rollout.packing import real_token_index
 from rlhf_cli.rollout.packing import pack_batch
 from tests.tiny import make_tiny_gpt2
 
@@ -43,7 +44,7 @@ def _straightforward(policy, batch):
 
 
 def test_real_token_index_lists_rows_and_columns_row_major():
-    rows, cols = _real_token_index([2, 3, 1], torch.device("cpu"))
+    rows, cols = real_token_index([2, 3, 1], torch.device("cpu"))
     assert rows.tolist() == [0, 0, 1, 1, 1, 2]
     assert cols.tolist() == [0, 1, 0, 1, 2, 0]
 
@@ -119,7 +120,7 @@ def test_lm_head_input_is_contiguous(word_tokenizer, arch, response_lengths, fro
 def test_chunked_head_equals_the_logits_path(word_tokenizer, arch, response_lengths):
     """``logits=False`` (the chunked LM head) gives the log-probabilities, values, entropies and
     gradients of the logits path: same hidden states, same head, no [B, T, V] tensor."""
-    from rlhf_cli.ppo.functional import entropy_from_logits
+    from rlhf_cli.algo.functional import entropy_from_logits
     from rlhf_cli.ppo.head_logprobs import chunkable_lm_head
 
     policy = _tiny_llama(len(word_tokenizer)) if arch == "llama" else _policy(word_tokenizer)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_cli.ppo.chunked_logprobs import chunked_head_logprobs, tokens_per_chunk
-from rlhf_cli.ppo.functional import entropy_from_logits, logprobs_from_logits
+from rlhf_cli.algo.chunked_logprobs import chunked_head_logprobs, tokens_per_chunk
+from rlhf_cli.algo.functional import entropy_from_logits, logprobs_from_logits
 
 
 def _inputs(dtype: torch.dtype, bias: bool, seed: int = 0, n: int = 37, h: int = 24, v: int = 301):
