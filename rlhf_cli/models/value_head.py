@@ -290,6 +290,7 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         past_key_values: Any = None,
         *,
         with_values: bool = True,
+        lm_head: bool = True,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Returns (lm_logits [B, L, V], loss or None, values [B, L] float32).
@@ -299,22 +300,28 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         selects positions: the LM head skips the others where the model allows it (see
         :mod:`rlhf_cli.models.logit_positions`), and the values cover the same positions. ``with_values=False`` (ours: a
         critic-free estimator, or the reference) skips the value head and the hidden states it reads:
-        values are None.
+        values are None. ``lm_head=False`` (ours: the chunked log-probabilities apply the head
+        themselves; needs a tensor ``logits_to_keep``) skips the LM head and returns, in place of the
+        logits, the last hidden state at the kept positions: the head's input ([B, k, H] or [N, H]).
         """
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        needs_hidden = with_values or not lm_head
+        # Without the LM head: the head over no position at all (an empty index on the inputs' device).
+        head_keep = logits_to_keep if lm_head else torch.zeros(0, dtype=torch.long, device=logits_to_keep.device)
         outputs = logits_at(  # feature-detects what the model's forward takes
             self.pretrained_model,
-            logits_to_keep,
+            head_keep,
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
-            output_hidden_states=with_values,
+            output_hidden_states=needs_hidden,
             **kwargs,
         )
-        if not with_values:
+        if not needs_hidden:
             return outputs.logits, outputs.loss, None
         hidden = keep_positions(outputs.hidden_states[-1], logits_to_keep)
-        return outputs.logits, outputs.loss, self.v_head(hidden)
+        first = outputs.logits if lm_head else hidden
+        return first, outputs.loss, self.v_head(hidden) if with_values else None
 
 
 class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):

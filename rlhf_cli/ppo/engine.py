@@ -28,7 +28,7 @@ from rlhf_cli.algo.names import estimator_named
 from rlhf_cli.algo.running_moments import RunningMoments
 from rlhf_cli.models import PreTrainedModelWrapper
 from rlhf_cli.ppo.distributed import gather_rows, gather_samples, own_share, sum_across_processes, sum_shares
-from rlhf_cli.ppo.forward import RolloutScores, response_outputs, score_rollout
+from rlhf_cli.ppo.forward import RolloutScores, response_entropy, response_outputs, score_rollout
 from rlhf_cli.ppo.inputs import as_score_tensor, check_prompt_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.minibatch import Rows, minibatch_losses, ratio_threshold_warning
 from rlhf_cli.ppo.precision import apply_precision
@@ -328,7 +328,7 @@ class PPOEngine:
         token_count = whole.response_mask.sum()
         critic = self.estimator.needs_critic
         with self.accelerator.accumulate(self.model):
-            out = response_outputs(self.model, mb, values=critic)
+            out = response_outputs(self.model, mb, values=critic, logits=False)
             losses = minibatch_losses(out, Rows(own_rows, mb.response_width), rollout, advantages, mb.response_mask,
                                       self.settings, critic=critic, token_count=token_count)
             ratio_mean = self._sum_across_processes(losses.policy.ratio_mean.detach())
@@ -338,7 +338,7 @@ class PPOEngine:
         whole_rollout = WholeMiniBatch(
             take_whole(advantages.advantages), take_whole(advantages.returns), take_whole(rollout.values), whole.response_mask
         )
-        return minibatch_stats(losses.policy, losses.value, losses.kl, loss, out.logits, mb.response_mask, token_count,
+        return minibatch_stats(losses.policy, losses.value, losses.kl, loss, response_entropy(out), mb.response_mask, token_count,
                                ratio_mean, self.settings.ratio_threshold, whole_rollout)
 
     def _backward_and_step(self, loss: Tensor, processes: int) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlhf_cli.algo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
+from rlhf_cli.algo.functional import PolicyLoss, ValueLoss, masked_mean, masked_var
 from rlhf_cli.ppo.timing import PhaseTimer
 
 
@@ -90,7 +90,7 @@ def minibatch_stats(
     vl: ValueLoss | None,
     kl_term: Tensor | None,
     loss: Tensor,
-    logits: Tensor,
+    entropy: Tensor,
     mask: Tensor,
     token_count: Tensor,
     ratio_mean: Tensor,
@@ -98,7 +98,7 @@ def minibatch_stats(
     whole: WholeMiniBatch,
 ) -> MiniBatchStats:
     """The stats of one optimisation mini-batch (pure: no gradient, no collective). ``pl``, ``vl``,
-    ``kl_term``, ``loss``, ``logits`` and ``mask`` are this process's share; ``whole`` is the global
+    ``kl_term``, ``loss``, ``entropy`` (per token, [B, T]) and ``mask`` are this process's share; ``whole`` is the global
     mini-batch. Without a critic (``vl`` None) the value fields are NaN, without a KL loss term
     ``kl_loss`` is; :func:`assemble_step_stats` leaves them out."""
     skipped = (ratio_mean > ratio_threshold).float()
@@ -108,7 +108,7 @@ def minibatch_stats(
         return MiniBatchStats(
             policy_loss=pl.loss.detach() * keep,
             total_loss=loss.detach(),
-            entropy=masked_mean(entropy_from_logits(logits.detach()), mask, count=token_count),
+            entropy=masked_mean(entropy.detach(), mask, count=token_count),
             approxkl=pl.approxkl,
             policykl=pl.policykl,
             clipfrac=pl.clipfrac,
