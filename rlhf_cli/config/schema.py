@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 
 from rlhf_cli.ppo import config as ppo_config
 from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS
-from rlhf_cli.ppo.config import KL_LOSS_ESTIMATORS, KL_PENALTY_MODES, PRECISIONS
+from rlhf_cli.ppo.config import KL_LOSS_ESTIMATORS, KL_PENALTY_MODES, PRECISIONS, SHARDINGS
 
 
 def _field(
@@ -166,6 +166,7 @@ _PPO_LIMITS: Dict[str, Dict[str, Any]] = {
     "cliprange_value": dict(gt=0), "vf_coef": dict(ge=0), "max_grad_norm": dict(gt=0),
     "target_kl": dict(gt=0), "ratio_threshold": dict(gt=0), "score_clip": dict(gt=0),
     "weight_decay": dict(ge=0), "adam_eps": dict(gt=0), "precision": dict(choices=PRECISIONS),
+    "sharding": dict(choices=SHARDINGS),
     "advantage_estimator": dict(choices=ADVANTAGE_ESTIMATORS), "kl_loss_coef": dict(ge=0),
     "kl_loss_estimator": dict(choices=KL_LOSS_ESTIMATORS),
 }

@@ -269,7 +269,7 @@ class TrainingRun:
                     max_new_tokens=budgets,
                     device=accelerator.device,
                     **self.rollout_generation,
-                    **synced_generation_kwargs(accelerator),
+                    **synced_generation_kwargs(accelerator, self.trainer.model),
                 )
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         # 3. Reward: one float per (prompt, response).

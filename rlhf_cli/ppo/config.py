@@ -18,6 +18,8 @@ from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS, estimator_named, estim
 KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
 # The weights the policy computes with (the one declaration; see rlhf_cli.ppo.precision).
 PRECISIONS = ("fp32", "bf16")
+# How the policy is spread over processes (the one declaration; see rlhf_cli.ppo.sharding).
+SHARDINGS = ("none", "fsdp2")
 # Estimators of KL(π‖π_ref) from sampled tokens for the KL *loss* term (Schulman, "Approximating KL
 # Divergence", 2020; see rlhf_cli.ppo.functional.kl_loss_terms). k3 is GRPO's.
 KL_LOSS_ESTIMATORS = ("k1", "k2", "k3")
@@ -160,6 +162,9 @@ class PPOConfig:
     # Ours: "bf16" computes with bfloat16 weights and keeps float32 master weights and Adam moments in
     # the optimiser (see rlhf_cli.ppo.precision); "fp32" trains as legacy TRL does.
     precision: str = "fp32"
+    # Ours: "fsdp2" shards policy, value head, reference and optimiser state over the processes with
+    # FSDP2 (rlhf_cli.ppo.sharding); "none" keeps a whole copy per process (DDP).
+    sharding: str = "none"
 
     # Library-only fields (LIBRARY_ONLY_FIELDS): accepted for TRL scripts, filled in by the trainer,
     # or derived from the sizes.
@@ -265,6 +270,8 @@ class PPOConfig:
     def _validate(self) -> None:
         if self.forward_batch_size is not None and self.forward_batch_size < 1:
             raise ValueError(f"PPOConfig.forward_batch_size must be positive or None, got {self.forward_batch_size!r}.")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"PPOConfig.sharding must be one of {', '.join(SHARDINGS)}; got {self.sharding!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"PPOConfig.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
         if self.precision == "bf16" and self.accelerator_kwargs.get("mixed_precision") not in (None, "no"):

@@ -39,6 +39,7 @@ from rlhf_cli.ppo.inputs import check_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.kl_control import make_kl_controller
 from rlhf_cli.ppo.precision import apply_precision
 from rlhf_cli.ppo.running_moments import RunningMoments
+from rlhf_cli.ppo.sharding import full_optimizer_state, load_full_optimizer_state, shard_for_training, sharding_wanted
 from rlhf_cli.ppo.setup import (
     check_sharding,
     checked_arguments,
@@ -112,9 +113,18 @@ class PPOTrainer(TRLCompatMixin):
         ref_model = reference_model(model, ref_model, num_shared_layers, disable_dropout=self.config.disable_dropout)
         if not self.estimator.needs_critic:
             freeze_value_head(model)
-        optimizer = optimizer if optimizer is not None else default_optimizer(model, self.config, self.accelerator.device)
-        # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
-        optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
+        # ppo.sharding=fsdp2 (or Accelerate's fsdp_version 2): policy and reference sharded before the
+        # optimiser exists; bf16 is then FSDP2's mixed-precision policy (rlhf_cli.ppo.sharding).
+        self.sharded = sharding_wanted(self.config, self.accelerator)
+        if self.sharded:
+            device, precision = self.accelerator.device, self.config.precision
+            optimizer = shard_for_training(
+                model, ref_model, optimizer, lambda m: default_optimizer(m, self.config, device), device=device, precision=precision
+            )
+        else:
+            optimizer = optimizer if optimizer is not None else default_optimizer(model, self.config, self.accelerator.device)
+            # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
+            optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self._prepare(model, optimizer, ref_model, dataset, data_collator, lr_scheduler)
@@ -147,7 +157,11 @@ class PPOTrainer(TRLCompatMixin):
             )
         # Accelerate wraps the scheduler (trainer.lr_scheduler.scheduler is the user's); see make_accelerator.
         extras = [x for x in (self.dataloader, lr_scheduler) if x is not None]
-        self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *extras)
+        if self.sharded and not self.accelerator.is_fsdp2:
+            # Already sharded: Accelerate must not wrap it in DDP; it prepares the optimiser only.
+            self.model, (self.optimizer, *prepared) = model, self.accelerator.prepare(optimizer, *extras, None)[:-1]
+        else:
+            self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *extras)
         self.dataloader = prepared.pop(0) if self.dataloader is not None else None
         self.lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
@@ -433,7 +447,7 @@ class PPOTrainer(TRLCompatMixin):
             "kl_ctl": self.kl_ctl.state_dict(),
             "running": self.running.state_dict() if self.running is not None else None,
             "shuffle_generator": self.shuffle_generator.get_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state(self.model, self.optimizer.optimizer) if self.sharded else self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
         }
 
@@ -446,6 +460,9 @@ class PPOTrainer(TRLCompatMixin):
         if self.running is not None:
             self.running.load_state_dict(state["running"])
         self.shuffle_generator.set_state(state["shuffle_generator"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_full_optimizer_state(self.model, self.optimizer.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
