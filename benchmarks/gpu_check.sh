@@ -47,7 +47,7 @@ step generation_throughput 120 python3 benchmarks/generation_throughput.py --dev
 # 4. The integration and CLI tests with the models on CUDA, in whatever time is left.
 LEFT=$(( ${GPU_CHECK_BUDGET:-400} - SECONDS - 10 ))
 [ "$DEVICE" = cuda ] && export RLHF_TEST_DEVICE=cuda
-step pytest_integration_cli "$(( LEFT > 30 ? LEFT : 30 ))" python3 -m pytest -q -p no:randomly -p no:cacheprovider -n 8 \
+step pytest_integration_cli "$(( LEFT > 30 ? LEFT : 30 ))" python3 -m pytest -q -p no:randomly -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" \
   --junitxml="$OUT/pytest.xml" -o junit_family=xunit1 tests/integration tests/cli
 tail -40 "$LOG" | grep -E "passed|failed|error" | tail -3
 say "done"
