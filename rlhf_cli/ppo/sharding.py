@@ -134,8 +134,15 @@ def _like(full: torch.Tensor, target: Any) -> Any:
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The gathered, unsharded state dict in the model's own layout (``model.state_dict()``'s keys, so a
-    value-head model's are TRL's), on the CPU of every process (a collective: every process calls it)."""
-    return {name: _full(value).detach().cpu() for name, value in model.state_dict().items()}
+    value-head model's are TRL's), on the CPU of every process (a collective: every process calls it).
+    A tied weight (GPT-2's head is its embedding) appears once, under its first name, as
+    ``safetensors.torch.save_model`` writes it."""
+    state, seen = {}, set()
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            state[name] = _full(value).detach().cpu().clone()
+    return state
 
 
 @torch.no_grad()
