@@ -127,6 +127,11 @@ class TrainingRun:
             # The engine feeds step() itself, with batches of ppo_config.batch_size.
             warnings.filterwarnings("ignore", message="No dataset was given to PPOTrainer", category=UserWarning)
             self.trainer = PPOTrainer(ppo_config, policy, tokenizer=self.tokenizer)
+        if self.trainer.sharded:
+            self.reporter.print(
+                f"FSDP2: policy, value head and reference sharded over {self.state.num_processes} process(es) "
+                f"on {self.trainer.accelerator.device.type} (precision {cfg.ppo.precision})."
+            )
         self.stream = PromptStream(
             self.data.train,
             prompts_per_step=prompts_per_step(cfg),
