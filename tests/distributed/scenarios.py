@@ -226,7 +226,10 @@ def _weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
     if trainer.sharded:  # FSDP2: the sharded float32 parameters are the masters; gathered on every rank
         from rlhf_cli.ppo.sharding import full_model_state
 
-        return full_model_state(model)
+        full, own = full_model_state(model), model.state_dict(keep_vars=True)
+        for key in own.keys() - full.keys():  # a tied weight, gathered once under its partner's name
+            full[key] = next(full[k] for k in full if own[k] is own[key])
+        return full
     masters = {id(w): m for w, m in getattr(trainer.optimizer.optimizer, "pairs", [])}
     # keep_vars: the Parameter objects themselves, so tied weights (GPT-2's lm_head) find their master too.
     return {k: masters.get(id(v), v).detach().cpu().clone() for k, v in model.state_dict(keep_vars=True).items()}
