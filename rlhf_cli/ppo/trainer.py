@@ -122,6 +122,11 @@ class PPOTrainer(TRLCompatMixin):
                 model, ref_model, optimizer, lambda m: default_optimizer(m, self.config, device), device=device, precision=precision
             )
         else:
+            if self.config.precision == "bf16":
+                # The float32 masters are copies of the weights: made where the weights will live (on a
+                # GPU they were made on the CPU before Accelerate moved the model, and the first step failed
+                # assigning CUDA gradients to CPU masters; seen on an H200).
+                model.to(self.accelerator.device)
             optimizer = optimizer if optimizer is not None else default_optimizer(model, self.config, self.accelerator.device)
             # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
             optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
