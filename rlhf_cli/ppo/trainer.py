@@ -113,23 +113,8 @@ class PPOTrainer(TRLCompatMixin):
         ref_model = reference_model(model, ref_model, num_shared_layers, disable_dropout=self.config.disable_dropout)
         if not self.estimator.needs_critic:
             freeze_value_head(model)
-        # ppo.sharding=fsdp2 (or Accelerate's fsdp_version 2): policy and reference sharded before the
-        # optimiser exists; bf16 is then FSDP2's mixed-precision policy (rlhf_cli.ppo.sharding).
         self.sharded = sharding_wanted(self.config, self.accelerator)
-        if self.sharded:
-            device, precision = self.accelerator.device, self.config.precision
-            optimizer = shard_for_training(
-                model, ref_model, optimizer, lambda m: default_optimizer(m, self.config, device), device=device, precision=precision
-            )
-        else:
-            if self.config.precision == "bf16":
-                # The float32 masters are copies of the weights: made where the weights will live (on a
-                # GPU they were made on the CPU before Accelerate moved the model, and the first step failed
-                # assigning CUDA gradients to CPU masters; seen on an H200).
-                model.to(self.accelerator.device)
-            optimizer = optimizer if optimizer is not None else default_optimizer(model, self.config, self.accelerator.device)
-            # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
-            optimizer = apply_precision(self.config.precision, optimizer, model, ref_model)
+        optimizer = self._optimizer_over(model, ref_model, optimizer)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self._prepare(model, optimizer, ref_model, dataset, data_collator, lr_scheduler)
@@ -140,6 +125,25 @@ class PPOTrainer(TRLCompatMixin):
             )
 
     # Construction ------------------------------------------------------------------------------
+    def _optimizer_over(
+        self, model: PreTrainedModelWrapper, ref_model: Optional[PreTrainedModelWrapper], optimizer: Optional[torch.optim.Optimizer]
+    ) -> torch.optim.Optimizer:
+        """The optimiser (the given one, or Adam) over the parameters as they will train: sharded first
+        with ``ppo.sharding=fsdp2`` (policy and reference; bf16 is then FSDP2's mixed-precision policy,
+        see rlhf_cli.ppo.sharding), else with ``precision="bf16"``'s float32 masters."""
+        device = self.accelerator.device
+        if self.sharded:
+            build = lambda m: default_optimizer(m, self.config, device)  # noqa: E731
+            return shard_for_training(model, ref_model, optimizer, build, device=device, precision=self.config.precision)
+        if self.config.precision == "bf16":
+            # The float32 masters are copies of the weights: made where the weights will live (on a GPU they
+            # were made on the CPU before Accelerate moved the model, and the first step failed assigning
+            # CUDA gradients to CPU masters; seen on an H200).
+            model.to(device)
+        optimizer = optimizer if optimizer is not None else default_optimizer(model, self.config, device)
+        # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
+        return apply_precision(self.config.precision, optimizer, model, ref_model)
+
     def _prepare(
         self,
         model: PreTrainedModelWrapper,
