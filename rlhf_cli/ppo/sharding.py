@@ -86,6 +86,10 @@ def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Mo
         fully_shard(head, mesh=mesh, mp_policy=MixedPrecisionPolicy())  # float32: see ValueHead
     fully_shard(model, mesh=mesh, mp_policy=policy)
     model._get_fsdp_state()._lazy_init()  # noqa: SLF001 - FSDP2 has no public call for this
+    # FSDP2 keeps a root's parameters gathered after its forward (backward would gather them again at
+    # once). The reference never runs backward, nor do the policy's no-gradient scoring passes: without
+    # this every process would hold the whole embedding of both models between steps.
+    model.set_reshard_after_forward(True, recurse=False)
     return model
 
 
