@@ -26,10 +26,14 @@ leaves it as it is.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+
+from rlhf_cli.errors import ConfigError
+
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` was sharded by :func:`shard_model`."""
@@ -44,7 +48,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(language_model, "_no_split_modules", None) or ())
     blocks = [m for m in language_model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise ValueError(
+        raise ConfigError(
             f"{type(language_model).__name__} names no transformer block class (_no_split_modules), so it cannot "
             "be sharded block by block; use ppo.sharding=none (DDP) for this model."
         )
@@ -79,7 +83,11 @@ def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Mo
     mesh = device_mesh(device)
     policy = mixed_precision_policy(precision)
     model.to(device)
-    for block in transformer_blocks(model):
+    # FSDP2 warns about every module output that is a view (the value head's squeeze, the logits
+    # slice); an in-place op on one would skip a gather. rlhf_cli's losses are out of place, and the
+    # 2-process equivalence tests check the gradients.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
+    for block in reversed(transformer_blocks(model)):  # innermost first, should blocks nest
         fully_shard(block, mesh=mesh, mp_policy=policy)
     head = getattr(model, "v_head", None)
     if head is not None and any(True for _ in head.parameters()):
