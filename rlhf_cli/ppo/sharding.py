@@ -34,6 +34,12 @@ from torch import nn
 
 from rlhf_cli.errors import ConfigError
 
+# FSDP2 warns about every module output that is a view (the value head's squeeze, the logits slice):
+# an in-place op on one would skip a gather. rlhf_cli's losses are out of place, and the 2-process
+# equivalence tests check the gradients. Set here, at import: the engine builds the trainer inside
+# warnings.catch_warnings(), which would drop a filter set while sharding.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
+
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` was sharded by :func:`shard_model`."""
@@ -83,10 +89,6 @@ def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Mo
     mesh = device_mesh(device)
     policy = mixed_precision_policy(precision)
     model.to(device)
-    # FSDP2 warns about every module output that is a view (the value head's squeeze, the logits
-    # slice); an in-place op on one would skip a gather. rlhf_cli's losses are out of place, and the
-    # 2-process equivalence tests check the gradients.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     for block in reversed(transformer_blocks(model)):  # innermost first, should blocks nest
         fully_shard(block, mesh=mesh, mp_policy=policy)
     head = getattr(model, "v_head", None)
