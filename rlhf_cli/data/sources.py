@@ -164,6 +164,21 @@ def _expand_data_files(patterns: list[str]) -> list[str]:
     return paths
 
 
+def checked_data_files(patterns: list[str]) -> tuple[list[str], str]:
+    """The absolute paths of ``dataset.data_files`` and the ``datasets`` builder that reads them; a
+    DataError if one is missing, empty, of an unknown format, or the formats are mixed. Reads no data
+    (and imports no ``datasets``), so the command line runs it before anything heavy loads."""
+    paths = _expand_data_files(patterns)
+    builders = {path: _builder_for(path) for path in paths}
+    if len(set(builders.values())) > 1:
+        listing = "; ".join(f"{path} -> {builder}" for path, builder in builders.items())
+        raise DataError(
+            f"dataset.data_files mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
+        )
+    _check_not_empty(paths)
+    return paths, next(iter(builders.values()))
+
+
 def _builder_for(path: str) -> str:
     name = path.lower()
     for suffix in _COMPRESSION_SUFFIXES:
@@ -187,15 +202,7 @@ def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
             f"'{split}'. Leave dataset.split=train and dataset.eval_split=null; held-out prompts are "
             f"then split off with dataset.eval_size."
         )
-    paths = _expand_data_files(list(cfg.data_files))
-    builders = {path: _builder_for(path) for path in paths}
-    if len(set(builders.values())) > 1:
-        listing = "; ".join(f"{path} -> {builder}" for path, builder in builders.items())
-        raise DataError(
-            f"dataset.data_files mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
-        )
-    builder = next(iter(builders.values()))
-    _check_not_empty(paths)
+    paths, builder = checked_data_files(list(cfg.data_files))
     try:
         with datasets_quiet(errors=True):  # no "Generating train split" bar for a local read
             return datasets.load_dataset(builder, data_files=paths, split="train")

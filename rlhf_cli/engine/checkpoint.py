@@ -1,4 +1,4 @@
-"""Checkpoints for exact resume (DESIGN §8).
+"""Checkpoints for exact resume (docs/architecture.md, "The run directory").
 
 A checkpoint ``<run dir>/checkpoints/step-N/`` holds everything an exact continuation needs:
 

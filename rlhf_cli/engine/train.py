@@ -1,10 +1,10 @@
 """The training loop behind ``rlhf train``: prompts → generation → reward → PPO step → logging.
 
-Stage numbers in comments follow DESIGN §4. :class:`TrainingRun` is built in named parts, in the
+Stage numbers in comments follow docs/architecture.md ("One run, stage by stage"). :class:`TrainingRun` is built in named parts, in the
 order that writes nothing until the run has started (``_check_start``, ``_build_parts``,
 ``_seed_rollouts``, the first rollout, ``_start``). Each step's scores are gathered once, by
-``PPOTrainer.step`` (``trainer.gathered_scores``): ``env/reward_*``, the sample table and the
-trackers (through :func:`rlhf_cli.logging.tracker_logs`) all read them. The held-out comparison
+``PPOEngine.step`` (``trainer.gathered_scores``): ``env/reward_*``, the sample table and the
+trackers (through :func:`rlhf_cli.reporting.tracker_logs`) all read them. The held-out comparison
 and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlhf eval``.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,18 +25,18 @@ from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine import sharded_state
 from rlhf_cli.engine.batches import PromptStream, StreamPosition
-from rlhf_cli.engine.components import check_launch, launch_state, ppo_config_from, prompts_per_step, total_steps
+from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
 from rlhf_cli.engine.export import save_final
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.report import Comparison, comparison_table, plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.signals import Preempted, StopRequest
-from rlhf_cli.logging import Reporter, tracker_logs
+from rlhf_cli.reporting import Reporter, tracker_logs
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.sharding import full_model_state, load_full_model_state
 from rlhf_cli.ppo.stats import reward_stats, scalar_stats
 from rlhf_cli.ppo.timing import PhaseTimer
-from rlhf_cli.ppo.trainer import PPOTrainer
+from rlhf_cli.ppo.engine import PPOEngine
 from rlhf_cli.rewards import build_reward, score_responses
 from rlhf_cli.rollout.generation import generate_responses
 from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs
@@ -122,11 +121,8 @@ class TrainingRun:
         policy, self.tokenizer = load_policy_and_tokenizer(cfg.model, disable_dropout=bool(cfg.ppo.disable_dropout))
         self.data = build_prompt_data(cfg.dataset, self.tokenizer, seed=int(cfg.seed))
         self.reward_fn = build_reward(cfg.reward)
-        ppo_config = ppo_config_from(cfg, num_processes=self.state.num_processes, tracker_dir=str(self.run_dir.trackers_dir))
-        with warnings.catch_warnings():
-            # The engine feeds step() itself, with batches of ppo_config.batch_size.
-            warnings.filterwarnings("ignore", message="No dataset was given to PPOTrainer", category=UserWarning)
-            self.trainer = PPOTrainer(ppo_config, policy, tokenizer=self.tokenizer)
+        settings, launch = settings_and_launch(cfg, num_processes=self.state.num_processes, tracker_dir=str(self.run_dir.trackers_dir))
+        self.trainer = PPOEngine(settings, policy, tokenizer=self.tokenizer, launch=launch)
         if self.trainer.sharded:
             self.reporter.print(
                 f"FSDP2: policy, value head and reference sharded over {self.state.num_processes} process(es) "
@@ -269,7 +265,7 @@ class TrainingRun:
         group = int(self.cfg.generation.samples_per_prompt)
         timer = PhaseTimer()
         # 1. A batch of prompts (this process's share), each repeated G times in a row: the layout
-        # PPOTrainer.step expects, and the prompt texts the reward and the logs see.
+        # PPOEngine.step expects, and the prompt texts the reward and the logs see.
         with timer("generation"):
             prompts = self.stream.next_batch()
             batch = prompts.repeated(group)
@@ -327,13 +323,13 @@ class TrainingRun:
         }
 
     def _log(self, step: int, stats: dict[str, Any], queries: list[str], texts: list[str], all_scores: torch.Tensor) -> None:
-        """metrics.jsonl, the console and the trackers (through rlhf_cli.logging); main process only."""
+        """metrics.jsonl, the console and the trackers (through rlhf_cli.reporting); main process only."""
         log = self.cfg.logging
         if not self.state.is_main_process:
             return
         # This process's own responses come first in rank order (queries repeat each prompt per response).
         rewards = all_scores[: len(texts)].tolist()
-        if self.trainer.config.log_with:
+        if self.trainer.launch.log_with:
             logs = tracker_logs(scalar_stats(stats), {"query": queries, "response": texts}, rewards)
             self.trainer.accelerator.log(logs, step=self.trainer.current_step)
         self.metrics.write(step, stats)
@@ -360,7 +356,7 @@ class TrainingRun:
             plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path)
             self._print_summary(self.loop.reward_means, comparison)
         accelerator.wait_for_everyone()
-        if self.trainer.config.log_with:
+        if self.trainer.launch.log_with:
             accelerator.end_training()
         return RunSummary(self.run_dir.root, self.steps, list(self.loop.reward_means), comparison)
 

@@ -10,7 +10,6 @@ model's own weight files.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections import OrderedDict
@@ -26,7 +25,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 from transformers.utils import cached_file
 
 from rlhf_cli.errors import ModelLoadError
-from rlhf_cli.hub import check_loadable, hub_failure_message
+from rlhf_cli.hub import hub_failure_message
+from rlhf_cli.models.model_facts import (  # noqa: F401 (check_model_source, is_seq2seq_config: also imported from here)
+    _is_peft_model,
+    check_model_source,
+    hidden_size_of,
+    is_seq2seq_config,
+    keep_positions,
+)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_WEIGHT = "v_head.summary.weight"
@@ -40,74 +46,6 @@ _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder"
 # (transformers prefers safetensors, so that is the file whose tensors were loaded).
 _WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def is_seq2seq_config(config: PretrainedConfig) -> bool:
-    """Whether ``config`` describes an encoder-decoder model (T5, BART) rather than a decoder-only one."""
-    return bool(config.is_encoder_decoder)
-
-
-def hidden_size_of(config: PretrainedConfig) -> int:
-    """Width of the decoder's last hidden state: ``hidden_size``, GPT-2's ``n_embd`` or T5's ``d_model``.
-
-    Composite (multimodal) configs are read through their text config.
-    """
-    text_config = config.get_text_config(decoder=True)
-    # Configs share no common field for this width; most map ``hidden_size`` onto their own name.
-    for name in ("hidden_size", "n_embd", "d_model"):
-        size = getattr(text_config, name, None)
-        if isinstance(size, int):
-            return size
-    raise ValueError(
-        f"Cannot tell the hidden size of a {type(config).__name__}: it has none of the fields "
-        f"hidden_size, n_embd, d_model, so the value head cannot be sized."
-    )
-
-
-def _peft_model_class() -> type | None:
-    """peft's ``PeftModel`` if peft is installed (it is an optional dependency), else None."""
-    if importlib.util.find_spec("peft") is None:
-        return None
-    from peft import PeftModel
-
-    return PeftModel
-
-
-def _is_peft_model(model: object) -> bool:
-    peft_class = _peft_model_class()
-    return peft_class is not None and isinstance(model, peft_class)
-
-
-def keep_positions(tensor: Tensor, logits_to_keep: int | Tensor) -> Tensor:
-    """The positions of ``tensor`` [B, L, ...] that ``logits_to_keep`` selects, as transformers reads it.
-
-    An int k keeps the last k positions (0 keeps all); a 1-D tensor holds positions shared by the batch;
-    a 2-D integer tensor [B, K] holds positions per row; a 2-D bool mask [B, L] keeps its True
-    positions, flattened to [N, ...].
-    """
-    if isinstance(logits_to_keep, int):
-        return tensor[:, -logits_to_keep:] if logits_to_keep else tensor
-    if logits_to_keep.ndim == 1:
-        return tensor[:, logits_to_keep]
-    if logits_to_keep.dtype == torch.bool:
-        return tensor[logits_to_keep]
-    index = logits_to_keep.reshape(*logits_to_keep.shape, *([1] * (tensor.ndim - 2)))
-    return torch.take_along_dim(tensor, index, dim=1)
-
-
-def check_model_source(name: str, *, what: str, config_key: str, subfolder: str = "") -> None:
-    """Fail with one paragraph if ``name`` is neither a loadable Hub id nor a directory holding a model.
-
-    Adds to ``rlhf_cli.hub.check_loadable`` the case of an existing directory without ``config.json``,
-    which transformers reports as an unrecognised model type.
-    """
-    check_loadable(name, what=what, config_key=config_key)
-    directory = Path(name).expanduser() / subfolder
-    if directory.is_dir() and not (directory / "config.json").is_file():
-        raise ModelLoadError(
-            f"The {what} directory '{directory}' holds no config.json, so it is not a model saved with "
-            f"save_pretrained. Point {config_key}=... at the directory that contains config.json and the weights."
-        )
 
 
 class ValueHead(nn.Module):

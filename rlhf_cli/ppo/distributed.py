@@ -1,6 +1,6 @@
 """Several processes, one PPO step: what makes P processes compute what one process computes.
 
-The convention (DESIGN §6 math, unchanged):
+The convention (the math of rlhf_cli.algo, unchanged):
 
 * **The global batch** of a step is the concatenation, in rank order, of the processes' samples:
   row ``r·b + i`` is sample ``i`` of rank ``r`` (b samples per process, B = P·b). This is the order

@@ -12,8 +12,9 @@ from typing import Callable, ContextManager, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.ppo.functional import full_kl, logprobs_from_logits
-from rlhf_cli.rollout.packing import PackedBatch
+from rlhf_cli.algo.functional import logprobs_from_logits
+from rlhf_cli.algo.kl import full_kl
+from rlhf_cli.rollout.packing import PackedBatch, cat_to_width, real_token_index
 
 
 class ResponseOutputs(NamedTuple):
@@ -59,17 +60,6 @@ def _float_or_none(values: Tensor | None) -> Tensor | None:
     return None if values is None else values.float()
 
 
-def _real_token_index(response_lengths: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(row, column) of every real response token, row-major: two [N] index tensors.
-
-    Built on the host from the lengths, so no device-to-host sync is needed to find them.
-    """
-    lengths = torch.tensor(response_lengths, dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(response_lengths)), lengths)
-    cols = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    return rows.to(device), cols.to(device)
-
-
 def _packed_response_outputs(model: nn.Module, batch: PackedBatch, with_values: dict[str, bool]) -> ResponseOutputs:
     """:func:`response_outputs` for responses of different lengths: LM head and value head at real tokens only.
 
@@ -84,7 +74,7 @@ def _packed_response_outputs(model: nn.Module, batch: PackedBatch, with_values: 
     """
     width_q = batch.input_ids.shape[1] - batch.response_width
     device = batch.input_ids.device
-    rows, cols = _real_token_index(batch.response_lengths, device)
+    rows, cols = real_token_index(batch.response_lengths, device)
     keep = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=device)
     keep[rows, cols + (width_q - 1)] = True  # input position Lq - 1 + t predicts response token t
     packed_logits, _, packed_values = model(**batch.model_inputs(), logits_to_keep=keep, **with_values)
@@ -138,8 +128,7 @@ def score_rollout(
     width = batch.response_width
 
     def cat(tensors: list[Tensor]) -> Tensor:
-        # Chunks are trimmed to their own longest response: pad back to the batch width.
-        return torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors], dim=0)
+        return cat_to_width(tensors, width)
 
     return RolloutScores(
         logprobs=cat([p.logprobs for p in parts]),

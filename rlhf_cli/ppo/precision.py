@@ -13,7 +13,7 @@ Small updates (lr × Adam direction ≈ 1e-5 of a weight) would round away in bf
 mantissa) and learning would stall; in the masters they accumulate. The value head stays float32
 (see :class:`rlhf_cli.models.value_head.ValueHead`): its parameters are their own masters.
 Log-probabilities, KL, advantages and losses are computed in float32 from the bfloat16 logits
-(:mod:`rlhf_cli.ppo.functional` upcasts half-precision inputs).
+(:mod:`rlhf_cli.algo.functional` upcasts half-precision inputs).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.ppo.config import PRECISIONS
+from rlhf_cli.algo.names import PRECISIONS
 
 
 

@@ -1,4 +1,4 @@
-"""Building a PPOTrainer's parts: its Accelerator, the checked arguments, the reference model, the
+"""Building a PPO engine's parts: its Accelerator, the checked arguments, the reference model, the
 default optimiser, and the value head's freezing for a critic-free estimator.
 
 Pure construction (no PPO math, no step state): the trainer calls these in the order its
@@ -17,34 +17,31 @@ from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model
 from rlhf_cli.models import disable_dropout as switch_off_dropout
-from rlhf_cli.ppo.config import PPOConfig
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
+from rlhf_cli.ppo.settings import Launch, PPOSettings
 from rlhf_cli.rollout.unwrap import zero_stage
 
 
-def make_accelerator(config: PPOConfig) -> Accelerator:
-    """The Accelerator of a trainer: the config's trackers, project and accelerator keyword arguments.
+def make_accelerator(launch: Launch, gradient_accumulation_steps: int) -> Accelerator:
+    """The Accelerator of a trainer: the launch's trackers, project and accelerator keyword arguments.
 
     Gradient accumulation counts mini-batches only (not the end of a dataloader, which would force an
     optimiser step on every mini-batch of a dataloader's last batch), and a prepared scheduler steps
     once per ``step()`` whatever the number of processes.
     """
-    kwargs = dict(config.accelerator_kwargs)
+    kwargs = dict(launch.accelerator_kwargs)
     # Processes launched on a CPU-only machine must be told to join over gloo (see distributed.py).
     kwargs.setdefault("cpu", cpu_process_group_needed())
     kwargs.setdefault("step_scheduler_with_optimizer", False)
     if "gradient_accumulation_plugin" not in kwargs:
         kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(
-            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
         )
-    return Accelerator(log_with=config.log_with, project_config=ProjectConfiguration(**config.project_kwargs), **kwargs)
+    return Accelerator(log_with=launch.log_with, project_config=ProjectConfiguration(**launch.project_kwargs), **kwargs)
 
 
-def checked_arguments(config: Optional[PPOConfig], model: Any, ref_model: Any) -> PPOConfig:
-    """The trainer's config (TRL's defaults when None), after checking the types of its arguments."""
-    config = config if config is not None else PPOConfig()
-    if not isinstance(config, PPOConfig):
-        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}.")
+def check_model_arguments(model: Any, ref_model: Any) -> None:
+    """TypeError unless ``model`` (and ``ref_model``, when given) are value-head models."""
     if not isinstance(model, PreTrainedModelWrapper):
         raise TypeError(
             "model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead "
@@ -53,7 +50,6 @@ def checked_arguments(config: Optional[PPOConfig], model: Any, ref_model: Any) -
         )
     if ref_model is not None and not isinstance(ref_model, PreTrainedModelWrapper):
         raise TypeError(f"ref_model must be a value-head model like model, or None; got {type(ref_model).__name__}.")
-    return config
 
 
 def shared_layers(ref_model: Any, num_shared_layers: Optional[int]) -> Optional[int]:
@@ -100,7 +96,7 @@ def reference_model(
     return ref_model
 
 
-def default_optimizer(model: PreTrainedModelWrapper, config: PPOConfig, device: torch.device) -> torch.optim.Optimizer:
+def default_optimizer(model: PreTrainedModelWrapper, config: PPOSettings, device: torch.device) -> torch.optim.Optimizer:
     """Adam over the trainable parameters (the optimiser a trainer builds when none is given)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel updates all parameters in one pass: 5x faster than torch's per-tensor

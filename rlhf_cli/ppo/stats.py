@@ -1,4 +1,4 @@
-"""Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (DESIGN §7).
+"""Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (docs/architecture.md, "Metric names").
 
 Pure functions (no collectives, no optimiser): :func:`minibatch_stats` assembles one mini-batch's
 stats; inside the trainer everything stays a tensor on the device; :func:`assemble_step_stats`
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
+from rlhf_cli.algo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
 
 
 class MiniBatchStats(NamedTuple):
@@ -153,10 +153,36 @@ class RolloutStats(NamedTuple):
     ref_logprobs: Tensor  # [b, T]
 
 
+def rollout_stats(
+    *,
+    kl: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    non_score: Tensor,
+    mask: Tensor,
+    scores: Tensor,
+    query_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+) -> RolloutStats:
+    """The rollout's record from per-token [B, T] tensors (KL, logprobs, non-score rewards, mask),
+    scores [B] and the samples' lengths: one construction for ``step()`` and TRL's ``record_step_stats``."""
+    device = mask.device
+    return RolloutStats(
+        kl_per_sample=(kl * mask).sum(dim=-1),
+        neg_logprob_sum=(-logprobs * mask).sum(dim=-1),
+        mean_non_score_reward=masked_mean(non_score, mask.bool()),
+        scores=scores,
+        query_lengths=torch.tensor([float(n) for n in query_lengths], device=device),
+        response_lengths=torch.tensor([float(n) for n in response_lengths], device=device),
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+    )
+
+
 class StepStats(NamedTuple):
     """A step's stats on the host: TRL's flat dict, and the typed values the step's control flow reads."""
 
-    flat: dict[str, float | np.ndarray]  # legacy TRL's names (DESIGN §7)
+    flat: dict[str, float | np.ndarray]  # legacy TRL's names
     kl: float  # mean summed KL per sample: what the KL controller is updated with
     skipped_minibatches: int  # mini-batches whose loss the ratio threshold zeroed
 
@@ -180,25 +206,7 @@ def assemble_step_stats(
     table = torch.stack([torch.stack([t.float() for t in mb]) for mb in minibatches]).cpu()
     means = table.mean(dim=0)
     fields = MiniBatchStats._fields
-    stats: dict[str, float | np.ndarray] = {}
-
-    kl = rollout.kl_per_sample.float().cpu()
-    scores = rollout.scores.float().cpu()
-    qlen = rollout.query_lengths.float().cpu()
-    rlen = rollout.response_lengths.float().cpu()
-    stats["objective/kl"] = float(kl.mean())
-    stats["objective/kl_dist"] = kl.numpy()
-    stats["objective/logprobs"] = rollout.logprobs.float().cpu().numpy()
-    stats["objective/ref_logprobs"] = rollout.ref_logprobs.float().cpu().numpy()
-    stats["objective/kl_coef"] = float(kl_coef)
-    stats["objective/entropy"] = float(rollout.neg_logprob_sum.float().cpu().mean())
-    stats["ppo/mean_non_score_reward"] = float(rollout.mean_non_score_reward.cpu())
-    stats["ppo/mean_scores"] = float(scores.mean())
-    stats["ppo/std_scores"] = float(scores.std()) if scores.numel() > 1 else 0.0
-    stats["tokens/queries_len_mean"] = float(qlen.mean())
-    stats["tokens/queries_len_std"] = float(qlen.std()) if qlen.numel() > 1 else 0.0
-    stats["tokens/responses_len_mean"] = float(rlen.mean())
-    stats["tokens/responses_len_std"] = float(rlen.std()) if rlen.numel() > 1 else 0.0
+    stats = _rollout_entries(rollout, kl_coef)
     if kl_loss_coef > 0:
         stats["objective/kl_loss_coef"] = float(kl_loss_coef)
     for index, field in enumerate(fields):
@@ -213,6 +221,33 @@ def assemble_step_stats(
     for name, seconds in timings.items():
         stats[f"time/ppo/{name}"] = float(seconds)
     return StepStats(stats, kl=stats["objective/kl"], skipped_minibatches=int(stats["ppo/skipped_minibatches"]))
+
+
+def _std(values: Tensor) -> float:
+    return float(values.std()) if values.numel() > 1 else 0.0
+
+
+def _rollout_entries(rollout: RolloutStats, kl_coef: float) -> dict[str, float | np.ndarray]:
+    """The objective/*, ppo/mean_* and tokens/* entries of a step, from its rollout record."""
+    kl = rollout.kl_per_sample.float().cpu()
+    scores = rollout.scores.float().cpu()
+    qlen = rollout.query_lengths.float().cpu()
+    rlen = rollout.response_lengths.float().cpu()
+    return {
+        "objective/kl": float(kl.mean()),
+        "objective/kl_dist": kl.numpy(),
+        "objective/logprobs": rollout.logprobs.float().cpu().numpy(),
+        "objective/ref_logprobs": rollout.ref_logprobs.float().cpu().numpy(),
+        "objective/kl_coef": float(kl_coef),
+        "objective/entropy": float(rollout.neg_logprob_sum.float().cpu().mean()),
+        "ppo/mean_non_score_reward": float(rollout.mean_non_score_reward.cpu()),
+        "ppo/mean_scores": float(scores.mean()),
+        "ppo/std_scores": _std(scores),
+        "tokens/queries_len_mean": float(qlen.mean()),
+        "tokens/queries_len_std": _std(qlen),
+        "tokens/responses_len_mean": float(rlen.mean()),
+        "tokens/responses_len_std": _std(rlen),
+    }
 
 
 def _reported(field: str, critic: bool, kl_loss_coef: float) -> bool:

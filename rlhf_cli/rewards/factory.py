@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rlhf_cli.config.schema import REWARD_SOURCE_TYPES as SOURCE_TYPES
+from rlhf_cli.config.schema import REWARD_TYPES
 from rlhf_cli.errors import RewardError
 from rlhf_cli.rewards.base import RewardFunction, describe
-
-SOURCE_TYPES = ("vader", "classifier", "callable")
-REWARD_TYPES = SOURCE_TYPES + ("weighted_sum",)
 
 
 def build_reward(cfg: Any) -> RewardFunction:

@@ -13,7 +13,8 @@ from rlhf_cli.config import paths
 from rlhf_cli.config.compose import compose_train_config
 from rlhf_cli.config.schema import CheckpointSection, GenerationSection, LoggingSection, PPOSection, TrainConfig
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.ppo.config import PPOConfig, command_line_fields
+from rlhf_cli.ppo.settings import ppo_group_fields
+from rlhf_cli.trl.config import PPOConfig
 
 CONFIGS = paths.config_dir()
 GROUPS = ("model", "reward", "dataset", "ppo", "generation")
@@ -118,7 +119,7 @@ def test_imdb_sentiment_recipe_undoes_every_offline_default() -> None:
 
 
 def test_imdb_sentiment_recipe_is_a_true_delta() -> None:
-    """DESIGN §5: the recipe sets inside a group only what train.yaml's offline default changed (no
+    """Recipes are deltas (docs/architecture.md): the recipe sets inside a group only what train.yaml's offline default changed (no
     restated TRL value), and the composed run still has TRL's controller and sampling settings."""
     train_yaml = OmegaConf.load(CONFIGS / "train.yaml")
     recipe_yaml = OmegaConf.load(paths.recipe_files()["imdb_sentiment"])
@@ -130,7 +131,7 @@ def test_imdb_sentiment_recipe_is_a_true_delta() -> None:
 
 
 def test_batch_size_can_be_lowered_under_the_classic_recipe() -> None:
-    """DESIGN §2: `+recipe=imdb_sentiment ppo.learning_rate=1e-5 ppo.batch_size=64 model=gpt2`."""
+    """The documented override example: `+recipe=imdb_sentiment ppo.learning_rate=1e-5 ppo.batch_size=64 model=gpt2`."""
     cfg = compose_train_config(["+recipe=imdb_sentiment", "ppo.learning_rate=1e-5", "ppo.batch_size=64", "model=gpt2"])
     assert (cfg.ppo.batch_size, cfg.ppo.learning_rate, cfg.model.name_or_path) == (64, 1e-5, "gpt2")
 
@@ -153,12 +154,12 @@ def test_generation_group_defaults_are_the_schema_defaults() -> None:
 
 
 def test_ppo_group_defaults_are_ppo_config_defaults() -> None:
-    """The ppo group has PPOConfig's knobs with PPOConfig's (TRL's) defaults, key for key, plus the
+    """The ppo group has the engine's knobs with their (TRL's) defaults, as PPOConfig has them, key for key, plus the
     run-only mixed_precision: one source, and the group file writes no value of its own."""
     assert OmegaConf.to_container(OmegaConf.load(CONFIGS / "ppo/default.yaml")) == {}
     library = PPOConfig().to_dict()
-    knobs = [f.name for f in command_line_fields()]
-    declared = {f.name: f.default for f in command_line_fields()}
+    knobs = [f.name for f in ppo_group_fields()]
+    declared = {f.name: f.default for f in ppo_group_fields()}
     assert dataclasses.asdict(PPOSection()) == {**declared, "mixed_precision": None}
     assert {name: library[name] for name in knobs if name != "mini_batch_size"} == {
         name: value for name, value in declared.items() if name != "mini_batch_size"}

@@ -24,7 +24,7 @@ from rlhf_cli.config.compose import compose_train_config
 from rlhf_cli.engine.checkpoint import compare_configs
 from rlhf_cli.engine.components import check_launch
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.ppo.estimators import estimators_without_groups
+from rlhf_cli.algo.names import estimators_without_groups
 from tests.cli.test_checkpoints import _final_weights, _metrics
 from tests.cli.test_cli_errors import assert_one_paragraph_error, cli_env, rlhf
 from tests.cli.test_multiprocess import LAUNCH
@@ -180,7 +180,7 @@ def test_rollout_generates_prompt_major_groups_sharing_one_budget(tmp_path, monk
         "generation.batch_size=3", f"output_dir={tmp_path / 'run'}", "eval_prompts=0", "steps=2",
     ])
     run = train.TrainingRun(cfg)
-    assert run.trainer.config.samples_per_prompt == 2 and run.trainer.config.batch_size == 8
+    assert run.trainer.settings.samples_per_prompt == 2 and run.trainer.settings.batch_size == 8
     assert run.stream.global_batch_size == 4  # prompts per step: ppo.batch_size counts responses
     received = []
     real_step = run.trainer.step
@@ -261,7 +261,7 @@ def test_grpo_run_resumes_exactly(tmp_path):
 # Recipes -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_group_recipes_are_deltas_over_the_offline_default(recipe):
-    """DESIGN §5: every value the recipe writes differs from the offline default, and it keeps the
+    """Recipes are deltas (docs/architecture.md): every value the recipe writes differs from the offline default, and it keeps the
     default's responses per step (ppo.batch_size 32 = 8 prompts x 4)."""
     recipe_yaml = OmegaConf.to_container(OmegaConf.load(paths.recipe_files()[recipe]))
     default, cfg = compose_train_config(), compose_train_config([f"+recipe={recipe}"])

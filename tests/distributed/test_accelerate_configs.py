@@ -99,13 +99,14 @@ def _launch_env(patch, env: dict[str, str]) -> None:
 
 
 def test_the_fsdp_file_passes_the_pre_load_check_and_turns_fsdp2_on(monkeypatch):
-    from rlhf_cli.engine.components import ppo_config_from
+    from rlhf_cli.engine.components import settings_and_launch
 
     state = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
     _launch_env(monkeypatch, _process_env("fsdp"))
     cfg = compose_train_config(["+recipe=smoke"])
     check_launch(cfg, state)
-    assert ppo_config_from(cfg, num_processes=2, tracker_dir="/dev/null").sharding == "fsdp2"
+    settings, _ = settings_and_launch(cfg, num_processes=2, tracker_dir="/dev/null")
+    assert settings.sharding == "fsdp2"
 
 
 @pytest.mark.parametrize(

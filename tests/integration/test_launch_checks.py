@@ -11,7 +11,8 @@ import torch
 
 from rlhf_cli.config.compose import compose_train_config
 from rlhf_cli.engine import components
-from rlhf_cli.engine.components import check_launch, launch_state, mixed_precision_of
+from rlhf_cli.config.launch import mixed_precision_of
+from rlhf_cli.engine.components import check_launch, launch_state
 from rlhf_cli.errors import ConfigError
 
 
@@ -54,7 +55,7 @@ def test_the_smoke_run_passes_on_one_and_two_processes():
     [
         ((), 3, r"ppo.batch_size=8 is not divisible by the 3 processes of this launch; choose a multiple of 3"),
         (("ppo.batch_size=12", "ppo.mini_batch_size=4"), 3, r"ppo.mini_batch_size=4 is not divisible by the 3 processes"),
-        (("ppo.batch_size=8", "ppo.mini_batch_size=2", "ppo.gradient_accumulation_steps=3"), 2, r"not divisible by mini_batch_size × gradient_accumulation_steps"),
+        (("ppo.batch_size=8", "ppo.mini_batch_size=2", "ppo.gradient_accumulation_steps=3"), 2, r"ppo.batch_size=8 is not divisible by ppo.mini_batch_size × ppo.gradient_accumulation_steps = 2 × 3 = 6"),
     ],
 )
 def test_sizes_that_do_not_split_over_the_processes(overrides, processes, message):

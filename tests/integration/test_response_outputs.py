@@ -13,7 +13,8 @@ import torch
 
 from rlhf_cli import AutoModelForCausalLMWithValueHead
 from rlhf_cli.models import disable_dropout
-from rlhf_cli.ppo.forward import _real_token_index, response_outputs
+from rlhf_cli.ppo.forward import response_outputs
+from rlhf_cli.rollout.packing import real_token_index
 from rlhf_cli.rollout.packing import pack_batch
 from tests.tiny import make_tiny_gpt2
 
@@ -43,7 +44,7 @@ def _straightforward(policy, batch):
 
 
 def test_real_token_index_lists_rows_and_columns_row_major():
-    rows, cols = _real_token_index([2, 3, 1], torch.device("cpu"))
+    rows, cols = real_token_index([2, 3, 1], torch.device("cpu"))
     assert rows.tolist() == [0, 0, 1, 1, 1, 2]
     assert cols.tolist() == [0, 1, 0, 1, 2, 0]
 

@@ -1,4 +1,5 @@
-"""The math of the advantage estimators (their registry, torch-free, is :mod:`rlhf_cli.ppo.estimators`).
+"""The math of the advantage estimators, registered by function in :data:`ESTIMATE` (what each one
+needs, torch-free, is in :mod:`rlhf_cli.algo.names`).
 
 Each estimator turns the per-token rewards of the global batch (−β·KL per token when the KL is in the
 reward, the score added at each response's last token) into per-token advantages. ``gae`` is PPO's
@@ -8,7 +9,7 @@ over the batch, so no value head is run or trained.
 
 Layout: [B, T] response-aligned, B = number of responses, in prompt-major order: rows g·G … g·G + G − 1
 are the G responses of prompt g. Every process holds the whole global batch when advantages are
-computed (``PPOTrainer.step`` gathers it first), so groups and batch statistics are global. Advantages
+computed (the engine's ``step`` gathers it first), so groups and batch statistics are global. Advantages
 are 0 outside the mask.
 
 A sequence's reward is R_i = Σ_t r_{i,t}: its score minus β times its summed KL (just the score when the
@@ -19,12 +20,13 @@ mini-batches need not keep groups together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.functional import Advantages, gae
+from rlhf_cli.algo.functional import Advantages, gae
+from rlhf_cli.algo.names import ADVANTAGE_ESTIMATORS
 
 # ε of the group standard deviation in GRPO's denominator (verl's value; TRL's GRPO uses 1e-4).
 GROUP_STD_EPS = 1e-6
@@ -66,7 +68,7 @@ def _broadcast(per_sequence: Tensor, mask: Tensor) -> Tensor:
 def gae_advantages(rewards: Tensor, values: Optional[Tensor], mask: Tensor, settings: EstimatorSettings) -> Advantages:
     """PPO's generalised advantage estimation with the value head's values (Schulman et al. 2016,
     "High-Dimensional Continuous Control Using Generalized Advantage Estimation"); the formulas are
-    :func:`rlhf_cli.ppo.functional.gae`'s (DESIGN §6). G > 1 just gives each prompt several samples."""
+    :func:`rlhf_cli.algo.functional.gae`'s. G > 1 just gives each prompt several samples."""
     if values is None:
         raise ValueError("gae needs the value head's values; the trainer passed none.")
     return gae(values, rewards, mask, settings.gamma, settings.lam, settings.whiten_rewards)
@@ -109,15 +111,29 @@ def reinforce_pp_advantages(
     unbiased variance, ε = 1e-8); no critic and no group needed.
 
     The discounted return is GAE with V ≡ 0 and λ = 1 (δ_t = r_t, A_t = r_t + γ·A_{t+1}), so the
-    recursion and whitening of :func:`~rlhf_cli.ppo.functional.gae` serve unchanged.
+    recursion and whitening of :func:`~rlhf_cli.algo.functional.gae` serve unchanged.
     """
     zeros = torch.zeros_like(rewards, dtype=torch.float32)
     result = gae(zeros, rewards.to(torch.float32), mask, settings.gamma, 1.0, settings.whiten_rewards)
     return Advantages(advantages=result.advantages, returns=None)
 
 
+# (rewards [B, T], values [B, T] or None, mask [B, T], settings) -> Advantages [B, T].
+Estimate = Callable[[Tensor, Optional[Tensor], Tensor, EstimatorSettings], Advantages]
+
+# Each estimator's function, by reference: a new estimator is one function above, one entry here
+# and one in rlhf_cli.algo.names (what it needs of a run).
+ESTIMATE: dict[str, Estimate] = {
+    "gae": gae_advantages,
+    "grpo": grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+}
+assert tuple(ESTIMATE) == ADVANTAGE_ESTIMATORS, "rlhf_cli.algo.names and ESTIMATE must list the same estimators"
+
+
 def settings_from(config) -> EstimatorSettings:
-    """The estimator settings of a :class:`~rlhf_cli.ppo.config.PPOConfig`."""
+    """The estimator settings of any settings object with these fields (the engine's, or TRL's config)."""
     return EstimatorSettings(
         group_size=int(config.samples_per_prompt),
         gamma=float(config.gamma),

@@ -1,4 +1,4 @@
-"""KL coefficient controllers: adaptive (Ziegler et al. 2019) and fixed (DESIGN §6).
+"""KL coefficient controllers: adaptive (Ziegler et al. 2019) and fixed.
 
 The coefficient β weighs the per-token KL penalty −β·KL in the reward. The trainer calls
 ``update`` once per PPO step with the step's mean (over samples) summed per-token KL and the

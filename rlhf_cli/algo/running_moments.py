@@ -1,4 +1,4 @@
-"""Running mean and standard deviation of every score seen, for score scaling (DESIGN §6).
+"""Running mean and standard deviation of every score seen, for score scaling.
 
 The moments live in Python floats (float64) on the host: one update per step on a [B] vector
 costs nothing next to a forward pass, and plain floats go into any checkpoint format.

@@ -1,14 +1,13 @@
-"""Legacy TRL 0.11's protected ``PPOTrainer`` methods, for code that calls or overrides them.
+"""Legacy TRL 0.11's ``PPOTrainer``: the engine under TRL's constructor, config and protected methods.
 
-:class:`TRLCompatMixin` gives :class:`~rlhf_cli.PPOTrainer` TRL's building blocks with TRL's
-signatures, shapes and return types. Each is a thin adapter over :mod:`rlhf_cli.ppo.functional`,
-:mod:`rlhf_cli.ppo.forward` and :mod:`rlhf_cli.rollout` — the same code ``step()`` runs — that only
+:class:`PPOTrainer` subclasses :class:`~rlhf_cli.ppo.engine.PPOEngine` (whose ``step()``, rewards and
+advantages hooks it inherits unchanged) and adds what TRL scripts call or override: the
+``PPOConfig`` constructor and dataset/dataloader handling, ``generate`` (:mod:`rlhf_cli.trl.generation`),
+``prepare_model_inputs``, ``_step_safety_checker``, ``batched_forward_pass``, ``loss``,
+``record_step_stats``, ``log_stats``, ``save_pretrained``. Each is a thin adapter over the engine's
+own code (:mod:`rlhf_cli.algo`, :mod:`rlhf_cli.ppo.forward`, :mod:`rlhf_cli.ppo.stats`) that only
 converts layouts; none re-implements the math.
 
-``step()`` calls :meth:`compute_rewards` (and through it :meth:`_kl_penalty`) and
-:meth:`compute_advantages`, so subclasses may override them as in TRL. (With ``kl_penalty="full"``
-the full-vocabulary KL is computed chunk by chunk during the forward pass, so that [B, T, V]
-log-probabilities of both models never sit in memory at once; ``step()`` then uses it directly.)
 ``batched_forward_pass`` and ``loss`` are for callers: the step's optimisation runs its own packed
 forward pass, which skips the LM head at padding positions.
 
@@ -27,42 +26,76 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.logging import tracker_logs
-from rlhf_cli.ppo.advantages import settings_from
-from rlhf_cli.ppo.config import Sizes
-from rlhf_cli.ppo.dataloader import build_dataloader, is_hf_dataset, remove_unused_columns
+from rlhf_cli.algo.functional import entropy_from_logits, masked_mean, masked_var, policy_loss, ratio_guard, value_loss
+from rlhf_cli.models import PreTrainedModelWrapper
+from rlhf_cli.ppo.engine import PPOEngine
 from rlhf_cli.ppo.forward import response_outputs
-from rlhf_cli.ppo.functional import (
-    entropy_from_logits,
-    full_kl,
-    kl_penalty,
-    masked_mean,
-    masked_var,
-    per_token_rewards,
-    policy_loss,
-    ratio_guard,
-    value_loss,
-)
-from rlhf_cli.ppo.inputs import check_step_inputs
-from rlhf_cli.ppo.stats import TRAIN_NAMES, MiniBatchStats, RolloutStats, flatten_step_stats, reward_stats, scalar_stats
-from rlhf_cli.ppo.trl_generation import TRLGenerationMixin
-from rlhf_cli.rollout.packing import PackedBatch, pack_batch
+from rlhf_cli.ppo.inputs import as_score_tensor, check_step_inputs
+from rlhf_cli.ppo.settings import Launch, Sizes
+from rlhf_cli.ppo.stats import TRAIN_NAMES, MiniBatchStats, flatten_step_stats, reward_stats, rollout_stats, scalar_stats
+from rlhf_cli.reporting import tracker_logs
+from rlhf_cli.rollout.packing import cat_to_width, real_token_index
+from rlhf_cli.trl.config import PPOConfig
+from rlhf_cli.trl.dataloader import build_dataloader, is_hf_dataset, remove_unused_columns
+from rlhf_cli.trl.generation import TRLGenerationMixin
 
 
-class TRLCompatMixin(TRLGenerationMixin):
-    """TRL 0.11's protected ``PPOTrainer`` API; mixed into :class:`~rlhf_cli.PPOTrainer`."""
+class PPOTrainer(TRLGenerationMixin, PPOEngine):
+    """Legacy TRL 0.11's ``PPOTrainer``: :class:`~rlhf_cli.ppo.engine.PPOEngine` built from a
+    :class:`~rlhf_cli.trl.config.PPOConfig`, with TRL's protected methods.
 
-    # Provided by PPOTrainer.
-    config: Any
-    accelerator: Any
-    kl_ctl: Any
-    estimator: Any  # the config's rlhf_cli.ppo.estimators.AdvantageEstimator
-    reward_kl_coef: float  # β of the reward-side KL penalty (0 when the KL is not in the reward)
-    model: nn.Module
-    ref_model: Optional[nn.Module]
-    is_encoder_decoder: bool
-    is_peft_model: bool
-    tokenizer: Any
+    ``config.batch_size`` (query, response, score) triplets go into each :meth:`step` on each
+    process. Sizes and settings are taken from ``config`` as it is when the trainer is built.
+    """
+
+    def __init__(
+        self,
+        config: Optional[PPOConfig] = None,
+        model: Optional[PreTrainedModelWrapper] = None,
+        ref_model: Optional[PreTrainedModelWrapper] = None,
+        tokenizer: Any = None,
+        dataset: Any = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        data_collator: Optional[Callable] = None,
+        num_shared_layers: Optional[int] = None,
+        lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+        training_data_collator: Optional[Callable] = None,
+    ) -> None:
+        """TRL 0.11's arguments. ``training_data_collator`` is accepted for TRL scripts but has no
+        effect: ``step()`` packs its model inputs itself (see :mod:`rlhf_cli.rollout.packing`)."""
+        if training_data_collator is not None:
+            warnings.warn("training_data_collator has no effect in rlhf_cli: step() packs model inputs itself.", UserWarning, stacklevel=2)
+        config = config if config is not None else PPOConfig()
+        if not isinstance(config, PPOConfig):
+            raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}.")
+        self.config = config
+        settings = config.settings()  # the config as it is now, not as it was constructed
+        self.dataset = dataset
+        dataloader = self.prepare_dataloader(dataset, data_collator, model=model) if dataset is not None else None
+        if dataset is None:
+            warnings.warn(
+                "No dataset was given to PPOTrainer: make sure config.batch_size matches the number of samples "
+                f"you pass to step() (batch_size={config.batch_size}).",
+                UserWarning,
+                stacklevel=2,
+            )
+        launch = Launch(
+            log_with=config.log_with,
+            tracker_project_name=config.tracker_project_name,
+            tracker_kwargs=config.tracker_kwargs,
+            project_kwargs=config.project_kwargs,
+            accelerator_kwargs=config.accelerator_kwargs,
+        )
+        super().__init__(
+            settings, model, ref_model, tokenizer=tokenizer, optimizer=optimizer, num_shared_layers=num_shared_layers,
+            lr_scheduler=lr_scheduler, dataloader=dataloader, launch=launch,
+        )
+        for name, value in runtime_fields(self.sizes, model).items():
+            setattr(config, name, value)
+
+    def _tracker_config(self) -> dict[str, Any]:
+        """TRL sends its whole config, the fields its trainer fills in included."""
+        return {**self.config.to_dict(), **runtime_fields(self.sizes, self._unwrapped)}
 
     @property
     def current_device(self) -> torch.device:
@@ -90,32 +123,21 @@ class TRLCompatMixin(TRLGenerationMixin):
             self.tokenizer.save_pretrained(save_directory)
 
     # Inputs -------------------------------------------------------------------------------------
-    def prepare_dataloader(self, dataset: Any, data_collator: Optional[Callable] = None) -> torch.utils.data.DataLoader:
+    def prepare_dataloader(
+        self, dataset: Any, data_collator: Optional[Callable] = None, *, model: Optional[nn.Module] = None
+    ) -> torch.utils.data.DataLoader:
         """TRL's dataloader over ``dataset``: shuffled batches of ``config.batch_size``, the last
         incomplete one dropped; a ``datasets.Dataset`` loses the columns the model does not take when
-        ``config.remove_unused_columns`` (see :mod:`rlhf_cli.ppo.dataloader`)."""
+        ``config.remove_unused_columns`` (see :mod:`rlhf_cli.trl.dataloader`)."""
         if self.config.remove_unused_columns and is_hf_dataset(dataset):
-            dataset = remove_unused_columns(dataset, self._unwrapped.forward)
+            dataset = remove_unused_columns(dataset, (model if model is not None else self._unwrapped).forward)
         return build_dataloader(dataset, batch_size=self.config.batch_size, seed=self.config.seed, data_collator=data_collator)
-
-    def _pack(self, queries: Sequence[Tensor], responses: Sequence[Tensor], response_masks: Optional[Sequence[Tensor]] = None) -> PackedBatch:
-        """The packing ``step()`` uses: left-padded queries, right-padded responses, explicit positions."""
-        decoder_start = getattr(self._unwrapped.config, "decoder_start_token_id", None) if self.is_encoder_decoder else None
-        return pack_batch(
-            queries,
-            responses,
-            pad_token_id=self.pad_token_id,
-            is_encoder_decoder=self.is_encoder_decoder,
-            decoder_start_token_id=decoder_start,
-            response_masks=response_masks,
-            device=self.accelerator.device,
-        )
 
     def prepare_model_inputs(self, queries: Sequence[Tensor], responses: Sequence[Tensor]) -> dict[str, Tensor]:
         """TRL's model inputs for (query, response) pairs, as ``step()`` packs them: decoder-only
         ``input_ids``/``attention_mask``/``position_ids`` [B, Lq + T] (query left-padded, response
         right-padded); encoder-decoder ``input_ids``/``attention_mask`` and ``decoder_*``."""
-        return self._pack(queries, responses).model_inputs()
+        return self._pack(list(queries), list(responses)).model_inputs()
 
     def _step_safety_checker(
         self,
@@ -158,15 +180,14 @@ class TRLCompatMixin(TRLGenerationMixin):
         so they do not depend on how ``model_inputs`` pads; ``model_inputs`` only gives the layout.
         """
         model.eval()
-        batch = self._pack(queries, responses, response_masks)
-        chunk = self.config.mini_batch_size
+        batch = self._pack(list(queries), list(responses), None if response_masks is None else list(response_masks))
+        chunk = self.sizes.mini_batch_size
         parts = [response_outputs(model, batch.select(range(start, min(start + chunk, batch.batch_size))))
                  for start in range(0, batch.batch_size, chunk)]
         width = batch.response_width
 
         def cat(tensors: list[Tensor]) -> Tensor:
-            pads = [(0, 0, 0, width - t.shape[1]) if t.dim() == 3 else (0, width - t.shape[1]) for t in tensors]
-            return torch.cat([nn.functional.pad(t, pad) for t, pad in zip(tensors, pads)], dim=0)
+            return cat_to_width(tensors, width)
 
         logprobs, values = cat([p.logprobs for p in parts]), cat([p.values for p in parts])
         logits = cat([p.logits for p in parts]) if return_logits else None
@@ -181,37 +202,6 @@ class TRLCompatMixin(TRLGenerationMixin):
             _to_trl_layout(values, **layout),
             _to_trl_layout(mask, **layout),
         )
-
-    # Rewards and advantages ---------------------------------------------------------------------
-    def _kl_penalty(self, logprob: Tensor, ref_logprob: Tensor) -> Tensor:
-        """Per-token KL estimate for ``config.kl_penalty``: sampled-token logprobs [B, T] for
-        ``kl``/``abs``/``mse``; full log-probabilities [B, T, V] for ``full``."""
-        if self.config.kl_penalty == "full":
-            # full_kl log-softmaxes its inputs, which leaves log-probabilities unchanged.
-            return full_kl(logprob, ref_logprob)
-        return kl_penalty(logprob, ref_logprob, self.config.kl_penalty)
-
-    def compute_rewards(
-        self, scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, masks: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(rewards, non-score rewards, KL) [B, T]: −β·KL per token, the score added at each row's
-        last masked token. ``step()`` calls this (override it to shape rewards)."""
-        kls = self._kl_penalty(logprobs, ref_logprobs)
-        terms = per_token_rewards(_as_score_tensor(scores, kls.device), kls, masks, self.reward_kl_coef)
-        return terms.rewards, terms.non_score_rewards, kls
-
-    def compute_advantages(
-        self, values: Optional[Tensor], rewards: Tensor, mask: Tensor
-    ) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
-        """(values, advantages, returns) [B, T] from the config's advantage estimator. For ``gae``
-        (TRL's): GAE with ``gamma``/``lam`` (``whiten_rewards`` applied), whitened advantages,
-        returns = raw advantages + values; values masked as in TRL. A critic-free estimator
-        (:mod:`rlhf_cli.ppo.estimators`) gets and returns no values and no returns (None).
-        ``step()`` calls this."""
-        result = self.estimator.estimate(rewards, values, mask, settings_from(self.config))
-        if values is not None:
-            values = torch.where(mask.bool(), values, torch.zeros_like(values))
-        return values, result.advantages, result.returns
 
     # Losses and stats ---------------------------------------------------------------------------
     def loss(
@@ -228,7 +218,7 @@ class TRLCompatMixin(TRLGenerationMixin):
         """(policy loss, vf_coef × value loss, TRL's flat stats) over one mini-batch [B, T]: the
         losses ``step()`` optimises, zeroed (with a warning) when the mean ratio exceeds
         ``ratio_threshold``."""
-        cfg = self.config
+        cfg = self.settings
         pl = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.cliprange)
         vl = value_loss(vpreds, values, returns, mask, cfg.cliprange_value)
         if bool(pl.ratio_mean > cfg.ratio_threshold):  # host sync, as TRL's .item()
@@ -267,17 +257,12 @@ class TRLCompatMixin(TRLGenerationMixin):
         """TRL's step stats from ``scores``, ``logprobs``, ``ref_logprobs``, ``non_score_reward``,
         ``kls``, ``masks`` ([B, T]), ``queries``, ``responses`` and ``train_stats`` (TRL's flat
         names, each stacked over mini-batches), via the flattening ``step()`` uses."""
-        mask, kls = data["masks"], data["kls"]
-        lengths = {name: torch.tensor([float(len(x)) for x in data[name]]) for name in ("queries", "responses")}
-        rollout = RolloutStats(
-            kl_per_sample=(kls * mask).sum(dim=-1),
-            neg_logprob_sum=(-data["logprobs"] * mask).sum(dim=-1),
-            mean_non_score_reward=masked_mean(data["non_score_reward"], mask),
-            scores=_as_score_tensor(data["scores"], mask.device),
-            query_lengths=lengths["queries"],
-            response_lengths=lengths["responses"],
-            logprobs=data["logprobs"],
-            ref_logprobs=data["ref_logprobs"],
+        mask = data["masks"]
+        lengths = {name: [len(x) for x in data[name]] for name in ("queries", "responses")}
+        rollout = rollout_stats(
+            kl=data["kls"], logprobs=data["logprobs"], ref_logprobs=data["ref_logprobs"],
+            non_score=data["non_score_reward"], mask=mask, scores=as_score_tensor(data["scores"], mask.device),
+            query_lengths=lengths["queries"], response_lengths=lengths["responses"],
         )
         train = {f"ppo/{key}": torch.as_tensor(value).float().mean(dim=0) for key, value in data["train_stats"].items()}
         means = MiniBatchStats(*(train.get(TRAIN_NAMES.get(name, ""), torch.tensor(float("nan"))) for name in MiniBatchStats._fields))
@@ -291,8 +276,8 @@ class TRLCompatMixin(TRLGenerationMixin):
         for key in ("ppo/skipped_minibatches", "ppo/minibatches", "ppo/learning_rate"):
             stats.pop(key)
         stats.update(train)
-        stats["tokens/queries_dist"] = lengths["queries"].numpy()
-        stats["tokens/responses_dist"] = lengths["responses"].numpy()
+        stats["tokens/queries_dist"] = rollout.query_lengths.cpu().numpy()
+        stats["tokens/responses_dist"] = rollout.response_lengths.cpu().numpy()
         return stats
 
     # Logging ------------------------------------------------------------------------------------
@@ -312,13 +297,15 @@ class TRLCompatMixin(TRLGenerationMixin):
         self.accelerator.log(logs, step=self.current_step)
 
 
-def fill_runtime_fields(config: Any, sizes: Sizes, model: nn.Module) -> None:
-    """Write what TRL's trainer writes into its config when built: world and global sizes, model kind."""
-    config.world_size = sizes.world_size
-    config.global_batch_size = sizes.global_batch_size
-    config.global_backward_batch_size = sizes.global_backward_batch_size
-    config.is_encoder_decoder = bool(model.is_encoder_decoder)
-    config.is_peft_model = bool(model.is_peft_model)
+def runtime_fields(sizes: Sizes, model: nn.Module) -> dict[str, Any]:
+    """What TRL's trainer writes into its config when built: world and global sizes, model kind."""
+    return {
+        "world_size": sizes.world_size,
+        "global_batch_size": sizes.global_batch_size,
+        "global_backward_batch_size": sizes.global_backward_batch_size,
+        "is_encoder_decoder": bool(model.is_encoder_decoder),
+        "is_peft_model": bool(model.is_peft_model),
+    }
 
 
 def _trl_response_columns(queries: Sequence[Tensor], responses: Sequence[Tensor], attention_mask: Tensor) -> list[int]:
@@ -331,18 +318,8 @@ def _trl_response_columns(queries: Sequence[Tensor], responses: Sequence[Tensor]
 def _to_trl_layout(aligned: Tensor, columns: list[int], lengths: list[int], out_width: int) -> Tensor:
     """Response-aligned [B, T(, V)] -> TRL's [B, out_width(, V)]: response token t < lengths[i] of
     row i goes to column ``columns[i] + t``; everything else is 0."""
-    device = aligned.device
-    counts = torch.tensor(lengths)
-    rows = torch.repeat_interleave(torch.arange(len(lengths)), counts)
-    tokens = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    rows, tokens = real_token_index(lengths, torch.device("cpu"))
     cols = torch.tensor(columns)[rows] + tokens
-    rows, tokens, cols = rows.to(device), tokens.to(device), cols.to(device)
+    rows, tokens, cols = rows.to(aligned.device), tokens.to(aligned.device), cols.to(aligned.device)
     out = aligned.new_zeros(aligned.shape[0], out_width, *aligned.shape[2:])
     return out.index_put((rows, cols), aligned[rows, tokens])
-
-
-def _as_score_tensor(scores: Any, device: torch.device) -> Tensor:
-    """Scores given as a tensor or a list of numbers / 0-d tensors -> [B] on ``device``."""
-    if isinstance(scores, Tensor):
-        return scores.to(device).reshape(-1)
-    return torch.stack([torch.as_tensor(s, dtype=torch.float32).reshape(()) for s in scores]).to(device)

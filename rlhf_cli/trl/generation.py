@@ -19,7 +19,7 @@ from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs
 
 class TRLGenerationMixin:
     """``generate`` (optionally with the reference's responses) and ``_generate_batched``; mixed into
-    :class:`~rlhf_cli.PPOTrainer` through :class:`~rlhf_cli.ppo.trl_compat.TRLCompatMixin`."""
+    :class:`~rlhf_cli.trl.trainer.PPOTrainer`."""
 
     # Provided by PPOTrainer.
     accelerator: Any
