@@ -17,6 +17,8 @@ KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
 KL_LOSS_ESTIMATORS = ("k1", "k2", "k3")
 # The weights the policy computes with (see rlhf_cli.ppo.precision).
 PRECISIONS = ("fp32", "bf16")
+# How the policy is spread over processes (see rlhf_cli.ppo.sharding).
+SHARDINGS = ("none", "fsdp2")
 
 
 @dataclass(frozen=True)

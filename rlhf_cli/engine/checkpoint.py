@@ -178,7 +178,8 @@ _BREAKING = ("model.", "dataset.", "seed", "ppo.batch_size", "ppo.mini_batch_siz
              "ppo.gradient_accumulation_steps", "ppo.use_score_scaling", "ppo.use_score_norm",
              "ppo.precision",  # bf16's optimiser state holds float32 masters; fp32's does not
              "ppo.advantage_estimator",  # gae's optimiser state holds the value head; the critic-free ones' does not
-             "generation.samples_per_prompt")  # the data position counts prompt batches of batch_size / G
+             "generation.samples_per_prompt",
+             "ppo.sharding")  # an FSDP2 checkpoint's optimiser state is keyed by name, DDP's by position  # the data position counts prompt batches of batch_size / G
 # Changing these does not touch what is computed.
 _HARMLESS = ("steps", "epochs", "logging.", "checkpoint.", "output_dir", "eval_prompts", "threads", "overwrite")
 
@@ -267,11 +268,16 @@ def write_main_files(
     cfg: DictConfig,
     loop: LoopState,
     num_processes: int,
+    weights: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
-    """Everything but the per-rank RNG files (main process only)."""
-    from safetensors.torch import save_model
+    """Everything but the per-rank RNG files (main process only). ``weights``: the full state dict
+    gathered from a sharded model (FSDP2), saved instead of ``model``'s own tensors."""
+    from safetensors.torch import save_file, save_model
 
-    save_model(model, str(tmp_dir / "weights.safetensors"))
+    if weights is not None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_dir / "weights.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp_dir / "weights.safetensors"))
     torch.save(trainer_state, tmp_dir / "trainer.pt")
     tokenizer.save_pretrained(tmp_dir / "tokenizer")
     (tmp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")

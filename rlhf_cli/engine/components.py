@@ -8,6 +8,8 @@ peft, the sharding the launcher asked for (:func:`check_launch`), and the step c
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import os
 from typing import Optional
@@ -123,14 +125,47 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
     check_mixed_precision(cfg, state.device.type)
     if cfg.model.lora.enabled:
         check_peft_installed()
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") or _launcher_zero_stage() == 3:
-        kind = "FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else "DeepSpeed ZeRO-3"
+    check_sharding_launch(cfg)
+
+
+def fsdp2_launch() -> bool:
+    """Whether `accelerate launch` was given an FSDP config with fsdp_version: 2."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "2"
+
+
+def check_sharding_launch(cfg: DictConfig) -> None:
+    """FSDP2 (ppo.sharding=fsdp2, or Accelerate's fsdp_version: 2) is the sharding rlhf_cli runs; FSDP
+    version 1 and DeepSpeed ZeRO-3 are refused, and so are the combinations FSDP2 does not cover yet."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not fsdp2_launch():
         raise ConfigError(
-            f"This launch uses {kind}, which shards the policy's parameters over the processes. `rlhf train` "
-            "cannot yet write final/ or checkpoints from sharded parameters (they need gathered state dicts, "
-            "which could not be built and verified without a GPU), so the run would train and then fail to "
-            "save. Launch with DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 "
-            "(configs/accelerate/deepspeed_zero2.yaml), optionally with model.lora.enabled=true to save memory."
+            f"This launch uses FSDP version {os.environ.get('FSDP_VERSION', '1')}, which rlhf_cli does not run: it "
+            "shards with FSDP2 (per-parameter sharding, torch.distributed.fsdp.fully_shard), which generates, saves "
+            "final/ and resumes from sharded state. Set fsdp_version: 2 in your Accelerate config "
+            "(configs/accelerate/fsdp.yaml), or launch with --multi_gpu and ppo.sharding=fsdp2."
+        )
+    if _launcher_zero_stage() == 3:
+        raise ConfigError(
+            "This launch uses DeepSpeed ZeRO-3, which rlhf_cli does not run: a separate reference model would "
+            "not be sharded, and final/ and checkpoints are not gathered from ZeRO-3's partitions. Shard with "
+            "FSDP2 instead (policy, value head, reference and optimiser state): launch with "
+            "configs/accelerate/fsdp.yaml, or with --multi_gpu and ppo.sharding=fsdp2; or use ZeRO-2 "
+            "(configs/accelerate/deepspeed_zero2.yaml)."
+        )
+    if cfg.ppo.sharding != "fsdp2" and not fsdp2_launch():
+        return
+    source = "ppo.sharding=fsdp2" if cfg.ppo.sharding == "fsdp2" else "This FSDP2 launch (fsdp_version: 2)"
+    if cfg.model.lora.enabled:
+        raise ConfigError(
+            f"{source} with model.lora.enabled=true is not supported yet: the reference would be the sharded "
+            "policy with its adapter disabled, which rlhf_cli has not verified under FSDP2. Use LoRA without "
+            "sharding (ppo.sharding=none: the adapter is small, the base weights are frozen), or FSDP2 without LoRA."
+        )
+    mode, where = mixed_precision_of(cfg)
+    if mode != "no":
+        raise ConfigError(
+            f"{source} with {where}: under FSDP2, bfloat16 compute is FSDP2's own mixed-precision policy "
+            "(bfloat16 parameters in forward and backward, float32 gradient reduction and master weights), chosen "
+            "with ppo.precision=bf16. Use ppo.precision=bf16 with ppo.mixed_precision=no (and no --mixed_precision)."
         )
 
 
@@ -151,7 +186,10 @@ def settings_and_launch(cfg: DictConfig, *, num_processes: int, tracker_dir: str
         project_kwargs={"project_dir": tracker_dir, "logging_dir": tracker_dir},
         accelerator_kwargs=mixed,
     )
-    return engine_settings(cfg, num_processes), launch
+    settings = engine_settings(cfg, num_processes)
+    if fsdp2_launch():  # Accelerate's FSDP config at fsdp_version: 2 means ppo.sharding=fsdp2
+        settings = dataclasses.replace(settings, sharding="fsdp2")
+    return settings, launch
 
 
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:

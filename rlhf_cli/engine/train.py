@@ -10,6 +10,7 @@ and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlh
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 
 from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
+from rlhf_cli.engine import sharded_state
 from rlhf_cli.engine.batches import PromptStream, StreamPosition
 from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
 from rlhf_cli.engine.export import save_final
@@ -32,6 +34,7 @@ from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.signals import Preempted, StopRequest
 from rlhf_cli.reporting import Reporter, tracker_logs
 from rlhf_cli.models import load_policy_and_tokenizer
+from rlhf_cli.ppo.sharding import full_model_state, load_full_model_state
 from rlhf_cli.ppo.stats import reward_stats, scalar_stats
 from rlhf_cli.ppo.timing import PhaseTimer
 from rlhf_cli.ppo.engine import PPOEngine
@@ -122,6 +125,11 @@ class TrainingRun:
         self.monitors = build_monitors(cfg.reward.monitor)  # logged only: never handed to the trainer
         settings, launch = settings_and_launch(cfg, num_processes=self.state.num_processes, tracker_dir=str(self.run_dir.trackers_dir))
         self.trainer = PPOEngine(settings, policy, tokenizer=self.tokenizer, launch=launch)
+        if self.trainer.sharded:
+            self.reporter.print(
+                f"FSDP2: policy, value head and reference sharded over {self.state.num_processes} process(es) "
+                f"on {self.trainer.accelerator.device.type} (precision {cfg.ppo.precision})."
+            )
         self.stream = PromptStream(
             self.data.train,
             prompts_per_step=prompts_per_step(cfg),
@@ -189,7 +197,12 @@ class TrainingRun:
     def _restore(self, point: ckpt.ResumePoint) -> None:
         accelerator = self.trainer.accelerator
         saved = point.state
-        ckpt.load_weights(point.path, accelerator.unwrap_model(self.trainer.model))
+        if self.trainer.sharded:  # every process reads the full weights and keeps its shard
+            weights = sharded_state.read_weights(point.path)
+            sharded_state.check_weights_fit(point.path, weights, self.trainer.model)
+            load_full_model_state(self.trainer.model, weights)
+        else:
+            ckpt.load_weights(point.path, accelerator.unwrap_model(self.trainer.model))
         self.trainer.load_state_dict(point.trainer_state)
         point.trainer_state = {}  # now in the optimizer: no second copy of its state for the whole run
         ckpt.restore_rng(point.rng, self.length_rng)
@@ -211,12 +224,16 @@ class TrainingRun:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         ckpt.write_rng_file(tmp, self.state.process_index, self.length_rng)
+        # Sharded: gathering the full weights and optimiser state is a collective of every process.
+        trainer_state = self.trainer.state_dict()
+        weights = full_model_state(self.trainer.model) if self.trainer.sharded else None
         accelerator.wait_for_everyone()
         if self.state.is_main_process:
             ckpt.write_main_files(
                 tmp,
                 model=accelerator.unwrap_model(self.trainer.model),
-                trainer_state=self.trainer.state_dict(),
+                weights=weights,
+                trainer_state=trainer_state,
                 tokenizer=self.tokenizer,
                 cfg=self.cfg,
                 loop=self.loop,
@@ -267,7 +284,7 @@ class TrainingRun:
                     max_new_tokens=budgets,
                     device=accelerator.device,
                     **self.rollout_generation,
-                    **synced_generation_kwargs(accelerator),
+                    **synced_generation_kwargs(accelerator, self.trainer.model),
                 )
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         # 3. Reward: one float per (prompt, response).
@@ -330,11 +347,13 @@ class TrainingRun:
         """Save ``final/``, print the before/after table, write report.md and curves.png (main process)."""
         accelerator = self.trainer.accelerator
         accelerator.wait_for_everyone()
-        policy = accelerator.unwrap_model(self.trainer.model)
+        policy, reference = accelerator.unwrap_model(self.trainer.model), None
+        if self.trainer.sharded:  # plain models on rank 0, from the gathered weights (a collective)
+            policy, reference = sharded_state.models_for_finish(self.cfg, policy, self.state.is_main_process)
         comparison = None
         if self.state.is_main_process:
             save_final(policy, self.tokenizer, self.run_dir.final_dir)
-            comparison = self._compare(policy)
+            comparison = self._compare(policy, reference)
             monitor_lines = heldout_monitor_lines(self.monitors, comparison) if comparison is not None else []
             if comparison is not None:
                 write_report(self.run_dir.root, comparison, self.loop.reward_means, monitor_lines)
@@ -347,11 +366,12 @@ class TrainingRun:
             accelerator.end_training()
         return RunSummary(self.run_dir.root, self.steps, list(self.loop.reward_means), comparison)
 
-    def _compare(self, policy) -> Comparison | None:
+    def _compare(self, policy, plain_reference=None) -> Comparison | None:
         rows = min(int(self.cfg.eval_prompts), len(self.data.heldout))
         if rows == 0:
             return None
-        with self.trainer.reference_context() as reference:
+        reference_context = contextlib.nullcontext(plain_reference) if plain_reference is not None else self.trainer.reference_context()
+        with reference_context as reference:
             return compare_on_heldout(
                 self.cfg,
                 self.data.heldout,

@@ -34,6 +34,7 @@ from rlhf_cli.ppo.minibatch import Rows, minibatch_losses, ratio_threshold_warni
 from rlhf_cli.ppo.precision import apply_precision
 from rlhf_cli.ppo.rules import ENGINE, check_settings
 from rlhf_cli.ppo.settings import Launch, PPOSettings
+from rlhf_cli.ppo.sharding import shard_for_training, sharding_wanted
 from rlhf_cli.ppo.state import engine_state, restore_engine_state
 from rlhf_cli.ppo.setup import (check_model_arguments, check_sharding, default_optimizer, freeze_value_head,
                                  make_accelerator, reference_model, shared_layers)
@@ -87,9 +88,8 @@ class PPOEngine:
         ref_model = reference_model(model, ref_model, num_shared_layers, disable_dropout=settings.disable_dropout)
         if not self.estimator.needs_critic:
             freeze_value_head(model)
-        optimizer = optimizer if optimizer is not None else default_optimizer(model, settings, self.accelerator.device)
-        # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
-        optimizer = apply_precision(settings.precision, optimizer, model, ref_model)
+        self.sharded = sharding_wanted(settings, self.accelerator)
+        optimizer = self._optimizer_over(model, ref_model, optimizer)
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self._prepare(model, optimizer, ref_model, dataloader, lr_scheduler)
@@ -104,6 +104,25 @@ class PPOEngine:
         return self.settings.to_dict()
 
     # Construction ------------------------------------------------------------------------------
+    def _optimizer_over(
+        self, model: PreTrainedModelWrapper, ref_model: Optional[PreTrainedModelWrapper], optimizer: Optional[torch.optim.Optimizer]
+    ) -> torch.optim.Optimizer:
+        """The optimiser (the given one, or Adam) over the parameters as they will train: sharded first
+        with ``sharding="fsdp2"`` (policy and reference; bf16 is then FSDP2's mixed-precision policy,
+        see rlhf_cli.ppo.sharding), else with ``precision="bf16"``'s float32 masters."""
+        device, settings = self.accelerator.device, self.settings
+        if self.sharded:
+            build = lambda m: default_optimizer(m, settings, device)  # noqa: E731
+            return shard_for_training(model, ref_model, optimizer, build, device=device, precision=settings.precision)
+        if settings.precision == "bf16":
+            # The float32 masters are copies of the weights: made where the weights will live (on a GPU they
+            # were made on the CPU before Accelerate moved the model, and the first step failed assigning
+            # CUDA gradients to CPU masters; seen on an H200).
+            model.to(device)
+        optimizer = optimizer if optimizer is not None else default_optimizer(model, settings, device)
+        # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
+        return apply_precision(settings.precision, optimizer, model, ref_model)
+
     def _prepare(self, model: PreTrainedModelWrapper, optimizer: torch.optim.Optimizer,
                  ref_model: Optional[PreTrainedModelWrapper], dataloader: Any, lr_scheduler: Any) -> None:
         """Model, optimiser, dataloader and scheduler through ``accelerator.prepare``; the reference to the device."""
@@ -111,7 +130,11 @@ class PPOEngine:
         # An empty dataloader stays unprepared: Accelerate 1.1-1.3 (TRL 0.11's) fail iterating a prepared one.
         prepare_dataloader = dataloader is not None and len(dataloader) > 0
         extras = [x for x in (dataloader if prepare_dataloader else None, lr_scheduler) if x is not None]
-        self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *extras)
+        if self.sharded and not self.accelerator.is_fsdp2:
+            # Already sharded: Accelerate must not wrap it in DDP; it prepares the optimiser only.
+            self.model, (self.optimizer, *prepared) = model, self.accelerator.prepare(optimizer, *extras, None)[:-1]
+        else:
+            self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *extras)
         self.dataloader = prepared.pop(0) if prepare_dataloader else dataloader
         self.lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rlhf_cli.ppo.sharding import full_optimizer_state, load_full_optimizer_state
+
 if TYPE_CHECKING:
     from rlhf_cli.ppo.engine import PPOEngine
 
@@ -23,7 +25,8 @@ def engine_state(engine: "PPOEngine") -> dict[str, Any]:
         "kl_ctl": engine.kl_ctl.state_dict(),
         "running": _state_or_none(engine.running),
         "shuffle_generator": engine.shuffle_generator.get_state(),
-        "optimizer": engine.optimizer.state_dict(),
+        # FSDP2: gathered whole and keyed by name (a collective: every process calls state_dict()).
+        "optimizer": full_optimizer_state(engine.model, engine.optimizer.optimizer) if engine.sharded else engine.optimizer.state_dict(),
         "lr_scheduler": _state_or_none(engine.lr_scheduler),
     }
 
@@ -37,6 +40,9 @@ def restore_engine_state(engine: "PPOEngine", state: dict[str, Any]) -> None:
     if engine.running is not None:
         engine.running.load_state_dict(state["running"])
     engine.shuffle_generator.set_state(state["shuffle_generator"])
-    engine.optimizer.load_state_dict(state["optimizer"])
+    if engine.sharded:
+        load_full_optimizer_state(engine.model, engine.optimizer.optimizer, state["optimizer"])
+    else:
+        engine.optimizer.load_state_dict(state["optimizer"])
     if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -109,6 +109,7 @@ class PPOConfig:
     weight_decay: float = _default("weight_decay")
     adam_eps: float = _default("adam_eps")
     precision: str = _default("precision")
+    sharding: str = _default("sharding")
 
     # Accepted for TRL scripts, filled in by the trainer, or derived from the sizes (samples_per_prompt
     # and gradient_checkpointing are engine knobs too).

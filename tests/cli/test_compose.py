@@ -233,7 +233,7 @@ def choice_fields() -> list[tuple[str, tuple[str, ...]]]:
 def test_every_enumerated_field_is_covered() -> None:
     keys = {key for key, _ in choice_fields()}
     assert keys == {"model.source", "model.kind", "model.dtype", "model.padding_side", "reward.type", "reward.text",
-                    "reward.output", "dataset.source", "ppo.kl_penalty", "ppo.mixed_precision", "ppo.precision",
+                    "reward.output", "dataset.source", "ppo.kl_penalty", "ppo.mixed_precision", "ppo.precision", "ppo.sharding",
                     "ppo.advantage_estimator", "ppo.kl_loss_estimator",
                     "logging.trackers"}
 
