@@ -42,7 +42,7 @@ ESTIMATOR_KNOBS = ("estimator", "samples_per_prompt", "kl_loss_coef", "kl_in_rew
 
 def add_objective_arguments(ap: argparse.ArgumentParser) -> None:
     """The advantage estimator, its group sampling and the KL terms (shared with profile_ppo.py)."""
-    from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS  # torch-free
+    from rlhf_cli.algo.names import ADVANTAGE_ESTIMATORS  # torch-free
 
     ap.add_argument("--estimator", default="gae", choices=ADVANTAGE_ESTIMATORS, help="PPOConfig.advantage_estimator")
     ap.add_argument("--samples-per-prompt", type=int, default=1,
@@ -56,7 +56,7 @@ def add_objective_arguments(ap: argparse.ArgumentParser) -> None:
 def check_group_size(ap: argparse.ArgumentParser, batch_size: int, estimator: str, group: int) -> None:
     """Refuse an arm PPOConfig would refuse in its child, before any child starts: a batch that is not
     whole groups, or a group too small for the estimator."""
-    from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS, estimator_named
+    from rlhf_cli.algo.names import ADVANTAGE_ESTIMATORS, estimator_named
 
     if estimator not in ADVANTAGE_ESTIMATORS:
         ap.error(f"unknown estimator {estimator!r}; valid: {', '.join(ADVANTAGE_ESTIMATORS)}.")
@@ -148,7 +148,7 @@ class EngineBench:
     def __init__(self, workload, args: argparse.Namespace) -> None:
         import numpy as np
 
-        from rlhf_cli.ppo import PPOConfig, PPOTrainer
+        from rlhf_cli import PPOConfig, PPOTrainer
         from rlhf_cli.seeding import set_seed
 
         self.workload, self.args = workload, args

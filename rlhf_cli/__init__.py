@@ -13,8 +13,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PPOTrainer": "rlhf_cli.ppo.trainer",
-    "PPOConfig": "rlhf_cli.ppo.config",
+    "PPOTrainer": "rlhf_cli.trl.trainer",
+    "PPOConfig": "rlhf_cli.trl.config",
     "AutoModelForCausalLMWithValueHead": "rlhf_cli.models",
     "AutoModelForSeq2SeqLMWithValueHead": "rlhf_cli.models",
     "PreTrainedModelWrapper": "rlhf_cli.models",

@@ -12,10 +12,28 @@ os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("RLHF_CLI_CACHE", tempfile.mkdtemp(prefix="rlhf-cli-test-cache-"))
 
+# Where the trainers (and the `rlhf` subprocesses, which inherit the environment) put their models:
+# RLHF_TEST_DEVICE=cpu pins the CPU even on a GPU machine; =cuda insists on a GPU (the session stops
+# at once if there is none, so a GPU run cannot pass on the CPU unnoticed). Unset: Accelerate's
+# choice (the GPU where there is one). On CPU-only machines nothing changes.
+TEST_DEVICE = os.environ.get("RLHF_TEST_DEVICE", "")
+if TEST_DEVICE == "cpu":
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.tiny import make_tiny_gpt2, make_word_tokenizer  # noqa: E402
+
+
+def pytest_configure(config) -> None:
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("RLHF_TEST_DEVICE=cuda, but torch sees no CUDA device.")
+
+
+def pytest_report_header(config) -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return f"rlhf_cli models on: {TEST_DEVICE or 'Accelerate default'} (CUDA device: {gpu})"
 
 
 @pytest.fixture(scope="session")

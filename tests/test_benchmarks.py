@@ -216,3 +216,34 @@ def test_compare_trl_real_lm_says_what_is_missing(tmp_path):
     assert (args.batch_size, args.mini_batch_size, args.epochs, args.new_tokens) == (16, 8, 4, 16)
     with pytest.raises(SystemExit, match="setup_trl_legacy.sh"):
         compare.main_real_lm(args)
+
+
+def _script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(BENCHMARKS.parent)}
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_generation_throughput_reports_tokens_per_second(tmp_path):
+    """The GPU check's generation benchmark, reduced to a CPU run of the rollout's default cache."""
+    out = tmp_path / "gen.json"
+    done = _script("generation_throughput.py", "--device", "cpu", "--dtype", "float32", "--batch", "2", "--new-tokens", "3",
+                   "--repeats", "1", "--variants", "dynamic,static", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for variant in ("dynamic", "static"):
+        assert result[variant]["tokens_per_s"] > 0, result[variant]
+
+
+@pytest.mark.slow
+def test_sharding_memory_counts_the_shards_a_process_holds(tmp_path):
+    """One process sharded with FSDP2 (a world of one) holds every byte: parameters and reference equal,
+    Adam state twice the parameters (two moments), one measured step."""
+    out = tmp_path / "mem.json"
+    done = _script("sharding_memory.py", "--out", str(out), "+recipe=smoke", "ppo.sharding=fsdp2", "steps=2",
+                   f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (rank,) = json.loads(out.read_text())["ranks"]
+    held = rank["held_bytes"]
+    assert rank["sharded"] and held["reference_params"] == held["policy_params"] > 0
+    assert held["optimizer_state"] == 2 * held["policy_params"] and rank["s_per_step"] > 0

@@ -24,8 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlhf_cli.config.messages import explain, parse_error
 from rlhf_cli.config.paths import config_dir
-from rlhf_cli.config.store import register_configs
-from rlhf_cli.config.validate import validate
+from rlhf_cli.config.store import register_configs, schema_of
+from rlhf_cli.config.validate import validate as validate_config
 from rlhf_cli.errors import ConfigError
 
 PRIMARY_CONFIG = "train"
@@ -116,8 +116,11 @@ def process_rank() -> int:
     return 0
 
 
-def compose_train_config(overrides: Sequence[str] = (), *, require_complete: bool = True) -> DictConfig:
-    """Compose configs/train.yaml with ``overrides`` and validate it, without running a Hydra app.
+def compose_train_config(
+    overrides: Sequence[str] = (), *, require_complete: bool = True, config_name: str = PRIMARY_CONFIG
+) -> DictConfig:
+    """Compose configs/train.yaml (or ``config_name``: "reward" for ``rlhf reward``) with ``overrides``
+    and validate it, without running a Hydra app.
 
     The result has no ``hydra`` node and is fully resolved. ``output_dir`` is the absolute directory a
     run with these overrides would use: ``output_dir=PATH`` if given, else Hydra's ``hydra.run.dir``
@@ -127,23 +130,33 @@ def compose_train_config(overrides: Sequence[str] = (), *, require_complete: boo
     overrides = rewrite_output_dir(list(overrides), multirun=False)
     with hydra_session():
         try:
-            cfg = compose(PRIMARY_CONFIG, overrides=overrides, return_hydra_config=True)
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:
-            raise explain(err, overrides, list_length=partial(_list_length, PRIMARY_CONFIG, overrides)) from err
+            raise explain(err, overrides, list_length=partial(_list_length, config_name, overrides)) from err
     run_dir = os.path.abspath(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
     cfg[OUTPUT_DIR_KEY] = run_dir
-    return finalize(cfg, require_complete=require_complete, overrides=overrides)
+    return finalize(cfg, require_complete=require_complete, overrides=overrides, config_name=config_name)
 
 
-def finalize(cfg: DictConfig, *, require_complete: bool = True, overrides: Sequence[str] = ()) -> DictConfig:
-    """Validate, then resolve every interpolation in place (the config is resolved once, here).
+def finalize(
+    cfg: DictConfig,
+    *,
+    require_complete: bool = True,
+    overrides: Sequence[str] = (),
+    validate: bool = True,
+    config_name: str = PRIMARY_CONFIG,
+) -> DictConfig:
+    """Validate (unless the caller already has: ``validate=False``) against the schema of
+    ``config_name`` ("train" or "reward"), then resolve every interpolation in place (the config is
+    resolved once, here).
 
     ``output_dir`` is made absolute. Raises ConfigError for invalid values or unresolvable interpolations.
     """
     try:
-        validate(cfg, require_complete=require_complete)
+        if validate:
+            validate_config(cfg, require_complete=require_complete, schema=schema_of(config_name))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
         raise explain(err, overrides) from err
@@ -174,7 +187,7 @@ def compose_jobs(
         for number, job in enumerate(jobs):
             try:
                 cfg = compose(config_name or PRIMARY_CONFIG, overrides=job, return_hydra_config=True)
-                validate(cfg, require_complete=require_complete)
+                validate_config(cfg, require_complete=require_complete, schema=schema_of(config_name or PRIMARY_CONFIG))
             except (HydraException, OmegaConfBaseException, ConfigError) as err:
                 lengths = partial(_list_length, config_name or PRIMARY_CONFIG, job)
                 error = err if isinstance(err, ConfigError) else explain(err, job, dirs, lengths)

@@ -44,6 +44,11 @@ def recipe_files() -> dict[str, Path]:
     return {path.stem: path for path in sorted(recipes_dir().glob("*.yaml"))}
 
 
+def reward_recipe_files() -> dict[str, Path]:
+    """``rlhf reward``'s recipes (recipes/reward/NAME.yaml): name -> YAML path, sorted by name."""
+    return {path.stem: path for path in sorted((recipes_dir() / "reward").glob("*.yaml"))}
+
+
 def recipe_description(path: Path) -> str:
     """The one-line description: the first comment line of the recipe that is not a ``# @package`` header."""
     with path.open(encoding="utf-8") as handle:

@@ -8,18 +8,17 @@ right after composition.
 
 Where each default is written (one rule: a value is written once, by its owner)
 ---------------------------------------------------------------------------------
-* The ppo group belongs to the library. ``rlhf_cli.ppo.config.PPOConfig`` is legacy TRL's config and
-  keeps TRL's defaults for library users; :data:`PPOSection` is *generated* from it (every field not in
-  ``ppo.config.LIBRARY_ONLY_FIELDS``, with its type and default), plus the run-only ``mixed_precision``.
-  configs/ppo/default.yaml therefore writes no value, only what each key means, and
-  ``engine.components.ppo_config_from`` passes the same derived field list back to PPOConfig. A new PPO
-  knob is one new PPOConfig field: settable as ``ppo.NAME=...``, shown by ``rlhf train --cfg job``.
-  Only the command line's ranges (``_PPO_LIMITS``) are written here.
+* The ppo group belongs to the engine. :data:`PPOSection` is *generated* from
+  :class:`rlhf_cli.ppo.settings.PPOSettings` (every ``ppo.NAME`` field, with its type, default and
+  range), plus the run-only ``mixed_precision``; ``seed``, ``generation.samples_per_prompt`` and
+  ``model.gradient_checkpointing`` take their defaults from there too. configs/ppo/default.yaml
+  therefore writes no value, only what each key means. A new PPO knob is one new PPOSettings field:
+  settable as ``ppo.NAME=...``, shown by ``rlhf train --cfg job``, passed to the engine.
 * The other sections have no library twin: their defaults are written here and the group YAML files
   repeat them with their comments (tests/cli/test_compose.py pins the two equal).
 * The offline default (a bare ``rlhf train`` that finishes in minutes on a CPU) is the one named place
   for deviations from TRL's values: the "Offline default" block at the end of configs/train.yaml.
-  Recipes are deltas on top of it (DESIGN §5) and set back only what that block changed.
+  Recipes are deltas on top of it and set back only what that block changed.
 * Each enumeration (KL modes, trackers, ...) is declared once, here or by its owner, and imported.
 """
 
@@ -30,9 +29,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from rlhf_cli.ppo import config as ppo_config
-from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS
-from rlhf_cli.ppo.config import KL_LOSS_ESTIMATORS, KL_PENALTY_MODES, PRECISIONS
+from rlhf_cli.algo.names import KL_PENALTY_MODES
+from rlhf_cli.ppo.settings import PPOSettings, ppo_group_fields
 
 
 def _field(
@@ -57,11 +55,19 @@ def _field(
     return field(default=default, metadata=meta)
 
 
+def _engine_field(name: str) -> Any:
+    """A field the command line sets from a group other than ppo, with the engine setting's default and range."""
+    setting = next(f for f in dataclasses.fields(PPOSettings) if f.name == name)
+    return field(default=setting.default, metadata=setting.metadata)
+
+
 MODEL_SOURCES = ("pretrained", "review_gpt2", "tiny_gpt2")
 MODEL_KINDS = ("causal", "seq2seq")
+# Weights a model loads in: torch dtype names, or "auto" (the checkpoint's); models.builder maps them.
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 PADDING_SIDES = ("left", "right")
-REWARD_SOURCE_TYPES = ("vader", "classifier", "callable")
+# The reward sources rlhf_cli.rewards.factory builds (it imports these names).
+REWARD_SOURCE_TYPES = ("vader", "classifier", "callable", "learned")
 REWARD_TYPES = REWARD_SOURCE_TYPES + ("weighted_sum",)
 REWARD_TEXTS = ("response", "full")
 REWARD_OUTPUTS = ("logit", "probability")
@@ -104,7 +110,7 @@ class ModelConfig:
     dtype: str = _field("float32", choices=DTYPES)
     trust_remote_code: bool = False
     revision: Optional[str] = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = _engine_field("gradient_checkpointing")
     tokenizer_name_or_path: Optional[str] = None
     pad_token: Optional[str] = None
     padding_side: str = _field("left", choices=PADDING_SIDES)
@@ -136,6 +142,8 @@ class RewardConfig(RewardSourceConfig):
     # Redeclared (same position in the field order) to allow weighted_sum at the top level only.
     type: str = _field("vader", choices=REWARD_TYPES)
     components: List[RewardComponentConfig] = _field(factory=list)
+    # Sources logged (env/monitor/<name>_mean) and reported before/after, never optimised.
+    monitor: List[RewardSourceConfig] = _field(factory=list)
 
 
 @dataclass
@@ -156,47 +164,26 @@ class DatasetConfig:
     max_samples: Optional[int] = _field(None, ge=1)
 
 
-# Ranges the command line enforces on the ppo knobs (checked by ``validate``; PPOConfig runs its own
-# checks when the run builds it). Values, types and the list of knobs come from PPOConfig.
-_PPO_LIMITS: Dict[str, Dict[str, Any]] = {
-    "learning_rate": dict(gt=0), "batch_size": dict(ge=1), "forward_batch_size": dict(ge=1),
-    "mini_batch_size": dict(ge=1), "gradient_accumulation_steps": dict(ge=1), "ppo_epochs": dict(ge=1),
-    "init_kl_coef": dict(ge=0), "kl_penalty": dict(choices=KL_PENALTIES), "target": dict(gt=0),
-    "horizon": dict(gt=0), "gamma": dict(ge=0, le=1), "lam": dict(ge=0, le=1), "cliprange": dict(gt=0),
-    "cliprange_value": dict(gt=0), "vf_coef": dict(ge=0), "max_grad_norm": dict(gt=0),
-    "target_kl": dict(gt=0), "ratio_threshold": dict(gt=0), "score_clip": dict(gt=0),
-    "weight_decay": dict(ge=0), "adam_eps": dict(gt=0), "precision": dict(choices=PRECISIONS),
-    "advantage_estimator": dict(choices=ADVANTAGE_ESTIMATORS), "kl_loss_coef": dict(ge=0),
-    "kl_loss_estimator": dict(choices=KL_LOSS_ESTIMATORS),
-}
-# Knobs of the ppo group that PPOConfig does not have: they go to Accelerate, not to PPO.
+# Knobs of the ppo group that the engine's settings do not have: they go to Accelerate, not to PPO.
 _PPO_RUN_FIELDS = [
     ("mixed_precision", Optional[str], _field(None, choices=MIXED_PRECISIONS)),
 ]
 
 
 def _ppo_section() -> type:
-    """The ppo group's dataclass, generated from PPOConfig: one field per command-line knob of
-    PPOConfig (:func:`rlhf_cli.ppo.config.command_line_fields`) with its type and default, plus
-    :data:`_PPO_RUN_FIELDS`. Adding a field to PPOConfig adds the knob here, to ``--cfg job`` and to
-    the run's PPOConfig (``engine.components.ppo_config_from``)."""
-    hints = typing.get_type_hints(ppo_config.PPOConfig)
-    fields = [
-        (f.name, hints[f.name], _field(f.default, **_PPO_LIMITS.get(f.name, {})))
-        for f in ppo_config.command_line_fields()
-    ]
+    """The ppo group's dataclass, generated from PPOSettings: one field per ``ppo.NAME`` knob
+    (:func:`rlhf_cli.ppo.settings.ppo_group_fields`) with its type, default and range, plus
+    :data:`_PPO_RUN_FIELDS`. Adding a field to PPOSettings adds the knob here, to ``--cfg job`` and
+    to the run's settings (``engine.components``)."""
+    hints = typing.get_type_hints(PPOSettings)
+    fields = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata)) for f in ppo_group_fields()]
     section = dataclasses.make_dataclass("PPOSection", fields + _PPO_RUN_FIELDS)
     section.__module__ = __name__
-    section.__doc__ = "The ppo group: PPOConfig's knobs with TRL's defaults (sizes global), plus mixed_precision."
+    section.__doc__ = "The ppo group: the engine's knobs with TRL's defaults (sizes global), plus mixed_precision."
     return section
 
 
 PPOSection = _ppo_section()
-
-
-def _library_default(name: str) -> Any:
-    """The default of a PPOConfig field that the command line sets from another group."""
-    return next(f.default for f in dataclasses.fields(ppo_config.PPOConfig) if f.name == name)
 
 
 @dataclass
@@ -207,8 +194,8 @@ class GenerationSection:
     top_p: float = _field(1.0, gt=0, le=1)
     temperature: float = _field(1.0, gt=0)
     do_sample: bool = True
-    # PPOConfig.samples_per_prompt: the library's field, its default written there.
-    samples_per_prompt: int = _field(_library_default("samples_per_prompt"), ge=1)
+    # The engine's samples_per_prompt: its default and range written there.
+    samples_per_prompt: int = _engine_field("samples_per_prompt")
     batch_size: Optional[int] = _field(None, ge=1)
 
 
@@ -238,7 +225,7 @@ class TrainConfig:
     generation: GenerationSection = _field(factory=GenerationSection)
     logging: LoggingSection = _field(factory=LoggingSection)
     checkpoint: CheckpointSection = _field(factory=CheckpointSection)
-    seed: int = _field(0, ge=0)
+    seed: int = _engine_field("seed")
     steps: int = _field(100, ge=1)
     epochs: Optional[int] = _field(None, ge=1)
     output_dir: str = "${hydra:runtime.output_dir}"

@@ -14,19 +14,34 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from rlhf_cli.config.paths import group_options, recipe_files
+from rlhf_cli.config.paths import group_options, recipe_files, reward_recipe_files
+from rlhf_cli.config.reward_schema import RewardRunConfig
 from rlhf_cli.config.schema import TrainConfig
 from rlhf_cli.errors import ConfigError
 
 SCHEMA_NAME = "rlhf_train_schema"
+REWARD_SCHEMA_NAME = "rlhf_reward_schema"
 RECIPE_GROUP = "recipe"
+# Primary config name -> its schema (configs/<name>.yaml lists the schema first in its defaults).
+SCHEMAS = {"train": TrainConfig, "reward": RewardRunConfig}
 
 
-def _config_groups_help() -> str:
-    """The "group: options" lines of ``rlhf train --help``. Hydra's own $APP_CONFIG_GROUPS would also
-    list configs/accelerate/, which holds `accelerate launch --config_file` files, not a group."""
-    groups = dict(group_options())
-    groups[RECIPE_GROUP] = list(recipe_files())
+def schema_of(config_name: str) -> type:
+    """The schema a primary config is checked against (a user's own --config-name: train's)."""
+    return SCHEMAS.get(config_name, TrainConfig)
+
+
+# The config groups `rlhf reward` composes (the others are `rlhf train`'s).
+REWARD_GROUPS = ("model", "data")
+
+
+def _config_groups_help(command: str = "train") -> str:
+    """The "group: options" lines of ``rlhf train --help`` (``rlhf reward --help`` with ``command``
+    "reward"). Hydra's own $APP_CONFIG_GROUPS would also list configs/accelerate/, which holds
+    `accelerate launch --config_file` files, not a group, and the other command's groups."""
+    reward = command == "reward"
+    groups = {name: options for name, options in group_options().items() if (name in REWARD_GROUPS) == reward or name == "model"}
+    groups[RECIPE_GROUP] = list(reward_recipe_files() if reward else recipe_files())
     return "\n".join(f"{name}: {', '.join(options)}" for name, options in sorted(groups.items()))
 
 
@@ -37,7 +52,9 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("rlhf_config_groups", _config_groups_help)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=TrainConfig)
-    for name, path in recipe_files().items():
+    store.store(name=REWARD_SCHEMA_NAME, node=RewardRunConfig)
+    # `rlhf reward`'s recipes (recipes/reward/) share the group: their names differ from train's.
+    for name, path in {**recipe_files(), **reward_recipe_files()}.items():
         try:
             node = OmegaConf.load(path)
         except yaml.YAMLError as err:

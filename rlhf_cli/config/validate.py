@@ -12,16 +12,19 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from rlhf_cli.config.engine_settings import check_engine_settings
 from rlhf_cli.config.introspect import join_key
+from rlhf_cli.config.launch import launch_processes
 from rlhf_cli.config.schema import TrainConfig
 from rlhf_cli.config.suggest import did_you_mean, unknown_key_error
 from rlhf_cli.errors import ConfigError
+from rlhf_cli.ppo.rules import out_of_range
 
 # Keys a composed config may hold besides the schema's: Hydra's own node (present before the job starts).
 _ROOT_EXTRAS = ("hydra",)
 
 
-def validate(cfg: DictConfig, *, require_complete: bool = True) -> None:
+def validate(cfg: DictConfig, *, require_complete: bool = True, schema: type = TrainConfig) -> None:
     """Raise ConfigError for the first invalid value of a composed training config.
 
     ``require_complete``: also demand the values the chosen options need (``???`` placeholders filled,
@@ -29,7 +32,7 @@ def validate(cfg: DictConfig, *, require_complete: bool = True) -> None:
     skips this so an incomplete config can still be inspected.
     """
     missing: list[str] = []
-    _check_node(cfg, TrainConfig, [], missing)
+    _check_node(cfg, schema, [], missing)
     if require_complete and missing:
         raise ConfigError(
             "Missing required config value" + ("s " if len(missing) > 1 else " ")
@@ -43,7 +46,12 @@ def validate(cfg: DictConfig, *, require_complete: bool = True) -> None:
         )
     _check_consistency(cfg)
     if require_complete:
-        _check_required_by_choice(cfg)
+        if schema is TrainConfig:
+            _check_required_by_choice(cfg)
+            # Every rule of the ppo settings (sizes, groups, precision, ...), for this launch's processes.
+            check_engine_settings(cfg, launch_processes())
+        else:  # another command's config (rlhf reward): the sections it shares with train
+            _check_model_required(cfg)
 
 
 def _check_node(node: DictConfig, dc_type: type, path: list[str], missing: list[str]) -> None:
@@ -91,19 +99,9 @@ def _check_value(value: Any, meta: dict, parts: list[str], setter: str | None = 
             f"Invalid value '{value}' for '{key}'. Valid values: {meta.get('pattern_doc', pattern)}."
             + did_you_mean(value, ("auto", "cpu", "mps", "cuda", "cuda:0"))
         )
-    bounds = [
-        ("ge", lambda v, b: v >= b, "at least"),
-        ("gt", lambda v, b: v > b, "greater than"),
-        ("le", lambda v, b: v <= b, "at most"),
-    ]
-    for name, ok, words in bounds:
-        bound = meta.get(name)
-        if bound is not None and not ok(value, bound):
-            raise ConfigError(
-                f"Invalid value {value} for '{key}': it must be {words} {bound}"
-                + _range_hint(meta)
-                + f". Set it with {setter}."
-            )
+    problem = out_of_range(value, {name: meta[name] for name in ("ge", "gt", "le") if name in meta})
+    if problem is not None:
+        raise ConfigError(f"Invalid value {value} for '{key}': it {problem}" + _range_hint(meta) + f". Set it with {setter}.")
 
 
 def _range_hint(meta: dict) -> str:
@@ -126,12 +124,6 @@ def _check_consistency(cfg: DictConfig) -> None:
                 f"'{low_key}' ({low}) is larger than '{high_key}' ({high}): the length is sampled from "
                 f"[min, max], so set {low_key} <= {high_key}."
             )
-    batch, mini = OmegaConf.select(cfg, "ppo.batch_size"), OmegaConf.select(cfg, "ppo.mini_batch_size")
-    if batch is not None and mini is not None and mini > batch:
-        raise ConfigError(
-            f"'ppo.mini_batch_size' ({mini}) is larger than 'ppo.batch_size' ({batch}): a mini-batch is a "
-            f"slice of the batch. Lower ppo.mini_batch_size or raise ppo.batch_size."
-        )
     target_modules = OmegaConf.select(cfg, "model.lora.target_modules")
     if target_modules is not None and len(target_modules) == 0:
         raise ConfigError(
@@ -153,15 +145,21 @@ def _check_consistency(cfg: DictConfig) -> None:
             )
 
 
-def _check_required_by_choice(cfg: DictConfig) -> None:
-    """Values that become mandatory once an option is chosen (only checked before a real run)."""
+def _check_model_required(cfg: DictConfig) -> None:
     if cfg.model.source == "pretrained" and not cfg.model.name_or_path and not cfg.model.gguf_file:
         raise ConfigError(
             "model.source is 'pretrained' but 'model.name_or_path' is empty: give the policy model with "
             "model.name_or_path=<Hub id or local directory> (or model.gguf_file=<path to a .gguf file>), "
             "or use model=tiny_gpt2 for the offline tiny model."
         )
+
+
+def _check_required_by_choice(cfg: DictConfig) -> None:
+    """Values that become mandatory once an option is chosen (only checked before a real run)."""
+    _check_model_required(cfg)
     _check_reward_source(cfg.reward, "reward")
+    for index, monitor in enumerate(cfg.reward.monitor):
+        _check_reward_source(monitor, f"reward.monitor[{index}]")
     if cfg.reward.type == "weighted_sum":
         if len(cfg.reward.components) == 0:
             raise ConfigError(
@@ -188,6 +186,11 @@ def _check_reward_source(source: DictConfig, key: str) -> None:
         raise ConfigError(
             f"{key}.type is 'classifier' but '{key}.model' is empty: give a text-classification model with "
             f"{key}.model=<Hub id or local directory>."
+        )
+    if source.type == "learned" and not source.model:
+        raise ConfigError(
+            f"{key}.type is 'learned' but '{key}.model' is empty: give the reward model with {key}.model=<the "
+            f"output_dir of a `rlhf reward` run, or its final/ directory>."
         )
     if source.type == "callable" and not source.function:
         raise ConfigError(

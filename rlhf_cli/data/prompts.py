@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from rlhf_cli.data.chat_prompts import chat_prompt_data, is_conversational
 from rlhf_cli.data.sources import datasets_quiet, describe_source, load_text_dataset
 from rlhf_cli.data.text import clean_html_batch
 from rlhf_cli.errors import DataError
@@ -78,8 +79,12 @@ class _Funnel:
 def build_prompt_data(cfg: Any, tokenizer: "PreTrainedTokenizerBase", seed: int) -> PromptData:
     """Prompt datasets for ``cfg`` (a DatasetConfig), tokenised with ``tokenizer``; see the module docstring."""
     _check_knobs(cfg)
+    raw = load_text_dataset(cfg, split=cfg.split)
+    if is_conversational(raw, cfg.text_column):  # lists of messages: rendered by the chat template
+        heldout_raw = load_text_dataset(cfg, split=cfg.eval_split) if cfg.eval_split is not None else None
+        return chat_prompt_data(raw, cfg, tokenizer, seed, heldout_raw)
     shuffle_seed = seed if cfg.shuffle_seed is None else cfg.shuffle_seed
-    texts, funnel = _prepared_texts(cfg, cfg.split)
+    texts, funnel = _prepared_texts(cfg, cfg.split, raw)
     order = _permutation(len(texts), shuffle_seed)
     if cfg.eval_split is not None:
         heldout_texts, heldout_funnel = _prepared_texts(cfg, cfg.eval_split)
@@ -132,9 +137,10 @@ def _check_knobs(cfg: Any) -> None:
         raise DataError(f"dataset.min_text_chars={cfg.min_text_chars} must be >= 0.")
 
 
-def _prepared_texts(cfg: Any, split: str) -> tuple["datasets.Dataset", _Funnel]:
-    """Stages 1-2: the loaded, cleaned, length-filtered texts of ``split`` as a one-column ("text") Dataset."""
-    raw = load_text_dataset(cfg, split=split)
+def _prepared_texts(cfg: Any, split: str, raw: "datasets.Dataset | None" = None) -> tuple["datasets.Dataset", _Funnel]:
+    """Stages 1-2: the loaded (``raw``, if already), cleaned, length-filtered texts of ``split`` as a
+    one-column ("text") Dataset."""
+    raw = load_text_dataset(cfg, split=split) if raw is None else raw
     funnel = _Funnel([])
     funnel.add(f"rows in the {describe_source(cfg, split)}", len(raw))
     texts = raw.select_columns([cfg.text_column])

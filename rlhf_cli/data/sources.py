@@ -78,12 +78,22 @@ def check_text_column(dataset: "datasets.Dataset", column: str, where: str) -> N
             f"The {where} has no column '{column}' (dataset.text_column); its columns are "
             f"{', '.join(dataset.column_names) or '(none)'}.{hint}"
         )
+    if column not in string_columns and _is_message_list(dataset.features[column]):
+        return  # conversational prompts: rendered by the tokenizer's chat template (data.chat_prompts)
     if column not in string_columns:
         raise DataError(
             f"Column '{column}' of the {where} holds {dataset.features[column]}, not text. Set "
             f"dataset.text_column to a text column"
             + (f" (text columns: {', '.join(string_columns)})." if string_columns else ".")
         )
+
+
+def _is_message_list(feature: Any) -> bool:
+    """A column of lists of {role, content} records (how datasets reads chat messages from json)."""
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, list) and feature:
+        inner = feature[0]
+    return isinstance(inner, dict) and "role" in inner and "content" in inner if inner is not None else False
 
 
 @contextlib.contextmanager
@@ -142,21 +152,22 @@ def _load_hub(cfg: Any, split: str) -> "datasets.Dataset":
         ) from err
 
 
-def _expand_data_files(patterns: list[str]) -> list[str]:
-    """Absolute paths of ``dataset.data_files``; globs expanded (sorted); missing files are an error."""
+def _expand_data_files(patterns: list[str], key: str = "dataset.data_files") -> list[str]:
+    """Absolute paths of ``key`` (the config key naming the files); globs expanded (sorted); missing
+    files are an error."""
     if not patterns:
-        raise DataError("dataset.source=files needs dataset.data_files=[path, ...] (json, jsonl, csv, parquet or txt files).")
+        raise DataError(f"{key.rsplit('.', 1)[0]}.source=files needs {key}=[path, ...] (json, jsonl, csv, parquet or txt files).")
     paths: list[str] = []
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         if any(char in pattern for char in _GLOB_CHARS):
             matches = sorted(glob.glob(pattern))
             if not matches:
-                raise DataError(f"dataset.data_files pattern '{pattern}' matches no file (looked from {os.getcwd()}).")
+                raise DataError(f"{key} pattern '{pattern}' matches no file (looked from {os.getcwd()}).")
             paths.extend(os.path.abspath(match) for match in matches)
         elif not os.path.isfile(pattern):
             raise DataError(
-                f"dataset.data_files names '{pattern}', which is not a file (resolved to "
+                f"{key} names '{pattern}', which is not a file (resolved to "
                 f"{os.path.abspath(pattern)}). Fix the path; relative paths are relative to {os.getcwd()}."
             )
         else:
@@ -164,7 +175,22 @@ def _expand_data_files(patterns: list[str]) -> list[str]:
     return paths
 
 
-def _builder_for(path: str) -> str:
+def checked_data_files(patterns: list[str], key: str = "dataset.data_files") -> tuple[list[str], str]:
+    """The absolute paths of ``key`` (the config key naming the files) and the ``datasets`` builder
+    that reads them; a DataError if one is missing, empty, of an unknown format, or the formats are
+    mixed. Reads no data (and imports no ``datasets``), so the command line runs it before anything heavy loads."""
+    paths = _expand_data_files(patterns, key)
+    builders = {path: _builder_for(path, key) for path in paths}
+    if len(set(builders.values())) > 1:
+        listing = "; ".join(f"{path} -> {builder}" for path, builder in builders.items())
+        raise DataError(
+            f"{key} mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
+        )
+    _check_not_empty(paths, key)
+    return paths, next(iter(builders.values()))
+
+
+def _builder_for(path: str, key: str = "dataset.data_files") -> str:
     name = path.lower()
     for suffix in _COMPRESSION_SUFFIXES:
         if name.endswith(suffix):
@@ -172,30 +198,28 @@ def _builder_for(path: str) -> str:
     extension = os.path.splitext(name)[1]
     if extension not in FILE_BUILDERS:
         raise DataError(
-            f"dataset.data_files has '{path}' with extension '{extension or '(none)'}'; supported "
+            f"{key} has '{path}' with extension '{extension or '(none)'}'; supported "
             f"extensions are {', '.join(FILE_BUILDERS)} (optionally compressed)."
         )
     return FILE_BUILDERS[extension]
 
 
 def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
-    import datasets
-
     if split != "train":
         raise DataError(
             f"dataset.source=files reads all dataset.data_files as one table, so it has no split "
             f"'{split}'. Leave dataset.split=train and dataset.eval_split=null; held-out prompts are "
             f"then split off with dataset.eval_size."
         )
-    paths = _expand_data_files(list(cfg.data_files))
-    builders = {path: _builder_for(path) for path in paths}
-    if len(set(builders.values())) > 1:
-        listing = "; ".join(f"{path} -> {builder}" for path, builder in builders.items())
-        raise DataError(
-            f"dataset.data_files mixes file formats ({listing}). Use files of one format (e.g. all .jsonl)."
-        )
-    builder = next(iter(builders.values()))
-    _check_not_empty(paths)
+    return read_data_files(list(cfg.data_files))
+
+
+def read_data_files(patterns: list[str], key: str = "dataset.data_files") -> "datasets.Dataset":
+    """The rows of every file ``patterns`` names (one format), as one Dataset; ``key`` is the config key
+    the messages name. Missing, empty, mixed-format and malformed files are a DataError."""
+    import datasets
+
+    paths, builder = checked_data_files(patterns, key)
     try:
         with datasets_quiet(errors=True):  # no "Generating train split" bar for a local read
             return datasets.load_dataset(builder, data_files=paths, split="train")
@@ -204,12 +228,12 @@ def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
         if bad_line is not None:
             raise DataError(bad_line + " Fix or remove that line (jsonl: one JSON object per line).") from err
         raise DataError(
-            f"Could not read dataset.data_files {paths} as {builder}: {type(err).__name__}: {err}. "
+            f"Could not read {key} {paths} as {builder}: {type(err).__name__}: {err}. "
             f"Check that the files are valid {builder}{_FORMAT_HINTS.get(builder, '')}."
         ) from err
 
 
-def _check_not_empty(paths: list[str]) -> None:
+def _check_not_empty(paths: list[str], key: str = "dataset.data_files") -> None:
     """A DataError naming the first file with no data (datasets' readers fail on one with a traceback)."""
     for path in paths:
         is_compressed = path.lower().endswith(_COMPRESSION_SUFFIXES)
@@ -217,8 +241,8 @@ def _check_not_empty(paths: list[str]) -> None:
         # Small files are read to catch whitespace-only ones too; large ones surely hold something.
         if size == 0 or (not is_compressed and size < 4096 and not Path(path).read_bytes().strip()):
             raise DataError(
-                f"The data file {path} (dataset.data_files) is empty. Point dataset.data_files at files that "
-                f"hold the prompts' texts, or remove this one from the list."
+                f"The data file {path} ({key}) is empty. Point {key} at files that "
+                f"hold the data, or remove this one from the list."
             )
 
 

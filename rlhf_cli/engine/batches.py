@@ -28,7 +28,7 @@ class PromptBatch:
 
     def repeated(self, times: int) -> "PromptBatch":
         """Each prompt ``times`` times in a row (prompt-major: the rows of one prompt's group are
-        adjacent, the layout PPOTrainer.step expects). The tensors are shared, not copied."""
+        adjacent, the layout PPOEngine.step expects). The tensors are shared, not copied."""
         return PromptBatch(
             input_ids=[ids for ids in self.input_ids for _ in range(times)],
             queries=[query for query in self.queries for _ in range(times)],

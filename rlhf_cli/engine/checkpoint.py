@@ -1,4 +1,4 @@
-"""Checkpoints for exact resume (DESIGN §8).
+"""Checkpoints for exact resume (docs/architecture.md, "The run directory").
 
 A checkpoint ``<run dir>/checkpoints/step-N/`` holds everything an exact continuation needs:
 
@@ -178,7 +178,8 @@ _BREAKING = ("model.", "dataset.", "seed", "ppo.batch_size", "ppo.mini_batch_siz
              "ppo.gradient_accumulation_steps", "ppo.use_score_scaling", "ppo.use_score_norm",
              "ppo.precision",  # bf16's optimiser state holds float32 masters; fp32's does not
              "ppo.advantage_estimator",  # gae's optimiser state holds the value head; the critic-free ones' does not
-             "generation.samples_per_prompt")  # the data position counts prompt batches of batch_size / G
+             "generation.samples_per_prompt",
+             "ppo.sharding")  # an FSDP2 checkpoint's optimiser state is keyed by name, DDP's by position  # the data position counts prompt batches of batch_size / G
 # Changing these does not touch what is computed.
 _HARMLESS = ("steps", "epochs", "logging.", "checkpoint.", "output_dir", "eval_prompts", "threads", "overwrite")
 
@@ -203,8 +204,11 @@ class ConfigChanges:
     other: list[str]
 
 
-def compare_configs(saved: DictConfig, current: DictConfig) -> ConfigChanges:
-    """Keys whose values differ between the checkpoint's config and this run's, by consequence."""
+def compare_configs(
+    saved: DictConfig, current: DictConfig, *, breaking: tuple[str, ...] = _BREAKING, harmless: tuple[str, ...] = _HARMLESS
+) -> ConfigChanges:
+    """Keys whose values differ between the checkpoint's config and this run's, by consequence
+    (``breaking``/``harmless``: key patterns, a trailing dot for a whole section; rlhf reward passes its own)."""
     old = _flatten(OmegaConf.to_container(saved, resolve=True))
     new = _flatten(OmegaConf.to_container(current, resolve=True))
     changes = ConfigChanges([], [], [])
@@ -214,9 +218,9 @@ def compare_configs(saved: DictConfig, current: DictConfig) -> ConfigChanges:
         line = f"{key}: {old.get(key)!r} → {new.get(key)!r}"
         if key not in old:  # a key this version added: the checkpoint predates it, nothing to compare
             changes.other.append(f"{key}: (not in the checkpoint's config) → {new.get(key)!r}")
-        elif _matches(key, _HARMLESS):
+        elif _matches(key, harmless):
             changes.harmless.append(line)
-        elif _matches(key, _BREAKING):
+        elif _matches(key, breaking):
             changes.breaking.append(line)
         else:
             changes.other.append(line)
@@ -286,11 +290,16 @@ def write_main_files(
     cfg: DictConfig,
     loop: LoopState,
     num_processes: int,
+    weights: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
-    """Everything but the per-rank RNG files (main process only)."""
-    from safetensors.torch import save_model
+    """Everything but the per-rank RNG files (main process only). ``weights``: the full state dict
+    gathered from a sharded model (FSDP2), saved instead of ``model``'s own tensors."""
+    from safetensors.torch import save_file, save_model
 
-    save_model(model, str(tmp_dir / "weights.safetensors"))
+    if weights is not None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_dir / "weights.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp_dir / "weights.safetensors"))
     torch.save(trainer_state, tmp_dir / "trainer.pt")
     tokenizer.save_pretrained(tmp_dir / "tokenizer")
     (tmp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")

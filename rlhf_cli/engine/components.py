@@ -1,35 +1,31 @@
-"""Turning the composed run config into the engine's parts: process state, PPOConfig, trackers, step count.
+"""Turning the composed run config into the engine's parts, and the launch facts no setting can know.
 
-The run config speaks in global sizes (all processes together); PPOConfig, like legacy TRL,
-in per-process sizes. Sizes count responses: a step takes ppo.batch_size / generation.samples_per_prompt
-prompts (:func:`prompts_per_step`), each with its group of responses. The division happens here,
-once (:func:`rlhf_cli.engine.sizes.per_process`), with errors that name the numbers. The knobs passed to PPOConfig are derived from PPOConfig itself
-(:func:`rlhf_cli.ppo.config.command_line_fields`), never listed by hand.
-:func:`check_launch` checks everything about the launch that can be known before a model loads.
+The engine's settings and every rule about them come from ``rlhf_cli.config.engine_settings`` (sizes
+global on the command line, per process in the engine; divided there, once). This module adds what
+only the launch knows: the process state, the device's precision support, installed trackers and
+peft, the sharding the launcher asked for (:func:`check_launch`), and the step count.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
-import math
 import os
-from typing import Any, Optional
+from typing import Optional
 
 from accelerate import PartialState
 from accelerate.utils import is_bf16_available, parse_flag_from_env
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rlhf_cli.engine.sizes import per_process
+from rlhf_cli.config.engine_settings import check_engine_settings, engine_settings
+from rlhf_cli.config.launch import mixed_precision_of
+from rlhf_cli.config.schema import TRACKERS
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models.builder import check_peft_installed
-from rlhf_cli.config.schema import TRACKERS
-from rlhf_cli.ppo.config import PPOConfig, command_line_fields, default_mini_batch_size
 from rlhf_cli.ppo import precision as precision_support
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
-from rlhf_cli.ppo.estimators import estimator_named, estimators_without_groups
-
-# Sizes of the ppo group that are global on the command line and per process in PPOConfig.
-_GLOBAL_SIZES = ("batch_size", "mini_batch_size", "forward_batch_size")
+from rlhf_cli.ppo.settings import Launch, PPOSettings
 
 # Tracker name -> the package Accelerate needs for it.
 _TRACKER_PACKAGES = {name: name for name in TRACKERS}  # each tracker's package has its name
@@ -56,17 +52,6 @@ def launch_state() -> PartialState:
     touches Accelerate. Processes launched on a machine without a GPU are joined over gloo on the CPU
     (Accelerate alone would leave each one running by itself; see ``ppo.distributed``)."""
     return PartialState(cpu=cpu_process_group_needed())
-
-
-def mixed_precision_of(cfg: DictConfig) -> tuple[str, str]:
-    """The run's mixed-precision mode and where it was set: ``ppo.mixed_precision`` if given, else
-    the launcher's (``accelerate launch --mixed_precision`` or its config file), else ``no``."""
-    if cfg.ppo.mixed_precision is not None:
-        return str(cfg.ppo.mixed_precision), f"ppo.mixed_precision={cfg.ppo.mixed_precision}"
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher:
-        return launcher.lower(), f"accelerate launch's mixed_precision={launcher.lower()}"
-    return "no", "the default (no mixed precision)"
 
 
 def _emulated_bf16(source: str, fix: str) -> str:
@@ -105,16 +90,10 @@ def check_mixed_precision(cfg: DictConfig, device_type: str) -> None:
 
 
 def check_precision(cfg: DictConfig, device_type: str) -> None:
-    """A ConfigError if ``ppo.precision`` cannot run on ``device_type`` or clashes with mixed precision."""
+    """A ConfigError if ``ppo.precision`` cannot run on ``device_type`` (its clash with mixed precision
+    is a rule of the settings, checked with them)."""
     if cfg.ppo.precision != "bf16":
         return
-    mode, source = mixed_precision_of(cfg)
-    if mode != "no":
-        raise ConfigError(
-            f"ppo.precision=bf16 already computes in bfloat16 (bfloat16 weights, float32 master weights), and "
-            f"{source} would add Accelerate's autocast on top. Use one of them: ppo.precision=bf16 with "
-            "ppo.mixed_precision=no, or ppo.precision=fp32 with ppo.mixed_precision=bf16."
-        )
     if device_type == "cpu" and not precision_support.cpu_supports_bf16():
         raise ConfigError(_emulated_bf16("ppo.precision=bf16", "ppo.precision=fp32"))
     if device_type != "cpu" and not is_bf16_available(True):
@@ -140,72 +119,54 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
     installed, the mixed-precision mode suits the device, peft is installed for LoRA, and the
     sharding the launcher asked for (DeepSpeed ZeRO-3, FSDP2) is one rlhf_cli supports.
     """
-    check_precision(cfg, state.device.type)  # first: PPOConfig would refuse bf16 + mixed precision less helpfully
-    check_groups(cfg, state.num_processes)  # before PPOConfig, whose messages speak per process
-    ppo_config_from(cfg, num_processes=state.num_processes, tracker_dir=os.devnull)
+    check_engine_settings(cfg, state.num_processes)  # every rule of the settings, for this launch's processes
+    check_trackers(list(cfg.logging.trackers))
+    check_precision(cfg, state.device.type)
     check_mixed_precision(cfg, state.device.type)
     if cfg.model.lora.enabled:
         check_peft_installed()
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") or _launcher_zero_stage() == 3:
-        kind = "FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else "DeepSpeed ZeRO-3"
+    check_sharding_launch(cfg)
+
+
+def fsdp2_launch() -> bool:
+    """Whether `accelerate launch` was given an FSDP config with fsdp_version: 2."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "2"
+
+
+def check_sharding_launch(cfg: DictConfig) -> None:
+    """FSDP2 (ppo.sharding=fsdp2, or Accelerate's fsdp_version: 2) is the sharding rlhf_cli runs; FSDP
+    version 1 and DeepSpeed ZeRO-3 are refused, and so are the combinations FSDP2 does not cover yet."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not fsdp2_launch():
         raise ConfigError(
-            f"This launch uses {kind}, which shards the policy's parameters over the processes. `rlhf train` "
-            "cannot yet write final/ or checkpoints from sharded parameters (they need gathered state dicts, "
-            "which could not be built and verified without a GPU), so the run would train and then fail to "
-            "save. Launch with DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 "
-            "(configs/accelerate/deepspeed_zero2.yaml), optionally with model.lora.enabled=true to save memory."
+            f"This launch uses FSDP version {os.environ.get('FSDP_VERSION', '1')}, which rlhf_cli does not run: it "
+            "shards with FSDP2 (per-parameter sharding, torch.distributed.fsdp.fully_shard), which generates, saves "
+            "final/ and resumes from sharded state. Set fsdp_version: 2 in your Accelerate config "
+            "(configs/accelerate/fsdp.yaml), or launch with --multi_gpu and ppo.sharding=fsdp2."
         )
-
-
-# The group size suggested when an estimator needs groups (a common choice of GRPO/RLOO setups).
-_SUGGESTED_GROUP = 4
-
-
-def check_groups(cfg: DictConfig, num_processes: int) -> None:
-    """A ConfigError, in global numbers, when the groups of generation.samples_per_prompt responses do
-    not fit the estimator, the step or the processes (each group must sit whole on one process)."""
-    group, batch = int(cfg.generation.samples_per_prompt), int(cfg.ppo.batch_size)
-    estimator = str(cfg.ppo.advantage_estimator)
-    needed = estimator_named(estimator).min_group_size
-    if group < needed:
-        suggested = max(needed, _SUGGESTED_GROUP)
+    if _launcher_zero_stage() == 3:
         raise ConfigError(
-            f"ppo.advantage_estimator={estimator} compares the responses of each prompt with each other, but "
-            f"generation.samples_per_prompt={group}: a group of one has no spread (every advantage would be 0 "
-            f"or undefined). Set generation.samples_per_prompt={suggested} (ppo.batch_size counts responses, "
-            f"so each step then takes ppo.batch_size / {suggested} prompts), or use an estimator that needs no group: "
-            + " or ".join(f"ppo.advantage_estimator={name}" for name in estimators_without_groups())
-            + "."
+            "This launch uses DeepSpeed ZeRO-3, which rlhf_cli does not run: a separate reference model would "
+            "not be sharded, and final/ and checkpoints are not gathered from ZeRO-3's partitions. Shard with "
+            "FSDP2 instead (policy, value head, reference and optimiser state): launch with "
+            "configs/accelerate/fsdp.yaml, or with --multi_gpu and ppo.sharding=fsdp2; or use ZeRO-2 "
+            "(configs/accelerate/deepspeed_zero2.yaml)."
         )
-    if batch % group != 0:
+    if cfg.ppo.sharding != "fsdp2" and not fsdp2_launch():
+        return
+    source = "ppo.sharding=fsdp2" if cfg.ppo.sharding == "fsdp2" else "This FSDP2 launch (fsdp_version: 2)"
+    if cfg.model.lora.enabled:
         raise ConfigError(
-            f"ppo.batch_size={batch} counts responses and is not divisible by generation.samples_per_prompt={group}: "
-            f"each prompt's {group} responses must be in the same step. Choose a ppo.batch_size that is a "
-            f"multiple of {group} ({_example_batch(cfg, group)}), or another generation.samples_per_prompt."
+            f"{source} with model.lora.enabled=true is not supported yet: the reference would be the sharded "
+            "policy with its adapter disabled, which rlhf_cli has not verified under FSDP2. Use LoRA without "
+            "sharding (ppo.sharding=none: the adapter is small, the base weights are frozen), or FSDP2 without LoRA."
         )
-    local = per_process(batch, num_processes, "ppo.batch_size")
-    if local % group != 0:
+    mode, where = mixed_precision_of(cfg)
+    if mode != "no":
         raise ConfigError(
-            f"ppo.batch_size={batch} over the {num_processes} processes of this launch gives {local} responses per "
-            f"process, which is not divisible by generation.samples_per_prompt={group}: a prompt's group of "
-            f"{group} responses would straddle two processes. Choose a ppo.batch_size that is a multiple of "
-            f"{num_processes} x {group} = {num_processes * group} ({_example_batch(cfg, num_processes * group)}), "
-            f"or another generation.samples_per_prompt."
+            f"{source} with {where}: under FSDP2, bfloat16 compute is FSDP2's own mixed-precision policy "
+            "(bfloat16 parameters in forward and backward, float32 gradient reduction and master weights), chosen "
+            "with ppo.precision=bf16. Use ppo.precision=bf16 with ppo.mixed_precision=no (and no --mixed_precision)."
         )
-
-
-def _example_batch(cfg: DictConfig, factor: int) -> str:
-    """"e.g. N" for a ppo.batch_size near the user's that ``factor`` divides and, so that the fix does
-    not run into the next check, ppo.mini_batch_size too."""
-    mini_batch = cfg.ppo.mini_batch_size  # null: derived from the batch, so it constrains nothing here
-    step = factor if mini_batch is None else math.lcm(factor, int(mini_batch))
-    example = _nearest_multiple(int(cfg.ppo.batch_size), step)
-    return f"e.g. {example}" if step == factor else f"e.g. {example}, which ppo.mini_batch_size={mini_batch} divides too"
-
-
-def _nearest_multiple(value: int, factor: int) -> int:
-    """The positive multiple of ``factor`` nearest to ``value`` (the larger one on a tie)."""
-    return factor * max(1, (value + factor // 2) // factor)
 
 
 def prompts_per_step(cfg: DictConfig) -> int:
@@ -213,39 +174,22 @@ def prompts_per_step(cfg: DictConfig) -> int:
     return int(cfg.ppo.batch_size) // int(cfg.generation.samples_per_prompt)
 
 
-def ppo_config_from(cfg: DictConfig, *, num_processes: int, tracker_dir: str) -> PPOConfig:
-    """The per-process PPOConfig of a run: every PPOConfig knob of the ppo group under its own name
-    (the global sizes divided over the processes), plus what the run sets from elsewhere."""
-    ppo = cfg.ppo
-    kwargs = _ppo_knobs(ppo)
-    kwargs["mini_batch_size"] = ppo.mini_batch_size if ppo.mini_batch_size is not None else default_mini_batch_size(ppo.batch_size)
-    for key in _GLOBAL_SIZES:
-        if kwargs[key] is not None:
-            kwargs[key] = per_process(kwargs[key], num_processes, f"ppo.{key}")
+def settings_and_launch(cfg: DictConfig, *, num_processes: int, tracker_dir: str) -> tuple[PPOSettings, Launch]:
+    """The per-process settings of a run's engine, and its Accelerator's launch facts (trackers,
+    tracker directory, mixed precision)."""
     trackers = check_trackers(list(cfg.logging.trackers))
     # Unset: Accelerate reads the launcher's choice itself.
-    accelerator_kwargs = {"mixed_precision": str(ppo.mixed_precision)} if ppo.mixed_precision is not None else {}
-    try:
-        return PPOConfig(
-            seed=int(cfg.seed),
-            samples_per_prompt=int(cfg.generation.samples_per_prompt),
-            log_with=trackers or None,
-            tracker_project_name=cfg.logging.project,
-            project_kwargs={"project_dir": tracker_dir, "logging_dir": tracker_dir},
-            accelerator_kwargs=accelerator_kwargs,
-            **kwargs,
-        )
-    except ValueError as err:
-        # PPOConfig speaks per process; the user wrote global sizes under ppo.*.
-        raise ConfigError(f"The ppo settings are inconsistent: {err} (sizes under ppo.* are global, over {num_processes} process(es)).") from err
-
-
-def _ppo_knobs(ppo: DictConfig) -> dict[str, Any]:
-    """The ppo group's values of PPOConfig's command-line fields, as plain Python values."""
-    return {
-        f.name: OmegaConf.to_object(ppo[f.name]) if OmegaConf.is_config(ppo[f.name]) else ppo[f.name]
-        for f in command_line_fields()
-    }
+    mixed = {"mixed_precision": str(cfg.ppo.mixed_precision)} if cfg.ppo.mixed_precision is not None else {}
+    launch = Launch(
+        log_with=trackers or None,
+        tracker_project_name=cfg.logging.project,
+        project_kwargs={"project_dir": tracker_dir, "logging_dir": tracker_dir},
+        accelerator_kwargs=mixed,
+    )
+    settings = engine_settings(cfg, num_processes)
+    if fsdp2_launch():  # Accelerate's FSDP config at fsdp_version: 2 means ppo.sharding=fsdp2
+        settings = dataclasses.replace(settings, sharding="fsdp2")
+    return settings, launch
 
 
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:

@@ -76,8 +76,10 @@ class DivergenceWatch:
 
 
 def first_nonfinite_parameter(model: torch.nn.Module) -> Optional[str]:
+    """The first parameter holding NaN/inf; of a sharded (FSDP2) model, in this process's shard."""
     for name, param in model.named_parameters():
-        if not bool(torch.isfinite(param).all()):
+        local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor: no collective
+        if not bool(torch.isfinite(local).all()):
             return name
     return None
 

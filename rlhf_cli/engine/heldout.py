@@ -67,8 +67,10 @@ def compare_on_heldout(
     )
 
 
-def write_report(run_dir: Path, comparison: Comparison, reward_means: Sequence[float]) -> None:
-    """``report.md`` of the run in ``run_dir``."""
-    (run_dir / "report.md").write_text(
-        report_markdown(comparison, title=f"rlhf_cli run {run_dir.name}", reward_means=list(reward_means)), encoding="utf-8"
-    )
+def write_report(run_dir: Path, comparison: Comparison, reward_means: Sequence[float], extra_lines: Sequence[str] = ()) -> None:
+    """``report.md`` of the run in ``run_dir``; ``extra_lines`` (e.g. the monitors' before/after) go below its summary."""
+    text = report_markdown(comparison, title=f"rlhf_cli run {run_dir.name}", reward_means=list(reward_means))
+    if extra_lines:
+        head, sep, rest = text.partition("\n*Before*")
+        text = head + "".join(f"- {line}\n" for line in extra_lines) + sep + rest
+    (run_dir / "report.md").write_text(text, encoding="utf-8")

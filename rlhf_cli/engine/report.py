@@ -108,6 +108,19 @@ def compare_before_after(
 CONSOLE_ROWS = 8  # rows of the console table; report.md lists every prompt
 
 
+def summary_lines(comparison: "Comparison | None", reward_means: list[float], run_root: Path) -> list:
+    """What the console shows at the end of a run: the before/after table, the first and last mean
+    rewards, and where the run directory is."""
+    lines: list = [comparison_table(comparison)] if comparison is not None else []
+    window = max(1, min(5, len(reward_means) // 4))
+    if len(reward_means) >= 2 * window:
+        first = sum(reward_means[:window]) / window
+        last = sum(reward_means[-window:]) / window
+        lines.append(f"mean reward: first {window} steps {first:+.3f} → last {window} steps {last:+.3f}")
+    lines.append(f"run directory: [bold]{run_root}[/]  (config.yaml, metrics.jsonl, final/, report.md, curves.png)")
+    return lines
+
+
 def comparison_table(comparison: Comparison, rows: int = CONSOLE_ROWS):
     """The first ``rows`` prompts of the before/after comparison as a rich table; the means are over all of them."""
     from rich.table import Table
@@ -190,12 +203,13 @@ def smoothing_window(steps: int) -> int:
     return max(1, (steps // 10) | 1)
 
 
-def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    """The figure of :func:`curves_figure` for the rows of ``metrics_path`` (metrics.jsonl), saved as a PNG."""
+def plot_curves(metrics_path: Path, out_path: Path, panels: list[tuple[str, str]] | None = None) -> None:
+    """The figure of :func:`curves_figure` for the rows of ``metrics_path`` (metrics.jsonl), saved as a PNG.
+    ``panels``: (metric, title) of each panel; None: PPO's (reward, KL, KL coefficient or KL loss)."""
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    figure = curves_figure(rows)
+    figure = curves_figure(rows, panels)
     figure.savefig(out_path, dpi=100)
     plt.close(figure)
 
@@ -213,10 +227,12 @@ def _curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
         panels.append(("objective/kl_coef", "KL coefficient β"))
     if kl_loss:
         panels.append(("ppo/loss/kl", "KL loss term (mean per token)"))
-    return panels
+    from rlhf_cli.engine.monitor import monitor_panels  # reward.monitor=[...]: one panel per monitor
+
+    return panels + monitor_panels(rows)
 
 
-def curves_figure(rows: list[dict]):
+def curves_figure(rows: list[dict], panels: list[tuple[str, str]] | None = None):
     """Reward (with its per-step spread), KL and KL coefficient (or KL loss term) against step, one panel each.
 
     Each panel shows the raw per-step values as points and a centred moving average as a line; the
@@ -229,7 +245,7 @@ def curves_figure(rows: list[dict]):
 
     steps = [row["step"] for row in rows]
     window = smoothing_window(len(rows))
-    panels = _curve_panels(rows)
+    panels = panels or _curve_panels(rows)
     figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), constrained_layout=True)
     for axis, (key, title) in zip(axes, panels):
         values = [float(row.get(key, math.nan)) for row in rows]

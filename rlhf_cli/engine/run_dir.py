@@ -1,4 +1,4 @@
-"""The run directory: config.yaml, metrics.jsonl, trackers/, final/ (DESIGN §8).
+"""The run directory: config.yaml, metrics.jsonl, trackers/, final/ (docs/architecture.md, "The run directory").
 
 Nothing is written into it before the run has really started (every part built, the checkpoint
 loaded, the reward checked on the first batch): :meth:`RunDirectory.check_start` and
@@ -22,12 +22,12 @@ from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.logging import MetricsFile
+from rlhf_cli.reporting import MetricsFile
 
 # A directory holding any of these holds a run: a new run there must be asked for (overwrite=true).
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 # Everything a run writes at the top of its directory: what overwrite=true deletes (nothing else is touched).
-RUN_ENTRIES = (*RUN_MARKERS, "final", "trackers", "report.md", "curves.png", ".hydra", "train.log")
+RUN_ENTRIES = (*RUN_MARKERS, "final", "trackers", "report.md", "curves.png", ".hydra", "train.log", "reward.log")
 
 
 class RunDirectoryError(RlhfError):

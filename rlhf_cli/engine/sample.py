@@ -187,29 +187,45 @@ def generate_and_score(
     label: str,
 ) -> Samples:
     """Sample every prompt ``samples_per_prompt`` times with the run's generation settings and score
-    each (prompt, response) with the run's reward. The RNG is forked and seeded, so the same seed and
+    each (prompt, response) with the run's reward (see :func:`generate_texts`)."""
+    from rlhf_cli.rewards import build_reward, score_responses
+
+    decoded, lengths = generate_texts(policy, tokenizer, cfg, prompt_ids, samples_per_prompt=samples_per_prompt,
+                                      seed=seed, max_new_tokens=max_new_tokens)
+    texts = [text for text in prompts for _ in range(samples_per_prompt)]
+    rewards = score_responses(build_reward(cfg.reward), texts, decoded).tolist()
+    return Samples(label, texts, decoded, rewards, samples_per_prompt, lengths)
+
+
+def generate_texts(
+    policy: Any,
+    tokenizer: Any,
+    cfg: DictConfig,
+    prompt_ids: list[list[int]],
+    *,
+    samples_per_prompt: int,
+    seed: int,
+    max_new_tokens: int | None,
+) -> tuple[list[str], list[int]]:
+    """Decoded responses (prompt-major: the n samples of a prompt are adjacent) and the tokens each
+    generated, with the run's generation settings. The RNG is forked and seeded, so the same seed and
     prompts give the same samples, and two models are compared on common random numbers."""
     import torch
 
     from rlhf_cli.engine.heldout import model_generation_settings
-    from rlhf_cli.rewards import build_reward, score_responses
     from rlhf_cli.rollout.generation import generate_responses
 
     _check_counts(samples_per_prompt, max_new_tokens)
     budget = int(cfg.generation.response_max_tokens) if max_new_tokens is None else int(max_new_tokens)
     generation = model_generation_settings(cfg, tokenizer, policy)
-    # Prompt-major order: the n samples of a prompt are adjacent rows of the table.
     queries = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids for _ in range(samples_per_prompt)]
-    texts = [text for text in prompts for _ in range(samples_per_prompt)]
     # One GPU if there is one (generation dominates the cost); the samples then differ from the CPU's.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy.to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         responses = generate_responses(policy, queries, max_new_tokens=budget, device=device, **generation)
-    decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    rewards = score_responses(build_reward(cfg.reward), texts, decoded).tolist()
-    return Samples(label, texts, decoded, rewards, samples_per_prompt, [len(r) for r in responses])
+    return tokenizer.batch_decode(responses, skip_special_tokens=True), [len(r) for r in responses]
 
 
 def sample_run(

@@ -1,4 +1,5 @@
-"""Writing a run's checkpoints, ``final/`` and report, safe against a full disk and diverged weights.
+"""Writing a run's checkpoints, ``final/`` and report, safe against a full disk and diverged weights;
+and reading a checkpoint back into a run (:func:`restore_checkpoint`).
 
 Each write is checked first (the weights must be finite: :mod:`rlhf_cli.engine.divergence`), then
 done inside :func:`rlhf_cli.engine.disk.guarded_write` (a failed write removes what it started and is
@@ -13,9 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhf_cli.engine import checkpoint as ckpt
+from rlhf_cli.engine import sharded_state
+from rlhf_cli.engine.batches import StreamPosition
 from rlhf_cli.engine.disk import guarded_write, remove_tree, tree_bytes
 from rlhf_cli.engine.export import save_final
 from rlhf_cli.engine.together import agreed
+from rlhf_cli.ppo.sharding import full_model_state, load_full_model_state
 
 if TYPE_CHECKING:
     from rlhf_cli.engine.train import TrainingRun
@@ -44,12 +48,15 @@ def resume_advice(run: "TrainingRun") -> str:
 
 
 def save_checkpoint(run: "TrainingRun") -> Path:
-    """Write ``checkpoints/step-N`` (all ranks take part: each saves its own RNG state)."""
-    accelerator, state, step = run.trainer.accelerator, run.state, run.loop.step
-    model = accelerator.unwrap_model(run.trainer.model)
-    run.watch.check_weights(model, step, f"checkpoints/step-{step}")
+    """Write ``checkpoints/step-N`` (all ranks take part: each saves its own RNG state; with FSDP2 every
+    rank also takes part in gathering the full weights and optimiser state)."""
+    accelerator, state, step, trainer = run.trainer.accelerator, run.state, run.loop.step, run.trainer
+    model = accelerator.unwrap_model(trainer.model)
+    # Sharded, each rank checks its own shard: agreed, so one rank's non-finite shard stops them all.
+    agreed(state, lambda: run.watch.check_weights(model, step, f"checkpoints/step-{step}"))
     tmp = ckpt.temporary_dir(run.run_dir.root, step)
     guard = dict(needed=checkpoint_bytes(run, model), undo=remove_tree(tmp), advice=resume_advice(run))
+    gathered: dict = {}
 
     def make_dir() -> None:
         if state.is_main_process:
@@ -61,15 +68,15 @@ def save_checkpoint(run: "TrainingRun") -> Path:
     def write_rng() -> None:
         with guarded_write(tmp, f"checkpoint step-{step}", **guard):
             ckpt.write_rng_file(tmp, state.process_index, run.length_rng)
+        # Sharded: gathering the full weights and optimiser state is a collective of every process.
+        gathered.update(trainer_state=trainer.state_dict(), weights=full_model_state(trainer.model) if trainer.sharded else None)
 
     def write_main() -> None:
         if not state.is_main_process:
             return
         with guarded_write(tmp, f"checkpoint step-{step}", **guard):
-            ckpt.write_main_files(
-                tmp, model=model, trainer_state=run.trainer.state_dict(), tokenizer=run.tokenizer, cfg=run.cfg,
-                loop=run.loop, num_processes=state.num_processes,
-            )
+            ckpt.write_main_files(tmp, model=model, tokenizer=run.tokenizer, cfg=run.cfg, loop=run.loop,
+                                  num_processes=state.num_processes, **gathered)
             ckpt.publish(tmp, step, int(run.cfg.checkpoint.keep))
 
     for phase in (make_dir, write_rng, write_main):  # each agreement is also the barrier between them
@@ -80,6 +87,23 @@ def save_checkpoint(run: "TrainingRun") -> Path:
                 remove_tree(tmp)()  # a peer's failed write leaves no .tmp-step-N either
             raise
     return tmp.parent / f"step-{step}"
+
+
+def restore_checkpoint(run: "TrainingRun", point: ckpt.ResumePoint) -> None:
+    """Weights, trainer state, RNG, prompt-stream position and loop state of ``point`` into ``run``."""
+    trainer, saved = run.trainer, point.state
+    if trainer.sharded:  # every process reads the full weights and keeps its shard
+        weights = sharded_state.read_weights(point.path)
+        sharded_state.check_weights_fit(point.path, weights, trainer.model)
+        load_full_model_state(trainer.model, weights)
+    else:
+        ckpt.load_weights(point.path, trainer.accelerator.unwrap_model(trainer.model))
+    trainer.load_state_dict(point.trainer_state)
+    point.trainer_state = {}  # now in the optimizer: no second copy of its state for the whole run
+    ckpt.restore_rng(point.rng, run.length_rng)
+    run.stream.position = StreamPosition(int(saved["epoch"]), int(saved["batch_in_epoch"]))
+    run.loop = ckpt.LoopState(step=int(saved["step"]), epoch=int(saved["epoch"]), batch_in_epoch=int(saved["batch_in_epoch"]),
+                              reward_means=[float(r) for r in saved["reward_means"]])
 
 
 def save_final_model(run: "TrainingRun", policy) -> None:

@@ -6,7 +6,7 @@ all-reduces one flag per rank (a single small collective), so either all go on o
 lowest failing rank raises its own exception (the CLI prints it); every other rank raises
 :class:`PeerFailed`, which the CLI does not print. No rank is left waiting at the next collective.
 
-Inside ``PPOTrainer.step`` the collectives are interleaved with the work, so a failure there cannot
+Inside ``PPOEngine.step`` the collectives are interleaved with the work, so a failure there cannot
 be agreed on without a check at each of them. There the failing rank's exception ends its process,
 and the launcher (torchrun) stops the others; a collective that sees its peer gone is turned into a
 quiet :class:`PeerFailed` by :func:`quiet_when_peer_died` instead of a second traceback.

@@ -1,16 +1,16 @@
 """The training loop behind ``rlhf train``: prompts → generation → reward → PPO step → logging.
 
-Stage numbers in comments follow DESIGN §4. :class:`TrainingRun` is built in named parts, in the
+Stage numbers in comments follow docs/architecture.md ("One run, stage by stage"). :class:`TrainingRun` is built in named parts, in the
 order that writes nothing until the run has started (``_check_start``, ``_build_parts``,
 ``_seed_rollouts``, the first rollout, ``_start``). Each step's scores are gathered once, by
-``PPOTrainer.step`` (``trainer.gathered_scores``): ``env/reward_*``, the sample table and the
-trackers (through :func:`rlhf_cli.logging.tracker_logs`) all read them. The held-out comparison
+``PPOEngine.step`` (``trainer.gathered_scores``): ``env/reward_*``, the sample table and the
+trackers (through :func:`rlhf_cli.reporting.tracker_logs`) all read them. The held-out comparison
 and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlhf eval``.
 """
 
 from __future__ import annotations
 
-import warnings
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,22 +22,23 @@ from omegaconf import DictConfig
 
 from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
-from rlhf_cli.engine.batches import PromptStream, StreamPosition
-from rlhf_cli.engine.components import check_launch, launch_state, ppo_config_from, prompts_per_step, total_steps
-from rlhf_cli.engine.disk import guarded_write, truncate_to
+from rlhf_cli.engine import sharded_state
+from rlhf_cli.engine.batches import PromptStream
+from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
 from rlhf_cli.engine.divergence import DivergenceWatch
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
-from rlhf_cli.engine.report import Comparison, comparison_table, plot_curves
+from rlhf_cli.engine.monitor import build_monitors, heldout_monitor_lines, monitor_scores, monitor_stats
+from rlhf_cli.engine.report import Comparison, plot_curves, summary_lines
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.run_lock import RunLock, job_lock
-from rlhf_cli.engine.saving import resume_advice, save_checkpoint, save_final_model, write_outputs
+from rlhf_cli.engine.saving import restore_checkpoint, resume_advice, save_checkpoint, save_final_model, write_outputs
 from rlhf_cli.engine.signals import Preempted, StopRequest
 from rlhf_cli.engine.together import agree, agreed, quiet_when_peer_died
-from rlhf_cli.logging import Reporter, metrics_line, tracker_logs
+from rlhf_cli.reporting import Reporter, metrics_line, tracker_logs
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.stats import reward_stats, scalar_stats
 from rlhf_cli.ppo.timing import PhaseTimer
-from rlhf_cli.ppo.trainer import PPOTrainer
+from rlhf_cli.ppo.engine import PPOEngine
 from rlhf_cli.rewards import build_reward, score_responses
 from rlhf_cli.rollout.generation import generate_responses
 from rlhf_cli.rollout.unwrap import generation_model, synced_generation_kwargs
@@ -66,7 +67,7 @@ class RunSummary:
     comparison: Comparison | None = None
 
 
-class _EngineTrainer(PPOTrainer):
+class _EngineTrainer(PPOEngine):
     """The engine's trainer: trackers are started by :meth:`TrainingRun._start`, once the run has started."""
 
     start_trackers_on_init = False
@@ -139,18 +140,21 @@ class TrainingRun:
         cfg = self.cfg
         set_seed(int(cfg.seed))  # the value head's initialisation
 
-        def load() -> Any:
+        def load() -> Any:  # agreed: a model, data set or reward that fails on one process stops them all
             loaded = load_policy_and_tokenizer(cfg.model, disable_dropout=bool(cfg.ppo.disable_dropout))
             self.data = build_prompt_data(cfg.dataset, loaded[1], seed=int(cfg.seed))
             self.reward_fn = build_reward(cfg.reward)
+            self.monitors = build_monitors(cfg.reward.monitor)  # logged only: never handed to the trainer
             return loaded
 
         policy, self.tokenizer = agreed(self.state, load)
-        ppo_config = ppo_config_from(cfg, num_processes=self.state.num_processes, tracker_dir=str(self.run_dir.trackers_dir))
-        with warnings.catch_warnings():
-            # The engine feeds step() itself, with batches of ppo_config.batch_size.
-            warnings.filterwarnings("ignore", message="No dataset was given to PPOTrainer", category=UserWarning)
-            self.trainer = _EngineTrainer(ppo_config, policy, tokenizer=self.tokenizer)
+        settings, launch = settings_and_launch(cfg, num_processes=self.state.num_processes, tracker_dir=str(self.run_dir.trackers_dir))
+        self.trainer = _EngineTrainer(settings, policy, tokenizer=self.tokenizer, launch=launch)
+        if self.trainer.sharded:
+            self.reporter.print(
+                f"FSDP2: policy, value head and reference sharded over {self.state.num_processes} process(es) "
+                f"on {self.trainer.accelerator.device.type} (precision {cfg.ppo.precision})."
+            )
         self.stream = PromptStream(
             self.data.train,
             prompts_per_step=prompts_per_step(cfg),
@@ -169,7 +173,7 @@ class TrainingRun:
         self.length_rng = np.random.default_rng([seed, self.state.process_index, 1])
         self.loop = ckpt.LoopState()
         if self.resume is not None:
-            self._restore(self.resume)
+            restore_checkpoint(self, self.resume)
         self.generation = generation_settings(
             self.cfg,
             pad_token_id=self.trainer.pad_token_id,
@@ -195,21 +199,6 @@ class TrainingRun:
         )
 
     # Checkpoints -------------------------------------------------------------------------------
-    def _restore(self, point: ckpt.ResumePoint) -> None:
-        accelerator = self.trainer.accelerator
-        saved = point.state
-        ckpt.load_weights(point.path, accelerator.unwrap_model(self.trainer.model))
-        self.trainer.load_state_dict(point.trainer_state)
-        point.trainer_state = {}  # now in the optimizer: no second copy of its state for the whole run
-        ckpt.restore_rng(point.rng, self.length_rng)
-        self.stream.position = StreamPosition(int(saved["epoch"]), int(saved["batch_in_epoch"]))
-        self.loop = ckpt.LoopState(
-            step=int(saved["step"]),
-            epoch=int(saved["epoch"]),
-            batch_in_epoch=int(saved["batch_in_epoch"]),
-            reward_means=[float(r) for r in saved["reward_means"]],
-        )
-
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` (see :func:`rlhf_cli.engine.saving.save_checkpoint`)."""
         return save_checkpoint(self)
@@ -236,7 +225,7 @@ class TrainingRun:
         group = int(self.cfg.generation.samples_per_prompt)
         timer = PhaseTimer()
         # 1. A batch of prompts (this process's share), each repeated G times in a row: the layout
-        # PPOTrainer.step expects, and the prompt texts the reward and the logs see.
+        # PPOEngine.step expects, and the prompt texts the reward and the logs see.
         with timer("generation"):
             prompts = self.stream.next_batch()
             batch = prompts.repeated(group)
@@ -253,7 +242,7 @@ class TrainingRun:
                     max_new_tokens=budgets,
                     device=accelerator.device,
                     **self.rollout_generation,
-                    **synced_generation_kwargs(accelerator),
+                    **synced_generation_kwargs(accelerator, self.trainer.model),
                 )
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         # 3. Reward: one float per (prompt, response).
@@ -279,6 +268,9 @@ class TrainingRun:
         all_scores = self.trainer.gathered_scores
         stats.update(reward_stats(all_scores))
         stats.update(self._throughput(rollout, timer.seconds["ppo_step"], all_scores.numel()))
+        # Monitors score this process's responses (agreed: one failing stops all), then gather them.
+        scores = agreed(self.state, lambda: monitor_scores(self.monitors, rollout.batch.queries, rollout.texts))
+        stats.update(monitor_stats(scores, self.trainer.accelerator))
         try:
             self._log(step, stats, rollout.batch.queries, rollout.texts, all_scores)
         except Exception as err:  # main process only: raised on every process by stop_requested
@@ -304,13 +296,13 @@ class TrainingRun:
         }
 
     def _log(self, step: int, stats: dict[str, Any], queries: list[str], texts: list[str], all_scores: torch.Tensor) -> None:
-        """metrics.jsonl, the console and the trackers (through rlhf_cli.logging); main process only."""
+        """metrics.jsonl, the console and the trackers (through rlhf_cli.reporting); main process only."""
         log = self.cfg.logging
         if not self.state.is_main_process:
             return
         # This process's own responses come first in rank order (queries repeat each prompt per response).
         rewards = all_scores[: len(texts)].tolist()
-        if self.trainer.config.log_with:
+        if self.trainer.launch.log_with:
             logs = tracker_logs(scalar_stats(stats), {"query": queries, "response": texts}, rewards)
             self.trainer.accelerator.log(logs, step=self.trainer.current_step)
         self._write_metrics(step, stats)
@@ -333,32 +325,38 @@ class TrainingRun:
         """Save ``final/``, print the before/after table, write report.md and curves.png (main process)."""
         accelerator = self.trainer.accelerator
         accelerator.wait_for_everyone()
-        policy = accelerator.unwrap_model(self.trainer.model)
-        comparison = agreed(self.state, lambda: self._write_final(policy) if self.state.is_main_process else None)
-        if self.trainer.config.log_with:
+        policy, reference = accelerator.unwrap_model(self.trainer.model), None
+        if self.trainer.sharded:  # plain models on rank 0, from the gathered weights (a collective)
+            policy, reference = sharded_state.models_for_finish(self.cfg, policy, self.state.is_main_process)
+        main = self.state.is_main_process
+        comparison = agreed(self.state, lambda: self._write_final(policy, reference) if main else None)
+        if self.trainer.launch.log_with:
             accelerator.end_training()
         return RunSummary(self.run_dir.root, self.steps, list(self.loop.reward_means), comparison)
 
-    def _write_final(self, policy) -> Comparison | None:
+    def _write_final(self, policy, reference) -> Comparison | None:
         """The before/after comparison, final/, report.md and curves.png (main process). The comparison
         comes first: its generation is the last check that the weights still give finite logits."""
         with self.watch.logits_guard(self.loop.step):
-            comparison = self._compare(policy)
+            comparison = self._compare(policy, reference)
         save_final_model(self, policy)
         root, advice = self.run_dir.root, "final/ is complete; free some space, then write them with `rlhf eval`."
+        monitor_lines = heldout_monitor_lines(self.monitors, comparison) if comparison is not None else []
         if comparison is not None:
             write_outputs(self.run_dir.report_path, "report.md",
-                          lambda: write_report(root, comparison, self.loop.reward_means), advice=advice)
+                          lambda: write_report(root, comparison, self.loop.reward_means, monitor_lines), advice=advice)
         write_outputs(self.run_dir.curves_path, "curves.png",
                       lambda: plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path), advice=advice)
-        self._print_summary(self.loop.reward_means, comparison)
+        for line in [*monitor_lines, *summary_lines(comparison, self.loop.reward_means, self.run_dir.root)]:
+            self.reporter.print(line)
         return comparison
 
-    def _compare(self, policy) -> Comparison | None:
+    def _compare(self, policy, plain_reference=None) -> Comparison | None:
         rows = min(int(self.cfg.eval_prompts), len(self.data.heldout))
         if rows == 0:
             return None
-        with self.trainer.reference_context() as reference:
+        reference_context = contextlib.nullcontext(plain_reference) if plain_reference is not None else self.trainer.reference_context()
+        with reference_context as reference:
             return compare_on_heldout(
                 self.cfg,
                 self.data.heldout,
@@ -370,17 +368,6 @@ class TrainingRun:
                 generation=self.generation,
                 device=self.trainer.accelerator.device,
             )
-
-    def _print_summary(self, reward_means: list[float], comparison: Comparison | None) -> None:
-        reporter = self.reporter
-        if comparison is not None:
-            reporter.print(comparison_table(comparison))
-        window = max(1, min(5, len(reward_means) // 4))
-        if len(reward_means) >= 2 * window:
-            first = sum(reward_means[:window]) / window
-            last = sum(reward_means[-window:]) / window
-            reporter.print(f"mean reward: first {window} steps {first:+.3f} → last {window} steps {last:+.3f}")
-        reporter.print(f"run directory: [bold]{self.run_dir.root}[/]  (config.yaml, metrics.jsonl, final/, report.md, curves.png)")
 
 
 def run_training(cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = None) -> RunSummary:
@@ -397,16 +384,16 @@ def run_training(cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = N
                 stopping = run.stop_requested(stop)  # before the checkpoint: none after a lost metrics line
                 saved = run.save_checkpoint() if run.checkpoint_due() or stopping else None
                 if stopping:
-                    raise _preempted(run, Preempted(
-                        f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of "
-                        f"{run.steps} and wrote the checkpoint {saved}. Continue it with the same command plus "
-                        f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
-                    ))
+                    raise _preempted(run, stop, saved)
         return run.finish()
     finally:
         run.lock.release()
 
 
-def _preempted(run: TrainingRun, error: Preempted) -> Preempted:
+def _preempted(run: TrainingRun, stop: StopRequest, saved: Optional[Path]) -> Preempted:
+    error = Preempted(
+        f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of {run.steps} and wrote "
+        f"the checkpoint {saved}. Continue it with the same command plus `checkpoint.resume=auto output_dir={run.run_dir.root}`."
+    )
     error.quiet = not run.state.is_main_process  # every process stops; the main one says so
     return error

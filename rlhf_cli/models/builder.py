@@ -28,15 +28,13 @@ from rlhf_cli.models.value_head import (
     is_seq2seq_config,
 )
 
+from rlhf_cli.config.schema import DTYPES
+
 if TYPE_CHECKING:
     from rlhf_cli.config.schema import ModelConfig
 
-_DTYPES: dict[str, torch.dtype | str] = {
-    "auto": "auto",  # whatever the checkpoint's config.json records
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+# model.dtype -> what from_pretrained takes: a torch dtype, or "auto" (what the checkpoint's config.json records).
+_DTYPES: dict[str, torch.dtype | str] = {name: name if name == "auto" else getattr(torch, name) for name in DTYPES}
 _POLICY_CLASSES: dict[str, type[PreTrainedModelWrapper]] = {
     "causal": AutoModelForCausalLMWithValueHead,
     "seq2seq": AutoModelForSeq2SeqLMWithValueHead,

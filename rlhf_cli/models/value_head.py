@@ -10,104 +10,42 @@ model's own weight files.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
-from transformers.utils import cached_file
 
 from rlhf_cli.errors import ModelLoadError
-from rlhf_cli.hub import check_loadable, hub_failure_message
+from rlhf_cli.hub import hub_failure_message
+from rlhf_cli.models.logit_positions import logits_at
+from rlhf_cli.models.model_facts import (  # noqa: F401 (check_model_source, is_seq2seq_config: also imported from here)
+    _is_peft_model,
+    check_model_source,
+    hidden_size_of,
+    is_seq2seq_config,
+    keep_positions,
+)
+from rlhf_cli.models.reward_adapter import load_reward_adapter, reward_scores
+from rlhf_cli.models.trl_loading import (
+    TRLLoadingOptions,
+    adapter_config_of,
+    load_trained_adapter,
+    translate_legacy_kwargs,
+    warn_ignored_loading_kwargs,
+    with_new_adapter,
+)
+from rlhf_cli.models.value_head_files import VALUE_HEAD_FILE, read_value_head
 
-VALUE_HEAD_FILE = "value_head.safetensors"
-VALUE_HEAD_WEIGHT = "v_head.summary.weight"
-VALUE_HEAD_BIAS = "v_head.summary.bias"
-_VALUE_HEAD_KEYS = (VALUE_HEAD_WEIGHT, VALUE_HEAD_BIAS)
 # Keyword arguments of from_pretrained that configure the value head, not the language model.
 _HEAD_KWARGS = ("summary_dropout_prob", "v_head_init_strategy", "v_head_initializer_range")
 # Keyword arguments of from_pretrained that also say where to find the value head file.
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-# TRL-format checkpoints keep the value head inside the model's weight files; searched in this order
-# (transformers prefers safetensors, so that is the file whose tensors were loaded).
-_WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def is_seq2seq_config(config: PretrainedConfig) -> bool:
-    """Whether ``config`` describes an encoder-decoder model (T5, BART) rather than a decoder-only one."""
-    return bool(config.is_encoder_decoder)
-
-
-def hidden_size_of(config: PretrainedConfig) -> int:
-    """Width of the decoder's last hidden state: ``hidden_size``, GPT-2's ``n_embd`` or T5's ``d_model``.
-
-    Composite (multimodal) configs are read through their text config.
-    """
-    text_config = config.get_text_config(decoder=True)
-    # Configs share no common field for this width; most map ``hidden_size`` onto their own name.
-    for name in ("hidden_size", "n_embd", "d_model"):
-        size = getattr(text_config, name, None)
-        if isinstance(size, int):
-            return size
-    raise ValueError(
-        f"Cannot tell the hidden size of a {type(config).__name__}: it has none of the fields "
-        f"hidden_size, n_embd, d_model, so the value head cannot be sized."
-    )
-
-
-def _peft_model_class() -> type | None:
-    """peft's ``PeftModel`` if peft is installed (it is an optional dependency), else None."""
-    if importlib.util.find_spec("peft") is None:
-        return None
-    from peft import PeftModel
-
-    return PeftModel
-
-
-def _is_peft_model(model: object) -> bool:
-    peft_class = _peft_model_class()
-    return peft_class is not None and isinstance(model, peft_class)
-
-
-def keep_positions(tensor: Tensor, logits_to_keep: int | Tensor) -> Tensor:
-    """The positions of ``tensor`` [B, L, ...] that ``logits_to_keep`` selects, as transformers reads it.
-
-    An int k keeps the last k positions (0 keeps all); a 1-D tensor holds positions shared by the batch;
-    a 2-D integer tensor [B, K] holds positions per row; a 2-D bool mask [B, L] keeps its True
-    positions, flattened to [N, ...].
-    """
-    if isinstance(logits_to_keep, int):
-        return tensor[:, -logits_to_keep:] if logits_to_keep else tensor
-    if logits_to_keep.ndim == 1:
-        return tensor[:, logits_to_keep]
-    if logits_to_keep.dtype == torch.bool:
-        return tensor[logits_to_keep]
-    index = logits_to_keep.reshape(*logits_to_keep.shape, *([1] * (tensor.ndim - 2)))
-    return torch.take_along_dim(tensor, index, dim=1)
-
-
-def check_model_source(name: str, *, what: str, config_key: str, subfolder: str = "") -> None:
-    """Fail with one paragraph if ``name`` is neither a loadable Hub id nor a directory holding a model.
-
-    Adds to ``rlhf_cli.hub.check_loadable`` the case of an existing directory without ``config.json``,
-    which transformers reports as an unrecognised model type.
-    """
-    check_loadable(name, what=what, config_key=config_key)
-    directory = Path(name).expanduser() / subfolder
-    if directory.is_dir() and not (directory / "config.json").is_file():
-        raise ModelLoadError(
-            f"The {what} directory '{directory}' holds no config.json, so it is not a model saved with "
-            f"save_pretrained. Point {config_key}=... at the directory that contains config.json and the weights."
-        )
 
 
 class ValueHead(nn.Module):
@@ -181,6 +119,9 @@ class PreTrainedModelWrapper(nn.Module):
         self.pretrained_model = pretrained_model
         self.config = pretrained_model.config
         self.is_peft_model = _is_peft_model(pretrained_model)
+        # TRL's reward-adapter attributes; from_pretrained(..., reward_adapter=...) sets them and ``score``.
+        self.supports_rm_adapter = False
+        self.rm_adapter_name: str | None = None
         if summary_dropout_prob is None:
             summary_dropout_prob = getattr(self.config, "summary_dropout_prob", None)
         self.v_head = ValueHead(self.config, 0.1 if summary_dropout_prob is None else summary_dropout_prob)
@@ -242,38 +183,63 @@ class PreTrainedModelWrapper(nn.Module):
         """Load (or wrap) a language model and attach its saved value head, or a fresh one.
 
         ``pretrained_model_name_or_path`` is a Hub id or local directory (str or Path), or an already
-        built ``PreTrainedModel`` / peft ``PeftModel``. ``summary_dropout_prob``, ``v_head_init_strategy``
-        and ``v_head_initializer_range`` configure the head; every other argument goes to the
-        transformers auto class's ``from_pretrained`` (``dtype``, ``trust_remote_code``, ``revision``...).
+        built ``PreTrainedModel`` / peft ``PeftModel`` (loading arguments are then ignored, as in TRL).
+        ``summary_dropout_prob``, ``v_head_init_strategy`` and ``v_head_initializer_range`` configure
+        the head; TRL's ``peft_config``, ``is_trainable``, ``reward_adapter`` and ``reward_adapter_name``
+        are read by :mod:`rlhf_cli.models.trl_loading`; every other argument goes to the transformers
+        auto class's ``from_pretrained`` (``torch_dtype``, ``trust_remote_code``, ``revision``...).
         """
         head_kwargs = {key: kwargs.pop(key) for key in _HEAD_KWARGS if key in kwargs}
+        options = TRLLoadingOptions.pop_from(kwargs)
         source = pretrained_model_name_or_path
+        head_state = None
         if isinstance(source, (str, os.PathLike)):
             name = os.fspath(source)
-            model = cls(cls._load_language_model(name, model_args, kwargs), **head_kwargs)
+            translate_legacy_kwargs(kwargs)
+            language_model = cls._load_language_model(name, model_args, kwargs, options)
             head_state = read_value_head(name, **{key: kwargs[key] for key in _HUB_KWARGS if key in kwargs})
-            if head_state is not None:
-                model.v_head.load_state_dict(head_state)
-            return model
-        if isinstance(source, PreTrainedModel) or _is_peft_model(source):
-            if model_args or kwargs:
-                raise TypeError(
-                    f"from_pretrained got loading arguments {sorted(kwargs) or list(model_args)} with an already "
-                    f"built model; they only apply when loading from a name or path."
-                )
-            return cls(source, **head_kwargs)
-        raise TypeError(
-            f"pretrained_model_name_or_path must be a Hub id, a local path or a transformers PreTrainedModel, "
-            f"got {type(source).__name__}."
-        )
+        elif isinstance(source, PreTrainedModel) or _is_peft_model(source):
+            warn_ignored_loading_kwargs(source, model_args, kwargs)
+            language_model = source
+        else:
+            raise TypeError(
+                f"pretrained_model_name_or_path must be a Hub id, a local path or a transformers PreTrainedModel, "
+                f"got {type(source).__name__}."
+            )
+        language_model = with_new_adapter(language_model, options)
+        score = None
+        if options.reward_adapter is not None:
+            score = load_reward_adapter(language_model, options.reward_adapter, options.reward_adapter_name, kwargs.get("token"))
+        model = cls(language_model, **head_kwargs)
+        if head_state is not None:
+            model.v_head.load_state_dict(head_state)
+        if score is not None:
+            model.score, model.supports_rm_adapter, model.rm_adapter_name = score, True, options.reward_adapter_name
+        return model
 
     @classmethod
-    def _load_language_model(cls, name: str, model_args: tuple, kwargs: dict[str, Any]) -> PreTrainedModel:
-        check_model_source(name, what="policy model", config_key="model.name_or_path", subfolder=kwargs.get("subfolder", ""))
+    def _load_language_model(cls, name: str, model_args: tuple, kwargs: dict[str, Any], options: TRLLoadingOptions) -> nn.Module:
+        """The language model ``name`` holds, or, when it holds a trained PEFT adapter, its base model
+        with that adapter (trainable if ``options.is_trainable``)."""
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        adapter_config = adapter_config_of(name, hub_kwargs)
+        base_name = adapter_config.get("base_model_name_or_path") if adapter_config is not None else name
+        if not base_name:
+            raise ModelLoadError(f"The PEFT adapter in '{name}' does not say which base model it adapts (base_model_name_or_path).")
+        base_kwargs = kwargs if adapter_config is None else {k: v for k, v in kwargs.items() if k not in ("subfolder", "revision")}
+        check_model_source(base_name, what="policy model", config_key="model.name_or_path", subfolder=base_kwargs.get("subfolder", ""))
         try:
-            return cls.transformers_parent_class.from_pretrained(name, *model_args, **kwargs)
+            model = cls.transformers_parent_class.from_pretrained(base_name, *model_args, **base_kwargs)
         except OSError as err:  # missing files, unknown repo, no network
-            raise ModelLoadError(hub_failure_message(name, what="policy model", config_key="model.name_or_path", error=err)) from err
+            raise ModelLoadError(hub_failure_message(base_name, what="policy model", config_key="model.name_or_path", error=err)) from err
+        if adapter_config is None:
+            return model
+        return load_trained_adapter(name, model, is_trainable=options.is_trainable, token=kwargs.get("token"))
+
+    def compute_reward_score(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Scores [B, L, num_labels] of the reward adapter loaded with ``reward_adapter=`` (TRL's method;
+        see :func:`rlhf_cli.models.reward_adapter.reward_scores`)."""
+        return reward_scores(self, input_ids, attention_mask, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write the language model in plain Hugging Face format and the head as ``value_head.safetensors``.
@@ -295,6 +261,10 @@ class PreTrainedModelWrapper(nn.Module):
             }
         self.pretrained_model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):
+            if self.is_peft_model:  # peft writes only the adapter: add the base model's config.json, so
+                # the directory reads as a model (AutoConfig, our source checks); loading still follows
+                # adapter_config.json to the base weights.
+                self.pretrained_model.get_base_model().config.save_pretrained(save_directory)
             tensors = {key: value.detach().to("cpu").contiguous() for key, value in head_state.items()}
             save_file(tensors, str(Path(save_directory) / VALUE_HEAD_FILE), metadata={"format": "pt"})
 
@@ -320,29 +290,38 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         past_key_values: Any = None,
         *,
         with_values: bool = True,
+        lm_head: bool = True,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Returns (lm_logits [B, L, V], loss or None, values [B, L] float32).
 
         The logits keep the model's dtype: upcasting a [B, L, V] tensor costs memory the caller may
-        not need. ``logits_to_keep=k`` is passed to the model (its LM head then skips the other
-        positions) and the values cover the same last k positions. ``with_values=False`` (ours: a
+        not need. ``logits_to_keep`` (an int k: the last k positions; or transformers' tensor forms)
+        selects positions: the LM head skips the others where the model allows it (see
+        :mod:`rlhf_cli.models.logit_positions`), and the values cover the same positions. ``with_values=False`` (ours: a
         critic-free estimator, or the reference) skips the value head and the hidden states it reads:
-        values are None.
+        values are None. ``lm_head=False`` (ours: the chunked log-probabilities apply the head
+        themselves; needs a tensor ``logits_to_keep``) skips the LM head and returns, in place of the
+        logits, the last hidden state at the kept positions: the head's input ([B, k, H] or [N, H]).
         """
-        outputs = self.pretrained_model(
+        logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        needs_hidden = with_values or not lm_head
+        # Without the LM head: the head over no position at all (an empty index on the inputs' device).
+        head_keep = logits_to_keep if lm_head else torch.zeros(0, dtype=torch.long, device=logits_to_keep.device)
+        outputs = logits_at(  # feature-detects what the model's forward takes
+            self.pretrained_model,
+            head_keep,
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
-            output_hidden_states=with_values,
+            output_hidden_states=needs_hidden,
             **kwargs,
         )
-        if not with_values:
+        if not needs_hidden:
             return outputs.logits, outputs.loss, None
-        hidden = outputs.hidden_states[-1]
-        if "logits_to_keep" in kwargs:
-            hidden = keep_positions(hidden, kwargs["logits_to_keep"])
-        return outputs.logits, outputs.loss, self.v_head(hidden)
+        hidden = keep_positions(outputs.hidden_states[-1], logits_to_keep)
+        first = outputs.logits if lm_head else hidden
+        return first, outputs.loss, self.v_head(hidden) if with_values else None
 
 
 class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
@@ -387,72 +366,3 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
         if logits_to_keep is not None:
             hidden = keep_positions(hidden, logits_to_keep)
         return logits, outputs.loss, self.v_head(hidden)
-
-
-def read_value_head(name: str, **hub_kwargs: Any) -> dict[str, Tensor] | None:
-    """The value head saved with model ``name`` as a ``ValueHead`` state dict, or None if it has none.
-
-    Looks for ``value_head.safetensors`` first, then for ``v_head.summary.*`` tensors inside the model's
-    weight files (TRL's layout; sharded or not, safetensors or ``.bin``). ``hub_kwargs`` (revision,
-    cache_dir, token, ...) locate files of a Hub id.
-    """
-
-    def locate(filename: str) -> str | None:
-        # Offline, a file missing from the cache counts as absent: the model itself did load from it.
-        return cached_file(
-            name,
-            filename,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **hub_kwargs,
-        )
-
-    head_file = locate(VALUE_HEAD_FILE)
-    if head_file is not None:
-        found = _read_tensors(head_file, _VALUE_HEAD_KEYS)
-        return _as_head_state(found, head_file, required=True)
-    # TRL's layouts: the head inside the (sharded) model weights, or, for a PEFT adapter saved by TRL,
-    # alone in a pytorch_model.bin beside the adapter. The first file that holds it wins.
-    for index_name in _WEIGHT_INDEX_FILES:
-        index_file = locate(index_name)
-        if index_file is None:
-            continue
-        weight_map = json.loads(Path(index_file).read_text())["weight_map"]
-        found = {}
-        for shard in sorted({weight_map[key] for key in _VALUE_HEAD_KEYS if key in weight_map}):
-            shard_file = locate(shard)
-            if shard_file is None:
-                raise ModelLoadError(f"The weight index {index_file} names the shard '{shard}', which is missing.")
-            found.update(_read_tensors(shard_file, _VALUE_HEAD_KEYS))
-        head_state = _as_head_state(found, index_file, required=False)
-        if head_state is not None:
-            return head_state
-    for weights_name in _WEIGHT_FILES:
-        weights_file = locate(weights_name)
-        if weights_file is not None:
-            head_state = _as_head_state(_read_tensors(weights_file, _VALUE_HEAD_KEYS), weights_file, required=False)
-            if head_state is not None:
-                return head_state
-    return None
-
-
-def _read_tensors(path: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
-    """Those of ``keys`` present in a safetensors or torch weight file (``.bin`` via weights_only loading)."""
-    if path.endswith(".safetensors"):
-        # Reads only the header and the requested tensors, not the whole model.
-        with safe_open(path, framework="pt") as weights:
-            return {key: weights.get_tensor(key) for key in keys if key in weights.keys()}
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {key: state[key] for key in keys if key in state}
-
-
-def _as_head_state(found: dict[str, Tensor], source: str, *, required: bool) -> dict[str, Tensor] | None:
-    if not found and not required:
-        return None
-    missing = [key for key in _VALUE_HEAD_KEYS if key not in found]
-    if missing:
-        raise ModelLoadError(
-            f"The value head in {source} is incomplete: {', '.join(missing)} is missing. Re-save the model "
-            f"with save_pretrained, or delete the value head tensors to start from a fresh head."
-        )
-    return {"summary.weight": found[VALUE_HEAD_WEIGHT], "summary.bias": found[VALUE_HEAD_BIAS]}

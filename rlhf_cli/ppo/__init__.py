@@ -1,21 +1,6 @@
-"""PPO: configuration, pure math, KL controllers and the trainer.
+"""The PPO engine: frozen settings (:mod:`~rlhf_cli.ppo.settings`, torch-free) and the trainer
+(:class:`~rlhf_cli.ppo.engine.PPOEngine`) with its forward passes, stats, collectives and construction.
 
-``PPOTrainer`` is imported on first use: the command line's schema (``rlhf_cli.config.schema``)
-derives its ppo group from ``rlhf_cli.ppo.config`` and must not pay for importing torch.
+Builds on :mod:`rlhf_cli.algo` and never imports the TRL layer (:mod:`rlhf_cli.trl`). Nothing is
+imported here, so ``rlhf_cli.ppo.settings`` stays free of torch for the command line's schema.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-from rlhf_cli.ppo.config import PPOConfig
-
-__all__ = ["PPOConfig", "PPOTrainer"]
-
-
-def __getattr__(name: str) -> Any:
-    if name != "PPOTrainer":
-        raise AttributeError(f"module 'rlhf_cli.ppo' has no attribute '{name}'")
-    from rlhf_cli.ppo.trainer import PPOTrainer
-
-    return PPOTrainer

@@ -1,6 +1,6 @@
 """Several processes, one PPO step: what makes P processes compute what one process computes.
 
-The convention (DESIGN §6 math, unchanged):
+The convention (the math of rlhf_cli.algo, unchanged):
 
 * **The global batch** of a step is the concatenation, in rank order, of the processes' samples:
   row ``r·b + i`` is sample ``i`` of rank ``r`` (b samples per process, B = P·b). This is the order
@@ -26,29 +26,21 @@ import os
 from typing import Optional
 
 import torch
+import accelerate.utils
 from accelerate import Accelerator
-from accelerate.utils import (
-    gather_object,
-    is_hpu_available,
-    is_mlu_available,
-    is_musa_available,
-    is_npu_available,
-    is_xpu_available,
-    parse_flag_from_env,
-)
+from accelerate.utils import gather_object, parse_flag_from_env
 from torch import Tensor, nn
+
+# Accelerate's probes for devices on which it forms a process group by itself. Looked up by name:
+# older releases lack some (Accelerate 1.1, TRL 0.11's pin, has no is_hpu_available), and a probe a
+# release lacks is a device that release cannot drive.
+_DEVICE_PROBES = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_musa_available", "is_hpu_available")
 
 
 def _accelerator_device_available() -> bool:
     """A device for which Accelerate forms a process group by itself (CUDA, XPU, NPU, MLU, MUSA, HPU)."""
-    return (
-        torch.cuda.is_available()
-        or is_xpu_available()
-        or is_npu_available()
-        or is_mlu_available()
-        or is_musa_available()
-        or is_hpu_available()
-    )
+    probes = (getattr(accelerate.utils, name, None) for name in _DEVICE_PROBES)
+    return torch.cuda.is_available() or any(probe() for probe in probes if probe is not None)
 
 
 def cpu_process_group_needed() -> bool:

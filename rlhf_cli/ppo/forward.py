@@ -12,33 +12,46 @@ from typing import Callable, ContextManager, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.ppo.functional import full_kl, logprobs_from_logits
-from rlhf_cli.rollout.packing import PackedBatch
+from rlhf_cli.algo.functional import entropy_from_logits, logprobs_from_logits
+from rlhf_cli.algo.kl import full_kl
+from rlhf_cli.ppo.head_logprobs import chunkable_lm_head, chunked_response_outputs
+from rlhf_cli.rollout.packing import PackedBatch, cat_to_width, real_token_index
 
 
 class ResponseOutputs(NamedTuple):
     """Model outputs at the positions that predict each response token.
 
-    logits [B, T, V] (None once reduced), logprobs [B, T] of the response tokens, values [B, T]
-    (None when the value head was not run).
+    logits [B, T, V] (None when not kept: ``response_outputs(logits=False)``), logprobs [B, T] of the
+    response tokens, values [B, T] (None when the value head was not run), entropy [B, T] of the
+    policy at each position (only from the chunked head; else None: compute it from the logits).
     """
 
-    logits: Tensor
+    logits: Tensor | None
     logprobs: Tensor
     values: Tensor | None
+    entropy: Tensor | None = None
 
 
-def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = True) -> ResponseOutputs:
+def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = True, logits: bool = True) -> ResponseOutputs:
     """One forward pass of ``model`` over ``batch``, sliced to the response positions.
+
+    ``logits=False``: the caller needs no logits; where the model allows it (:func:`chunkable_lm_head`)
+    the LM head and log-softmax then run in chunks of tokens and no [B, T, V] tensor is made
+    (``ResponseOutputs.logits`` None, ``entropy`` set); elsewhere the logits are computed as usual.
 
     ``values=False`` skips the value head (a critic-free estimator; the reference, whose values
     nobody reads): ``ResponseOutputs.values`` is then None.
 
     Decoder-only models compute the LM head only where a response token is predicted: when all
-    responses have the same length, over the last T + 1 positions (the final one dropped); when
+    responses have the same length, over the T positions that predict one (a contiguous input, see
+    below); when
     some are shorter (EOS, sampled lengths), only at their real tokens, see
     :func:`_packed_response_outputs`. Padding positions then hold zero logits and values.
     """
+    head = None if logits or batch.is_encoder_decoder else chunkable_lm_head(model)
+    if head is not None:
+        chunked = chunked_response_outputs(model, head, batch, values=values)
+        return ResponseOutputs(logits=None, logprobs=chunked.logprobs, values=chunked.values, entropy=chunked.entropy)
     width_t = batch.response_width
     with_values = {"with_values": False} if not values else {}  # the wrappers' default: values on
     if batch.is_encoder_decoder:
@@ -46,28 +59,27 @@ def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = Tru
     elif sum(batch.response_lengths) < batch.batch_size * width_t:
         return _packed_response_outputs(model, batch, with_values)
     else:
-        # Only the last T + 1 positions predict response tokens (or the token after the last
-        # one, dropped below): skipping the LM head over the query saves a [B, Lq, V] matmul.
-        logits, _, value_out = model(**batch.model_inputs(), logits_to_keep=width_t + 1, **with_values)
-        logits = logits[:, :-1]
-        value_out = None if value_out is None else value_out[:, :-1]
+        # Only input positions Lq - 1 ... Lq + T - 2 predict response tokens: skipping the LM head
+        # over the query saves a [B, Lq, V] matmul. The positions go in as an index tensor, not as
+        # the int k of "the last k": transformers would then hand the head the strided view
+        # hidden[:, -k:], and F.linear of a non-contiguous 3-D input with a weight that does not
+        # require grad (a frozen reference) takes matmul's expand + bmm path, which copies the
+        # [V, H] weight once per row (87x slower in bf16 on SmolLM2). Indexing makes a
+        # contiguous [B, T, H] copy, which the head folds into one [B*T, H] x [H, V] matmul.
+        width_q = batch.input_ids.shape[1] - width_t
+        predicting = torch.arange(width_q - 1, width_q - 1 + width_t, device=batch.input_ids.device)
+        logits, _, value_out = model(**batch.model_inputs(), logits_to_keep=predicting, **with_values)
     logprobs = logprobs_from_logits(logits, batch.response_ids)
     return ResponseOutputs(logits=logits, logprobs=logprobs, values=_float_or_none(value_out))
 
 
+def response_entropy(out: ResponseOutputs) -> Tensor:
+    """The policy's entropy at each response position, [B, T] float32: the chunked head's, or from the logits."""
+    return out.entropy if out.entropy is not None else entropy_from_logits(out.logits.detach())
+
+
 def _float_or_none(values: Tensor | None) -> Tensor | None:
     return None if values is None else values.float()
-
-
-def _real_token_index(response_lengths: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(row, column) of every real response token, row-major: two [N] index tensors.
-
-    Built on the host from the lengths, so no device-to-host sync is needed to find them.
-    """
-    lengths = torch.tensor(response_lengths, dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(response_lengths)), lengths)
-    cols = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    return rows.to(device), cols.to(device)
 
 
 def _packed_response_outputs(model: nn.Module, batch: PackedBatch, with_values: dict[str, bool]) -> ResponseOutputs:
@@ -84,7 +96,7 @@ def _packed_response_outputs(model: nn.Module, batch: PackedBatch, with_values: 
     """
     width_q = batch.input_ids.shape[1] - batch.response_width
     device = batch.input_ids.device
-    rows, cols = _real_token_index(batch.response_lengths, device)
+    rows, cols = real_token_index(batch.response_lengths, device)
     keep = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=device)
     keep[rows, cols + (width_q - 1)] = True  # input position Lq - 1 + t predicts response token t
     packed_logits, _, packed_values = model(**batch.model_inputs(), logits_to_keep=keep, **with_values)
@@ -126,20 +138,22 @@ def score_rollout(
     ``need_values`` (a critic-free estimator has none to read). The full-vocabulary KL (``kl_penalty="full"``) needs both
     models' logits at once; computing it per chunk keeps only [chunk, T, V] alive at a time.
     """
+    # Both models the same way (chunked head or logits), so that their log-probabilities differ by
+    # the models alone: a reference equal to the policy must give a KL of exactly 0.
+    logits = need_full_kl or chunkable_lm_head(policy) is None
     parts: list[RolloutScores] = []
     for start in range(0, batch.batch_size, chunk_size):
         rows = list(range(start, min(start + chunk_size, batch.batch_size)))
         chunk = batch if len(rows) == batch.batch_size else batch.select(rows)
-        pol = response_outputs(policy, chunk, values=need_values)
+        pol = response_outputs(policy, chunk, values=need_values, logits=logits)
         with _as_context(reference) as ref_model:
-            ref = response_outputs(ref_model, chunk, values=False)
+            ref = response_outputs(ref_model, chunk, values=False, logits=logits)
         kl = full_kl(pol.logits, ref.logits) if need_full_kl else None
         parts.append(RolloutScores(pol.logprobs, pol.values, ref.logprobs, kl))
     width = batch.response_width
 
     def cat(tensors: list[Tensor]) -> Tensor:
-        # Chunks are trimmed to their own longest response: pad back to the batch width.
-        return torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors], dim=0)
+        return cat_to_width(tensors, width)
 
     return RolloutScores(
         logprobs=cat([p.logprobs for p in parts]),

@@ -1,4 +1,4 @@
-"""Checking what users hand to ``PPOTrainer.step`` before any tensor math sees it.
+"""Checking what users hand to ``PPOEngine.step`` (and TRL's ``PPOTrainer.step``) before any tensor math sees it.
 
 Each check names the argument and the offending index, so a mistake reads as a sentence and not
 as a shape error deep inside a matmul.
@@ -35,8 +35,11 @@ def _check_token_list(name: str, items: Any, expected: int) -> list[Tensor]:
 
 def _score_value(i: int, score: Any) -> float:
     if isinstance(score, Tensor):
-        if score.numel() != 1:
-            raise ValueError(f"scores[{i}] must be a scalar (one number per sample), got a tensor of shape {tuple(score.shape)}.")
+        # A one-element 1-D tensor is a score too (TRL squeezes it); 2-D is refused, as TRL refuses it.
+        if score.numel() != 1 or score.dim() > 1:
+            raise ValueError(
+                f"scores[{i}] must be a scalar (one number per sample: a 0-d or one-element 1-d tensor), got a tensor of shape {tuple(score.shape)}."
+            )
         value = float(score.detach().float().cpu().reshape(()))
     elif isinstance(score, Real) and not isinstance(score, bool):
         value = float(score)
@@ -100,10 +103,10 @@ def check_step_inputs(
     return queries, responses, score_tensor, masks
 
 
-def check_groups(queries: Sequence[Tensor], group_size: int) -> None:
+def check_prompt_groups(queries: Sequence[Tensor], group_size: int) -> None:
     """With ``samples_per_prompt`` = G > 1, the samples must come prompt-major: queries g·G … g·G + G − 1
     are one prompt, repeated. ValueError naming the first group that is not (the batch size itself is
-    a multiple of G, checked by the config)."""
+    a multiple of G, checked with the settings)."""
     if group_size == 1:
         return
     for start in range(0, len(queries), group_size):
@@ -121,7 +124,7 @@ def check_groups(queries: Sequence[Tensor], group_size: int) -> None:
 def token_ids(tokenizer: Any, model_config: Any) -> tuple[int, int | None]:
     """(pad id, EOS id) for generation. Padding: the tokenizer's pad, else its EOS, else the model
     config's pad or EOS, else 0 (any id is safe: padded positions are masked out). EOS: the
-    tokenizer's, else the model config's. One rule for the trainer (``PPOTrainer.pad_token_id``) and the held-out
+    tokenizer's, else the model config's. One rule for the trainer (``PPOEngine.pad_token_id``) and the held-out
     evaluation (``engine.heldout``)."""
     pad = next(
         (
@@ -135,3 +138,10 @@ def token_ids(tokenizer: Any, model_config: Any) -> tuple[int, int | None]:
     )
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     return pad, eos if eos is not None else getattr(model_config, "eos_token_id", None)
+
+
+def as_score_tensor(scores: Any, device: torch.device) -> Tensor:
+    """Scores given as a tensor or a list of numbers / 0-d tensors -> [B] on ``device``."""
+    if isinstance(scores, Tensor):
+        return scores.to(device).reshape(-1)
+    return torch.stack([torch.as_tensor(s, dtype=torch.float32).reshape(()) for s in scores]).to(device)

@@ -13,7 +13,7 @@ Small updates (lr × Adam direction ≈ 1e-5 of a weight) would round away in bf
 mantissa) and learning would stall; in the masters they accumulate. The value head stays float32
 (see :class:`rlhf_cli.models.value_head.ValueHead`): its parameters are their own masters.
 Log-probabilities, KL, advantages and losses are computed in float32 from the bfloat16 logits
-(:mod:`rlhf_cli.ppo.functional` upcasts half-precision inputs).
+(:mod:`rlhf_cli.algo.functional` upcasts half-precision inputs).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.ppo.config import PRECISIONS
+from rlhf_cli.algo.names import PRECISIONS
 
 
 
@@ -134,8 +134,8 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
 def with_master_weights(optimizer: torch.optim.Optimizer, language_model: nn.Module) -> MasterWeightOptimizer:
     """Cast ``language_model`` to bfloat16 and return ``optimizer`` stepping float32 masters of its weights.
 
-    ``optimizer`` must not have stepped yet (its state would belong to the old parameters). Masters are
-    copied from the weights *before* the cast, so a float32 checkpoint keeps all its bits in them.
+    ``optimizer`` must not have stepped yet (its state would belong to the old parameters). The masters
+    are the weights' float32 tensors from *before* the cast, so a float32 checkpoint keeps all its bits.
     Frozen weights (a shared or LoRA base) are cast too: they compute in bfloat16 but never update.
     Parameters outside ``language_model`` (the float32 value head) are optimised directly.
     """
@@ -146,10 +146,13 @@ def with_master_weights(optimizer: torch.optim.Optimizer, language_model: nn.Mod
     for group in optimizer.param_groups:
         for i, param in enumerate(group["params"]):
             if id(param) in in_model:
-                master = param.detach().to(torch.float32, copy=True)
+                # The weight's own float32 storage becomes the master (no copy: a copy would hold the
+                # model in float32 twice while it is cast, the peak of the process's memory); `.data`
+                # so that Adam's in-place updates of the master do not bump the weight's version.
+                master = param.data if param.dtype == torch.float32 else param.detach().to(torch.float32)
                 group["params"][i] = master
                 pairs.append((param, master))
-    language_model.to(torch.bfloat16)  # in place: `param` objects stay the module's parameters
+    language_model.to(torch.bfloat16)  # in place: `param` objects stay the module's parameters, now bf16
     return MasterWeightOptimizer(optimizer, pairs)
 
 
@@ -167,7 +170,6 @@ def apply_precision(
         return optimizer
     if precision != "bf16":
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
-    wrapped = with_master_weights(optimizer, model.pretrained_model)
-    if ref_model is not None:
+    if ref_model is not None:  # first: its float32 weights are freed before the policy's are cast
         ref_model.pretrained_model.to(torch.bfloat16)  # frozen: no masters, bfloat16 forward passes
-    return wrapped
+    return with_master_weights(optimizer, model.pretrained_model)

@@ -1,5 +1,6 @@
-"""Building a PPOTrainer's parts: its Accelerator, the checked arguments, the reference model, the
-default optimiser, and the value head's freezing for a critic-free estimator.
+"""Building a PPO engine's parts: its Accelerator, the checked arguments, the reference model, the
+default optimiser (sharded or with float32 masters as the settings ask), the value head's freezing for
+a critic-free estimator, and the parts prepared by Accelerate.
 
 Pure construction (no PPO math, no step state): the trainer calls these in the order its
 ``__init__`` documents.
@@ -17,34 +18,33 @@ from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model
 from rlhf_cli.models import disable_dropout as switch_off_dropout
-from rlhf_cli.ppo.config import PPOConfig
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
+from rlhf_cli.ppo.precision import apply_precision
+from rlhf_cli.ppo.settings import Launch, PPOSettings
+from rlhf_cli.ppo.sharding import shard_for_training
 from rlhf_cli.rollout.unwrap import zero_stage
 
 
-def make_accelerator(config: PPOConfig) -> Accelerator:
-    """The Accelerator of a trainer: the config's trackers, project and accelerator keyword arguments.
+def make_accelerator(launch: Launch, gradient_accumulation_steps: int) -> Accelerator:
+    """The Accelerator of a trainer: the launch's trackers, project and accelerator keyword arguments.
 
     Gradient accumulation counts mini-batches only (not the end of a dataloader, which would force an
     optimiser step on every mini-batch of a dataloader's last batch), and a prepared scheduler steps
     once per ``step()`` whatever the number of processes.
     """
-    kwargs = dict(config.accelerator_kwargs)
+    kwargs = dict(launch.accelerator_kwargs)
     # Processes launched on a CPU-only machine must be told to join over gloo (see distributed.py).
     kwargs.setdefault("cpu", cpu_process_group_needed())
     kwargs.setdefault("step_scheduler_with_optimizer", False)
     if "gradient_accumulation_plugin" not in kwargs:
         kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(
-            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
         )
-    return Accelerator(log_with=config.log_with, project_config=ProjectConfiguration(**config.project_kwargs), **kwargs)
+    return Accelerator(log_with=launch.log_with, project_config=ProjectConfiguration(**launch.project_kwargs), **kwargs)
 
 
-def checked_arguments(config: Optional[PPOConfig], model: Any, ref_model: Any) -> PPOConfig:
-    """The trainer's config (TRL's defaults when None), after checking the types of its arguments."""
-    config = config if config is not None else PPOConfig()
-    if not isinstance(config, PPOConfig):
-        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}.")
+def check_model_arguments(model: Any, ref_model: Any) -> None:
+    """TypeError unless ``model`` (and ``ref_model``, when given) are value-head models."""
     if not isinstance(model, PreTrainedModelWrapper):
         raise TypeError(
             "model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead "
@@ -53,7 +53,6 @@ def checked_arguments(config: Optional[PPOConfig], model: Any, ref_model: Any) -
         )
     if ref_model is not None and not isinstance(ref_model, PreTrainedModelWrapper):
         raise TypeError(f"ref_model must be a value-head model like model, or None; got {type(ref_model).__name__}.")
-    return config
 
 
 def shared_layers(ref_model: Any, num_shared_layers: Optional[int]) -> Optional[int]:
@@ -100,7 +99,7 @@ def reference_model(
     return ref_model
 
 
-def default_optimizer(model: PreTrainedModelWrapper, config: PPOConfig, device: torch.device) -> torch.optim.Optimizer:
+def default_optimizer(model: PreTrainedModelWrapper, config: PPOSettings, device: torch.device) -> torch.optim.Optimizer:
     """Adam over the trainable parameters (the optimiser a trainer builds when none is given)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel updates all parameters in one pass: 5x faster than torch's per-tensor
@@ -120,3 +119,43 @@ def freeze_value_head(model: PreTrainedModelWrapper) -> None:
     optimiser is built (no optimiser state for it) and before DDP wraps the model (which would otherwise
     wait for gradients that never come). It is still saved with the model, unchanged."""
     model.v_head.requires_grad_(False)
+
+
+def training_optimizer(
+    accelerator: Accelerator, settings: PPOSettings, sharded: bool, model: PreTrainedModelWrapper,
+    ref_model: Optional[PreTrainedModelWrapper], optimizer: Optional[torch.optim.Optimizer],
+) -> torch.optim.Optimizer:
+    """The optimiser (the given one, or Adam) over the parameters as they will train: sharded first
+    with ``sharding="fsdp2"`` (policy and reference; bf16 is then FSDP2's mixed-precision policy,
+    see rlhf_cli.ppo.sharding), else with ``precision="bf16"``'s float32 masters."""
+    device = accelerator.device
+    if sharded:
+        build = lambda m: default_optimizer(m, settings, device)  # noqa: E731
+        return shard_for_training(model, ref_model, optimizer, build, device=device, precision=settings.precision)
+    if settings.precision == "bf16":
+        # The float32 masters are copies of the weights: made where the weights will live (on a GPU they
+        # were made on the CPU before Accelerate moved the model, and the first step failed assigning
+        # CUDA gradients to CPU masters; seen on an H200).
+        model.to(device)
+    optimizer = optimizer if optimizer is not None else default_optimizer(model, settings, device)
+    # precision="bf16": bfloat16 policy and reference, float32 masters in the optimiser.
+    return apply_precision(settings.precision, optimizer, model, ref_model)
+
+
+def prepare_parts(accelerator: Accelerator, sharded: bool, model: PreTrainedModelWrapper, optimizer: torch.optim.Optimizer,
+                  ref_model: Optional[PreTrainedModelWrapper], dataloader: Any, lr_scheduler: Any) -> tuple[Any, ...]:
+    """(model, optimiser, dataloader, scheduler) through ``accelerator.prepare``, and the reference
+    (not prepared: frozen) on the device."""
+    # Accelerate wraps the scheduler (trainer.lr_scheduler.scheduler is the user's); see make_accelerator.
+    # An empty dataloader stays unprepared: Accelerate 1.1-1.3 (TRL 0.11's) fail iterating a prepared one.
+    prepare_dataloader = dataloader is not None and len(dataloader) > 0
+    extras = [x for x in (dataloader if prepare_dataloader else None, lr_scheduler) if x is not None]
+    if sharded and not accelerator.is_fsdp2:
+        # Already sharded: Accelerate must not wrap it in DDP; it prepares the optimiser only.
+        model, (optimizer, *prepared) = model, accelerator.prepare(optimizer, *extras, None)[:-1]
+    else:
+        model, optimizer, *prepared = accelerator.prepare(model, optimizer, *extras)
+    dataloader = prepared.pop(0) if prepare_dataloader else dataloader
+    lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
+    ref_model = ref_model.to(accelerator.device) if ref_model is not None else None
+    return model, optimizer, dataloader, lr_scheduler, ref_model

@@ -1,4 +1,4 @@
-"""Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (DESIGN §7).
+"""Typed results of one PPO step, flattened to legacy TRL's metric names at the edge (docs/architecture.md, "Metric names").
 
 Pure functions (no collectives, no optimiser): :func:`minibatch_stats` assembles one mini-batch's
 stats; inside the trainer everything stays a tensor on the device; :func:`assemble_step_stats`
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.functional import PolicyLoss, ValueLoss, entropy_from_logits, masked_mean, masked_var
+from rlhf_cli.algo.functional import PolicyLoss, ValueLoss, masked_mean, masked_var
 from rlhf_cli.ppo.guard import GuardVerdict
+from rlhf_cli.ppo.timing import PhaseTimer
 
 
 class MiniBatchStats(NamedTuple):
@@ -43,7 +44,7 @@ class MiniBatchStats(NamedTuple):
     nonfinite_loss: Tensor  # 1.0 when this process's loss was not finite (summed over processes)
 
 
-# TRL's flat names of the MiniBatchStats fields (ppo.trl_compat maps them back).
+# TRL's flat names of the MiniBatchStats fields (the TRL layer's loss() and record_step_stats use them too).
 TRAIN_NAMES = {
     "policy_loss": "ppo/loss/policy",
     "value_loss": "ppo/loss/value",
@@ -92,7 +93,7 @@ def minibatch_stats(
     vl: ValueLoss | None,
     kl_term: Tensor | None,
     loss: Tensor,
-    logits: Tensor,
+    entropy: Tensor,
     mask: Tensor,
     token_count: Tensor,
     ratio_mean: Tensor,
@@ -101,7 +102,7 @@ def minibatch_stats(
     verdict: GuardVerdict,
 ) -> MiniBatchStats:
     """The stats of one optimisation mini-batch (pure: no gradient, no collective). ``pl``, ``vl``,
-    ``kl_term``, ``loss``, ``logits`` and ``mask`` are this process's share; ``whole`` is the global
+    ``kl_term``, ``loss``, ``entropy`` (per token, [B, T]) and ``mask`` are this process's share; ``whole`` is the global
     mini-batch. Without a critic (``vl`` None) the value fields are NaN, without a KL loss term
     ``kl_loss`` is; :func:`assemble_step_stats` leaves them out."""
     skipped = (ratio_mean > ratio_threshold).float()
@@ -111,7 +112,7 @@ def minibatch_stats(
         return MiniBatchStats(
             policy_loss=pl.loss.detach() * keep,
             total_loss=loss.detach(),
-            entropy=masked_mean(entropy_from_logits(logits.detach()), mask, count=token_count),
+            entropy=masked_mean(entropy.detach(), mask, count=token_count),
             approxkl=pl.approxkl,
             policykl=pl.policykl,
             clipfrac=pl.clipfrac,
@@ -159,13 +160,40 @@ class RolloutStats(NamedTuple):
     ref_logprobs: Tensor  # [b, T]
 
 
+def rollout_stats(
+    *,
+    kl: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    non_score: Tensor,
+    mask: Tensor,
+    scores: Tensor,
+    query_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+) -> RolloutStats:
+    """The rollout's record from per-token [B, T] tensors (KL, logprobs, non-score rewards, mask),
+    scores [B] and the samples' lengths: one construction for ``step()`` and TRL's ``record_step_stats``."""
+    device = mask.device
+    return RolloutStats(
+        kl_per_sample=(kl * mask).sum(dim=-1),
+        neg_logprob_sum=(-logprobs * mask).sum(dim=-1),
+        mean_non_score_reward=masked_mean(non_score, mask.bool()),
+        scores=scores,
+        query_lengths=torch.tensor([float(n) for n in query_lengths], device=device),
+        response_lengths=torch.tensor([float(n) for n in response_lengths], device=device),
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+    )
+
+
 class StepStats(NamedTuple):
     """A step's stats on the host: TRL's flat dict, and the typed values the step's control flow reads."""
 
-    flat: dict[str, float | np.ndarray]  # legacy TRL's names (DESIGN §7)
+    flat: dict[str, float | np.ndarray]  # legacy TRL's names
     kl: float  # mean summed KL per sample: what the KL controller is updated with
     skipped_minibatches: int  # mini-batches whose loss the ratio threshold zeroed
     nonfinite_minibatches: int = 0  # mini-batches whose update the divergence guard skipped
+    minibatches: int = 0  # mini-batches of the step
 
 
 def assemble_step_stats(
@@ -177,35 +205,22 @@ def assemble_step_stats(
     timings: dict[str, float],
     critic: bool = True,
     kl_loss_coef: float = 0.0,
+    advantages: Tensor | None = None,
 ) -> StepStats:
     """Legacy TRL's stats dict (objective/*, ppo/*, tokens/*, time/ppo/*) and the typed values of a step.
 
     Without a ``critic`` the value head's stats (ppo/loss/value, ppo/returns/*, ppo/val/*) are left
     out; with a KL loss term (``kl_loss_coef`` > 0) ``ppo/loss/kl`` and ``objective/kl_loss_coef``
-    are added. ``kl_coef`` is the β of the reward-side penalty (0 when the KL is not in the reward)."""
+    are added. ``kl_coef`` is the β of the reward-side penalty (0 when the KL is not in the reward).
+    ``advantages``, the batch's advantages at its response tokens (flat), become the
+    ``ppo/policy/advantages`` histogram array."""
     # One host transfer for all mini-batch scalars: [num_minibatches, num_fields].
     table = torch.stack([torch.stack([t.float() for t in mb]) for mb in minibatches]).cpu()
     fields = MiniBatchStats._fields
     means = _finite_means(table, fields.index("nonfinite"))
-    stats: dict[str, float | np.ndarray] = {}
-
-    kl = rollout.kl_per_sample.float().cpu()
-    scores = rollout.scores.float().cpu()
-    qlen = rollout.query_lengths.float().cpu()
-    rlen = rollout.response_lengths.float().cpu()
-    stats["objective/kl"] = float(kl.mean())
-    stats["objective/kl_dist"] = kl.numpy()
-    stats["objective/logprobs"] = rollout.logprobs.float().cpu().numpy()
-    stats["objective/ref_logprobs"] = rollout.ref_logprobs.float().cpu().numpy()
-    stats["objective/kl_coef"] = float(kl_coef)
-    stats["objective/entropy"] = float(rollout.neg_logprob_sum.float().cpu().mean())
-    stats["ppo/mean_non_score_reward"] = float(rollout.mean_non_score_reward.cpu())
-    stats["ppo/mean_scores"] = float(scores.mean())
-    stats["ppo/std_scores"] = float(scores.std()) if scores.numel() > 1 else 0.0
-    stats["tokens/queries_len_mean"] = float(qlen.mean())
-    stats["tokens/queries_len_std"] = float(qlen.std()) if qlen.numel() > 1 else 0.0
-    stats["tokens/responses_len_mean"] = float(rlen.mean())
-    stats["tokens/responses_len_std"] = float(rlen.std()) if rlen.numel() > 1 else 0.0
+    stats = _rollout_entries(rollout, kl_coef)
+    if advantages is not None:
+        stats["ppo/policy/advantages"] = advantages.detach().float().cpu().numpy()
     if kl_loss_coef > 0:
         stats["objective/kl_loss_coef"] = float(kl_loss_coef)
     for index, field in enumerate(fields):
@@ -226,6 +241,7 @@ def assemble_step_stats(
         kl=stats["objective/kl"],
         skipped_minibatches=int(stats["ppo/skipped_minibatches"]),
         nonfinite_minibatches=int(stats["ppo/nonfinite_minibatches"]),
+        minibatches=table.shape[0],
     )
 
 
@@ -236,6 +252,42 @@ def _finite_means(table: Tensor, nonfinite_column: int) -> Tensor:
     if not bool(applied.any()):
         return torch.full((table.shape[1],), float("nan"))
     return table[applied].mean(dim=0)
+
+
+def _std(values: Tensor) -> float:
+    return float(values.std()) if values.numel() > 1 else 0.0
+
+
+def _rollout_entries(rollout: RolloutStats, kl_coef: float) -> dict[str, float | np.ndarray]:
+    """The objective/*, ppo/mean_* and tokens/* entries of a step, from its rollout record."""
+    kl = rollout.kl_per_sample.float().cpu()
+    scores = rollout.scores.float().cpu()
+    qlen = rollout.query_lengths.float().cpu()
+    rlen = rollout.response_lengths.float().cpu()
+    return {
+        "objective/kl": float(kl.mean()),
+        "objective/kl_dist": kl.numpy(),
+        "objective/logprobs": rollout.logprobs.float().cpu().numpy(),
+        "objective/ref_logprobs": rollout.ref_logprobs.float().cpu().numpy(),
+        "objective/kl_coef": float(kl_coef),
+        "objective/entropy": float(rollout.neg_logprob_sum.float().cpu().mean()),
+        "ppo/mean_non_score_reward": float(rollout.mean_non_score_reward.cpu()),
+        "ppo/mean_scores": float(scores.mean()),
+        "ppo/std_scores": _std(scores),
+        "tokens/queries_len_mean": float(qlen.mean()),
+        "tokens/queries_len_std": _std(qlen),
+        "tokens/responses_len_mean": float(rlen.mean()),
+        "tokens/responses_len_std": _std(rlen),
+        "tokens/queries_dist": qlen.numpy(),
+        "tokens/responses_dist": rlen.numpy(),
+    }
+
+
+def record_final_timings(flat: dict[str, float | np.ndarray], timer: PhaseTimer) -> None:
+    """Add to a step's stats what is known only once they are built, as TRL reports it: the time
+    they took (``time/ppo/calc_stats``) and a ``time/ppo/total`` that includes it."""
+    flat["time/ppo/calc_stats"] = timer.seconds["calc_stats"]
+    flat["time/ppo/total"] = timer.elapsed()
 
 
 def _reported(field: str, critic: bool, kl_loss_coef: float) -> bool:

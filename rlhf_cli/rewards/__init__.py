@@ -5,7 +5,7 @@ from rlhf_cli.rewards.classifier import ClassifierReward
 from rlhf_cli.rewards.factory import REWARD_TYPES, build_reward
 from rlhf_cli.rewards.lexicon import VaderReward
 from rlhf_cli.rewards.python_callable import CallableReward, load_callable
-from rlhf_cli.rewards.validate import score_responses
+from rlhf_cli.rewards.scoring import score_responses
 from rlhf_cli.rewards.weighted import WeightedSumReward
 
 __all__ = [

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rlhf_cli.config.schema import REWARD_SOURCE_TYPES as SOURCE_TYPES
+from rlhf_cli.config.schema import REWARD_TYPES
 from rlhf_cli.errors import RewardError
 from rlhf_cli.rewards.base import RewardFunction, describe
-
-SOURCE_TYPES = ("vader", "classifier", "callable")
-REWARD_TYPES = SOURCE_TYPES + ("weighted_sum",)
 
 
 def build_reward(cfg: Any) -> RewardFunction:
@@ -22,6 +21,12 @@ def build_reward(cfg: Any) -> RewardFunction:
             f"Set reward.type=weighted_sum to combine them, or remove reward.components."
         )
     return _source(cfg, "reward", REWARD_TYPES)
+
+
+def build_reward_source(cfg: Any, prefix: str) -> RewardFunction:
+    """One non-composite source (vader, classifier, callable, learned) from the node at config path ``prefix``
+    (e.g. a ``reward.monitor`` entry)."""
+    return _source(cfg, prefix, SOURCE_TYPES)
 
 
 def _source(cfg: Any, prefix: str, valid_types: tuple[str, ...]) -> RewardFunction:
@@ -57,6 +62,15 @@ def _source(cfg: Any, prefix: str, valid_types: tuple[str, ...]) -> RewardFuncti
                 f"'path/to/file.py:function' (e.g. rlhf_cli.rewards.examples:length_penalty)."
             )
         return CallableReward(cfg.function, _plain_dict(cfg.kwargs), config_prefix=prefix)
+    if cfg.type == "learned":
+        from rlhf_cli.rewards.learned import LearnedReward
+
+        if not cfg.model:
+            raise RewardError(
+                f"{prefix}.type=learned needs {prefix}.model=<the output_dir of a `rlhf reward` run, or its final/ "
+                f"directory> (e.g. `rlhf reward output_dir=runs/rm`, then {prefix}.model=runs/rm)."
+            )
+        return LearnedReward(cfg.model, batch_size=cfg.batch_size, device=cfg.device, config_prefix=prefix)
     raise RewardError(f"Unknown {prefix}.type '{cfg.type}'; valid types are {', '.join(valid_types)}.")
 
 

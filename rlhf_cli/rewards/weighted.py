@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from rlhf_cli.rewards.base import RewardFunction
-from rlhf_cli.rewards.validate import validated_scores
+from rlhf_cli.rewards.scoring import validated_scores
 
 
 class WeightedSumReward:
     """``sum_k weight_k * score_k`` over ``components`` given as ``(weight, function, name)``.
 
-    Each component's scores are checked on their own (see :mod:`rlhf_cli.rewards.validate`), so a
+    Each component's scores are checked on their own (see :mod:`rlhf_cli.rewards.scoring`), so a
     bad component is named in the error rather than the sum.
     """
 

@@ -26,6 +26,16 @@ def cut_at_eos(tokens: Tensor, eos_token_id: Optional[int | Sequence[int]]) -> T
     return tokens if hits.numel() == 0 else tokens[: int(hits[0, 0]) + 1]
 
 
+def _budgets(max_new_tokens: int | Sequence[int], count: int) -> list[int]:
+    """One ``max_new_tokens`` per query, each at least 1."""
+    budgets = [int(max_new_tokens)] * count if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
+    if len(budgets) != count:
+        raise ValueError(f"max_new_tokens has {len(budgets)} entries for {count} queries.")
+    if any(n < 1 for n in budgets):
+        raise ValueError(f"Every max_new_tokens must be at least 1, got {min(budgets)}.")
+    return budgets
+
+
 @torch.no_grad()
 def generate_responses(
     model: nn.Module,
@@ -39,6 +49,7 @@ def generate_responses(
     device: torch.device | str = "cpu",
     stop_at_eos: bool = True,
     pad_to_multiple_of: Optional[int] = None,
+    generate_eos_token_id: Optional[int | Sequence[int]] = None,
     **generation_kwargs: Any,
 ) -> list[Tensor]:
     """Generate one response (new tokens only, 1-D, on CPU) per query.
@@ -46,13 +57,11 @@ def generate_responses(
     ``model`` must have a transformers ``generate`` (unwrap DDP/FSDP wrappers before calling).
     ``max_new_tokens`` is one budget for all or one per query. Responses keep their EOS token
     and nothing after it when ``stop_at_eos``. ``pad_to_multiple_of`` widens each chunk's query
-    padding to a multiple of it (shape-bucketing for compiled kernels).
+    padding to a multiple of it (shape-bucketing for compiled kernels). ``generate_eos_token_id``, when
+    given, is the ``eos_token_id`` ``model.generate`` stops at, in place of the model's own (TRL scripts
+    pass -1 to never stop early); responses are still cut at ``eos_token_id``.
     """
-    budgets = [int(max_new_tokens)] * len(queries) if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
-    if len(budgets) != len(queries):
-        raise ValueError(f"max_new_tokens has {len(budgets)} entries for {len(queries)} queries.")
-    if any(n < 1 for n in budgets):
-        raise ValueError(f"Every max_new_tokens must be at least 1, got {min(budgets)}.")
+    budgets = _budgets(max_new_tokens, len(queries))
     chunk = batch_size or len(queries)
     responses: list[Tensor] = []
     for start in range(0, len(queries), chunk):
@@ -68,6 +77,7 @@ def generate_responses(
             attention_mask=attention_mask.to(device),
             max_new_tokens=max(part_budgets),
             pad_token_id=pad_token_id,
+            **({} if generate_eos_token_id is None else {"eos_token_id": generate_eos_token_id}),
             **generation_kwargs,
         )
         # Decoder output repeats the padded query; encoder-decoder output starts with the decoder start token.

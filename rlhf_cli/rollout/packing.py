@@ -138,18 +138,7 @@ def pack_batch(
         response_mask = response_mask * user_mask.to(torch.float32)
 
     if is_encoder_decoder:
-        if decoder_start_token_id is None:
-            raise ValueError("An encoder-decoder model needs decoder_start_token_id (set it in the model config).")
-        input_ids, attention_mask = _stack_padded(queries, width_q, pad_token_id, left=False)
-        start = torch.full((len(responses), 1), decoder_start_token_id, dtype=torch.long)
-        decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
-        decoder_attention_mask = torch.cat([torch.ones_like(start), response_pad_mask[:, :-1]], dim=1)
-        tensors = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-        )
+        tensors = _encoder_decoder_inputs(queries, width_q, pad_token_id, decoder_start_token_id, response_ids, response_pad_mask)
     else:
         query_ids, query_mask = _stack_padded(queries, width_q, pad_token_id, left=True)
         input_ids = torch.cat([query_ids, response_ids], dim=1)
@@ -166,3 +155,43 @@ def pack_batch(
         is_encoder_decoder=is_encoder_decoder,
         **tensors,
     )
+
+
+def _encoder_decoder_inputs(
+    queries: Sequence[Tensor],
+    width_q: int,
+    pad_token_id: int,
+    decoder_start_token_id: Optional[int],
+    response_ids: Tensor,
+    response_pad_mask: Tensor,
+) -> dict[str, Tensor]:
+    """Encoder inputs (right-padded queries) and decoder inputs ``[decoder_start, r_0, ..., r_{T-2}]``."""
+    if decoder_start_token_id is None:
+        raise ValueError("An encoder-decoder model needs decoder_start_token_id (set it in the model config).")
+    input_ids, attention_mask = _stack_padded(queries, width_q, pad_token_id, left=False)
+    start = torch.full((response_ids.shape[0], 1), decoder_start_token_id, dtype=torch.long)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        decoder_input_ids=torch.cat([start, response_ids[:, :-1]], dim=1),
+        decoder_attention_mask=torch.cat([torch.ones_like(start), response_pad_mask[:, :-1]], dim=1),
+    )
+
+
+def real_token_index(response_lengths: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(row, column) of every real response token of a response-aligned [B, T] tensor, row-major:
+    two [N] index tensors. Built on the host from the lengths, so finding them needs no device sync."""
+    lengths = torch.tensor(list(response_lengths), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    cols = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return rows.to(device), cols.to(device)
+
+
+def cat_to_width(chunks: Sequence[Tensor], width: int) -> Tensor:
+    """Row chunks of response-aligned tensors [b_i, T_i(, V)], each trimmed to its own longest
+    response, zero-padded back to ``width`` columns and concatenated: -> [Σ b_i, width(, V)]."""
+    padded = []
+    for t in chunks:
+        pad = (0, 0, 0, width - t.shape[1]) if t.dim() == 3 else (0, width - t.shape[1])
+        padded.append(torch.nn.functional.pad(t, pad))
+    return torch.cat(padded, dim=0)

@@ -11,14 +11,15 @@ What is supported (generation = ``unwrapped.generate``, a loop of forward passes
   gathered up front (that would put a full copy on every device and needs DeepSpeed's hooks suspended
   through its internals). The reference must be the policy with its LoRA adapter disabled: the
   trainer refuses a separate reference model under ZeRO-3.
-* FSDP (``fsdp_version: 1``): the root module's own parameters (embeddings, head: what no nested
-  FSDP unit owns) are gathered with ``FullyShardedDataParallel.summon_full_params(recurse=False)``
-  for the duration of generation; nested units (transformer blocks) gather theirs in their forward,
-  a collective, so generation is synchronised as under ZeRO-3.
-* FSDP2 (``fsdp_version: 2``, ``fully_shard``): refused with a ConfigError — its parameters are
-  DTensors that only the root's forward hooks gather, and ``generate`` bypasses the root forward.
+* FSDP2 (``ppo.sharding=fsdp2`` or Accelerate's ``fsdp_version: 2``; :mod:`rlhf_cli.ppo.sharding`):
+  the root's own parameters (embeddings, head: what no block owns) are gathered for the duration
+  of generation (``generate`` bypasses the root forward, which would gather them); blocks gather
+  theirs in their forward, a collective, so generation is synchronised as under ZeRO-3. The
+  2-process CPU tests run this.
+* FSDP version 1: refused at launch (``engine.components.check_launch``), pointing to FSDP2.
 
-ZeRO-3 and FSDP are not exercised by the test suite (it runs on CPU without DeepSpeed).
+ZeRO-3 is not exercised by the test suite (it runs on CPU without DeepSpeed) and ``rlhf train``
+refuses it at launch; this module's support is for library users.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from rlhf_cli.errors import ConfigError
+from rlhf_cli.ppo.sharding import is_sharded, unsharded_root
 
 
 def zero_stage(accelerator: Accelerator) -> Optional[int]:
@@ -45,21 +47,27 @@ def _sharded_parameters(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP or zero_stage(accelerator) == 3
 
 
-def synced_generation_kwargs(accelerator: Accelerator) -> dict[str, Any]:
-    """Extra ``generate`` keyword arguments: ``synced_gpus=True`` when parameters are sharded."""
-    return {"synced_gpus": True} if _sharded_parameters(accelerator) and accelerator.num_processes > 1 else {}
+def synced_generation_kwargs(accelerator: Accelerator, model: Optional[nn.Module] = None) -> dict[str, Any]:
+    """Extra ``generate`` keyword arguments: ``synced_gpus=True`` when parameters are sharded
+    (by the launch, or ``model`` by FSDP2)."""
+    sharded = _sharded_parameters(accelerator) or (model is not None and is_sharded(model))
+    return {"synced_gpus": True} if sharded and accelerator.num_processes > 1 else {}
 
 
 @contextlib.contextmanager
 def generation_model(accelerator: Accelerator, model: nn.Module) -> Iterator[nn.Module]:
     """The prepared ``model`` unwrapped for ``generate`` (see the module docstring for what each
     distributed type needs). Pass :func:`synced_generation_kwargs` to ``generate`` as well."""
+    if is_sharded(model):
+        with unsharded_root(model):
+            yield model
+        return
     if accelerator.distributed_type == DistributedType.FSDP:
         if accelerator.is_fsdp2:
             raise ConfigError(
-                "Generation under FSDP2 (fsdp_version: 2) is not supported: generate() bypasses the root "
-                "module's forward, which is what gathers FSDP2's sharded parameters. Launch with "
-                "fsdp_version: 1 (configs/accelerate/fsdp.yaml) or with DeepSpeed ZeRO-2/3."
+                "An FSDP2 launch whose model the trainer did not shard itself cannot generate: generate() "
+                "bypasses the root forward that gathers FSDP2's parameters. Build the model through PPOTrainer "
+                "(it shards with rlhf_cli.ppo.sharding)."
             )
         from torch.distributed.fsdp import FullyShardedDataParallel
 

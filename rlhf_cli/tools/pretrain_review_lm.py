@@ -180,14 +180,8 @@ def train(out: Path, settings: TrainSettings, log=print) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, total_steps, settings)
         input_ids, mask, labels = padded_batch(chunk_batch, tokenizer.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses.append(_train_step(model, optimizer, input_ids, mask, labels, use_bf16))
         seen += int(mask.sum())
-        losses.append(loss.item())
         step += 1
         if step % 10 == 0 or step == total_steps:
             elapsed = time.perf_counter() - started
@@ -209,6 +203,17 @@ def train(out: Path, settings: TrainSettings, log=print) -> dict:
     _save(model, tokenizer, out, summary)
     log(json.dumps(summary, indent=2))
     return summary
+
+
+def _train_step(model, optimizer, input_ids, mask, labels, use_bf16: bool) -> float:
+    """One optimiser step on one batch (bf16 autocast when fast, gradients clipped to norm 1); its loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def _save(model, tokenizer, out: Path, summary: dict) -> None:

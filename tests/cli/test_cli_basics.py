@@ -23,8 +23,8 @@ from omegaconf.errors import ValidationError
 
 from rlhf_cli.config import paths, schema
 from rlhf_cli.engine import components
-from rlhf_cli.engine.components import ppo_config_from
-from rlhf_cli.ppo import config as ppo_config
+from rlhf_cli.engine.components import settings_and_launch
+from rlhf_cli.ppo import settings as ppo_settings
 from rlhf_cli.config.compose import compose_train_config
 
 FAKE_ENGINE = '''
@@ -140,7 +140,7 @@ def test_cfg_job_with_the_classic_recipe_shows_trl_values(tmp_path: Path) -> Non
 
 
 def test_forward_batch_size_is_settable_from_the_command_line(tmp_path: Path) -> None:
-    """PPOConfig.forward_batch_size was missing from the schema and the YAML: with PPOConfig as the one
+    """forward_batch_size was missing from the schema and the YAML: with the engine's settings as the one
     source it is a ppo knob, shown by --cfg job and divided over the processes like every global size."""
     done = rlhf("train", "ppo.forward_batch_size=8", "--cfg", "job", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -148,29 +148,26 @@ def test_forward_batch_size_is_settable_from_the_command_line(tmp_path: Path) ->
     default = OmegaConf.create(rlhf("train", "--cfg", "job", cwd=tmp_path).stdout)
     assert "forward_batch_size" in default.ppo and default.ppo.forward_batch_size is None
     cfg = compose_train_config(["ppo.forward_batch_size=8"])
-    assert ppo_config_from(cfg, num_processes=2, tracker_dir=str(tmp_path)).forward_batch_size == 4
-    assert ppo_config_from(compose_train_config(), num_processes=1, tracker_dir=str(tmp_path)).forward_batch_size is None
+    assert settings_and_launch(cfg, num_processes=2, tracker_dir=str(tmp_path))[0].forward_batch_size == 4
+    assert settings_and_launch(compose_train_config(), num_processes=1, tracker_dir=str(tmp_path))[0].forward_batch_size is None
 
 
-def test_a_knob_added_to_ppo_config_reaches_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Adding a field to PPOConfig is all a new knob needs: the schema's ppo group gains it with its
-    type and default, a command-line override is type-checked, and the run's PPOConfig receives it."""
-    @dataclasses.dataclass
-    class WithNewKnob(ppo_config.PPOConfig):
-        new_knob: int = 7
+def test_a_knob_added_to_the_engine_settings_reaches_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a field to PPOSettings is all a new knob needs: the schema's ppo group gains it with its
+    type, default and range, and a command-line override is type-checked."""
+    @dataclasses.dataclass(frozen=True)
+    class WithNewKnob(ppo_settings.PPOSettings):
+        new_knob: int = ppo_settings.knob(7, ge=1)
 
-    monkeypatch.setattr(ppo_config, "PPOConfig", WithNewKnob)
+    monkeypatch.setattr(ppo_settings, "PPOSettings", WithNewKnob)
+    monkeypatch.setattr(schema, "PPOSettings", WithNewKnob)
     section = schema._ppo_section()
     assert section().new_knob == 7 and typing.get_type_hints(section)["new_knob"] is int
+    assert dataclasses.fields(section)[-2].metadata == {"ge": 1}  # new_knob, before mixed_precision
     node = OmegaConf.merge(OmegaConf.structured(section), {"new_knob": 3})
     assert node.new_knob == 3
     with pytest.raises(ValidationError):
         OmegaConf.merge(OmegaConf.structured(section), {"new_knob": "many"})
-    monkeypatch.setattr(components, "PPOConfig", WithNewKnob)
-    run = OmegaConf.to_container(compose_train_config())
-    run["ppo"]["new_knob"] = 3
-    cfg = OmegaConf.create(run)
-    assert components.ppo_config_from(cfg, num_processes=1, tracker_dir=str(tmp_path)).new_knob == 3
 
 
 def test_output_dir_override_lands_in_the_resolved_config(tmp_path: Path) -> None:
@@ -193,7 +190,7 @@ def test_train_help_lists_groups_and_recipes(tmp_path: Path) -> None:
     done = rlhf("train", "--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "model: gpt2, gpt2_imdb, local, review_gpt2, smollm2, t5_small, tiny_gpt2" in done.stdout
-    assert "recipe: imdb_grpo, imdb_rloo, imdb_sentiment, smoke, smollm2_imdb" in done.stdout
+    assert "recipe: imdb_grpo, imdb_rlhf, imdb_rloo, imdb_sentiment, smoke, smollm2_imdb" in done.stdout
     # configs/accelerate/ holds `accelerate launch --config_file` files, not a config group.
     assert "accelerate:" not in done.stdout and "cpu_ddp" not in done.stdout
 

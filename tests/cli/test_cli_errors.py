@@ -80,7 +80,7 @@ def assert_one_paragraph_error(stderr: str, stdout: str = "") -> str:
         (["model=gpt3"],
          ["Unknown model option 'gpt3'", "Available model options: gpt2, gpt2_imdb, local, review_gpt2, smollm2, t5_small, tiny_gpt2",
           "Did you mean 'gpt2'?"]),
-        (["+recipe=nope"], ["Unknown recipe 'nope'", "Available recipes: imdb_grpo, imdb_rloo, imdb_sentiment, smoke, smollm2_imdb", "rlhf recipes"]),
+        (["+recipe=nope"], ["Unknown recipe 'nope'", "Available recipes: imdb_grpo, imdb_rlhf, imdb_rloo, imdb_sentiment, rm_smoke, smoke, smollm2_imdb", "rlhf recipes"]),
         (["+recipe=imdb_sentimnt"], ["Did you mean 'imdb_sentiment'?"]),
         (["model.kind=seqseq"],
          ["Invalid value 'seqseq' for 'model.kind'", "Valid values: causal, seq2seq", "Did you mean 'seq2seq'?"]),

@@ -13,7 +13,8 @@ from rlhf_cli.config import paths
 from rlhf_cli.config.compose import compose_train_config
 from rlhf_cli.config.schema import CheckpointSection, GenerationSection, LoggingSection, PPOSection, TrainConfig
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.ppo.config import PPOConfig, command_line_fields
+from rlhf_cli.ppo.settings import ppo_group_fields
+from rlhf_cli.trl.config import PPOConfig
 
 CONFIGS = paths.config_dir()
 GROUPS = ("model", "reward", "dataset", "ppo", "generation")
@@ -24,7 +25,10 @@ REQUIRED_VALUES = {
     "reward/classifier": ("reward.model", "reward.model=/tmp/some-classifier"),
     "reward/callable": ("reward.function", "reward.function=my_rewards:score"),
     "dataset/files": ("dataset.data_files", "dataset.data_files=[/tmp/prompts.jsonl]"),
+    "reward/learned": ("reward.model", "reward.model=/tmp/some-reward-run"),
 }
+# Recipes that need a value only the user can give.
+RECIPE_VALUES = {"imdb_rlhf": ["reward.model=/tmp/some-reward-run"]}
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +79,7 @@ def test_options_needing_a_value_fail_without_it(option: str) -> None:
 
 @pytest.mark.parametrize("recipe", sorted(paths.recipe_files()))
 def test_every_recipe_composes_and_has_a_description(recipe: str) -> None:
-    cfg = compose_train_config([f"+recipe={recipe}"])
+    cfg = compose_train_config([f"+recipe={recipe}", *RECIPE_VALUES.get(recipe, [])])
     assert isinstance(cfg.steps, int)
     text = paths.recipe_files()[recipe].read_text(encoding="utf-8").splitlines()
     assert text[0].startswith("# ") and len(text[0]) > 20, "first line: the one-line description"
@@ -118,7 +122,7 @@ def test_imdb_sentiment_recipe_undoes_every_offline_default() -> None:
 
 
 def test_imdb_sentiment_recipe_is_a_true_delta() -> None:
-    """DESIGN §5: the recipe sets inside a group only what train.yaml's offline default changed (no
+    """Recipes are deltas (docs/architecture.md): the recipe sets inside a group only what train.yaml's offline default changed (no
     restated TRL value), and the composed run still has TRL's controller and sampling settings."""
     train_yaml = OmegaConf.load(CONFIGS / "train.yaml")
     recipe_yaml = OmegaConf.load(paths.recipe_files()["imdb_sentiment"])
@@ -130,7 +134,7 @@ def test_imdb_sentiment_recipe_is_a_true_delta() -> None:
 
 
 def test_batch_size_can_be_lowered_under_the_classic_recipe() -> None:
-    """DESIGN §2: `+recipe=imdb_sentiment ppo.learning_rate=1e-5 ppo.batch_size=64 model=gpt2`."""
+    """The documented override example: `+recipe=imdb_sentiment ppo.learning_rate=1e-5 ppo.batch_size=64 model=gpt2`."""
     cfg = compose_train_config(["+recipe=imdb_sentiment", "ppo.learning_rate=1e-5", "ppo.batch_size=64", "model=gpt2"])
     assert (cfg.ppo.batch_size, cfg.ppo.learning_rate, cfg.model.name_or_path) == (64, 1e-5, "gpt2")
 
@@ -153,12 +157,12 @@ def test_generation_group_defaults_are_the_schema_defaults() -> None:
 
 
 def test_ppo_group_defaults_are_ppo_config_defaults() -> None:
-    """The ppo group has PPOConfig's knobs with PPOConfig's (TRL's) defaults, key for key, plus the
+    """The ppo group has the engine's knobs with their (TRL's) defaults, as PPOConfig has them, key for key, plus the
     run-only mixed_precision: one source, and the group file writes no value of its own."""
     assert OmegaConf.to_container(OmegaConf.load(CONFIGS / "ppo/default.yaml")) == {}
     library = PPOConfig().to_dict()
-    knobs = [f.name for f in command_line_fields()]
-    declared = {f.name: f.default for f in command_line_fields()}
+    knobs = [f.name for f in ppo_group_fields()]
+    declared = {f.name: f.default for f in ppo_group_fields()}
     assert dataclasses.asdict(PPOSection()) == {**declared, "mixed_precision": None}
     assert {name: library[name] for name in knobs if name != "mini_batch_size"} == {
         name: value for name, value in declared.items() if name != "mini_batch_size"}
@@ -229,7 +233,7 @@ def choice_fields() -> list[tuple[str, tuple[str, ...]]]:
 def test_every_enumerated_field_is_covered() -> None:
     keys = {key for key, _ in choice_fields()}
     assert keys == {"model.source", "model.kind", "model.dtype", "model.padding_side", "reward.type", "reward.text",
-                    "reward.output", "dataset.source", "ppo.kl_penalty", "ppo.mixed_precision", "ppo.precision",
+                    "reward.output", "dataset.source", "ppo.kl_penalty", "ppo.mixed_precision", "ppo.precision", "ppo.sharding",
                     "ppo.advantage_estimator", "ppo.kl_loss_estimator",
                     "logging.trackers"}
 
@@ -299,7 +303,7 @@ def test_wrong_type_names_expected_type() -> None:
 def test_unknown_option_and_recipe_list_the_available_ones() -> None:
     with pytest.raises(ConfigError, match=r"Unknown model option 'gpt3'.*gpt2, gpt2_imdb, local, review_gpt2, smollm2, t5_small, tiny_gpt2.*'gpt2'"):
         compose_train_config(["model=gpt3"])
-    with pytest.raises(ConfigError, match=r"Unknown recipe 'smok'.*imdb_sentiment, smoke, smollm2_imdb.*Did you mean 'smoke'"):
+    with pytest.raises(ConfigError, match=r"Unknown recipe 'smok'.*imdb_sentiment, rm_smoke, smoke, smollm2_imdb.*Did you mean 'smoke'"):
         compose_train_config(["+recipe=smok"])
 
 
@@ -364,7 +368,7 @@ def uncommented_keys(path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "path",
-    sorted(p for p in [*CONFIGS.rglob("*.yaml"), *paths.recipes_dir().glob("*.yaml")] if "accelerate" not in p.parts),
+    sorted(p for p in [*CONFIGS.rglob("*.yaml"), *paths.recipes_dir().rglob("*.yaml")] if "accelerate" not in p.parts),
     ids=lambda p: str(p.relative_to(p.parent.parent)),
 )
 def test_every_yaml_field_has_a_comment_above_it(path: Path) -> None:

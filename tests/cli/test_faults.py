@@ -23,7 +23,7 @@ import torch
 
 from rlhf_cli.engine.disk import WriteError, guarded_write, remove_tree, truncate_to
 from rlhf_cli.engine.run_lock import LOCK_NAME, RunLockedError, acquire
-from rlhf_cli.logging import NONFINITE_FIELD, metrics_line
+from rlhf_cli.reporting import NONFINITE_FIELD, metrics_line
 from tests.cli.test_cli_errors import cli_env
 
 SMOKE = "+recipe=smoke"
@@ -126,7 +126,7 @@ def test_a_null_in_a_metrics_line_says_why():
 def test_step_skips_a_nonfinite_minibatch_and_says_so(word_tokenizer, monkeypatch, one_thread):
     """One mini-batch's loss made NaN: its update is skipped (no NaN reaches the weights), the others
     apply, the stats count it and leave it out of the means, and step() warns."""
-    import rlhf_cli.ppo.trainer as trainer_module
+    import rlhf_cli.ppo.minibatch as minibatch_module
     from rlhf_cli import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
     from tests.tiny import make_tiny_gpt2
 
@@ -134,14 +134,14 @@ def test_step_skips_a_nonfinite_minibatch_and_says_so(word_tokenizer, monkeypatc
     policy = AutoModelForCausalLMWithValueHead.from_pretrained(make_tiny_gpt2(word_tokenizer))
     config = PPOConfig(batch_size=8, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-3, seed=0)
     trainer = PPOTrainer(config, policy, tokenizer=word_tokenizer)
-    real, calls = trainer_module.policy_loss, []
+    real, calls = minibatch_module.policy_loss, []
 
     def nan_in_second(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append(1)
         return result._replace(loss=result.loss * math.nan) if len(calls) == 2 else result
 
-    monkeypatch.setattr(trainer_module, "policy_loss", nan_in_second)
+    monkeypatch.setattr(minibatch_module, "policy_loss", nan_in_second)
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     gen = torch.Generator().manual_seed(1)
     queries = [torch.randint(3, len(word_tokenizer), (4,), generator=gen) for _ in range(8)]

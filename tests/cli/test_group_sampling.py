@@ -24,7 +24,7 @@ from rlhf_cli.config.compose import compose_train_config
 from rlhf_cli.engine.checkpoint import compare_configs
 from rlhf_cli.engine.components import check_launch
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.ppo.estimators import estimators_without_groups
+from rlhf_cli.algo.names import estimators_without_groups
 from tests.cli.test_checkpoints import _final_weights, _metrics
 from tests.cli.test_cli_errors import assert_one_paragraph_error, cli_env, rlhf
 from tests.cli.test_multiprocess import LAUNCH
@@ -104,13 +104,13 @@ def test_group_mistakes_on_the_command_line_exit_2_and_write_nothing(overrides, 
 
 @pytest.mark.slow
 def test_a_group_straddling_two_processes_stops_both_before_a_model_loads(tmp_path):
-    """Under `accelerate launch` each process exits 2 with the paragraph (the launcher then adds its own
+    """Under `accelerate launch` each process exits 2, rank 0 printing the paragraph once (the launcher then adds its own
     report of the failed children: not ours to shorten)."""
     out = tmp_path / "run"
     done = _train_on_two_processes(f"output_dir={out}", "ppo.batch_size=12", "generation.samples_per_prompt=4", cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert output.count("Error: ppo.batch_size=12 over the 2 processes of this launch") == 2, output[-3000:]
+    assert output.count("Error: ppo.batch_size=12 over the 2 processes of this launch") == 1, output[-3000:]  # rank 0 says it
     assert "exitcode  : 2" in output  # the children's ConfigError code, not a crash
     assert "rlhf_cli/" not in output  # no traceback through our code
     assert not out.exists()
@@ -180,7 +180,7 @@ def test_rollout_generates_prompt_major_groups_sharing_one_budget(tmp_path, monk
         "generation.batch_size=3", f"output_dir={tmp_path / 'run'}", "eval_prompts=0", "steps=2",
     ])
     run = train.TrainingRun(cfg)
-    assert run.trainer.config.samples_per_prompt == 2 and run.trainer.config.batch_size == 8
+    assert run.trainer.settings.samples_per_prompt == 2 and run.trainer.settings.batch_size == 8
     assert run.stream.global_batch_size == 4  # prompts per step: ppo.batch_size counts responses
     received = []
     real_step = run.trainer.step
@@ -226,7 +226,9 @@ def test_cfg_job_shows_samples_per_prompt(tmp_path):
 
 
 # Checkpoints -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override", ["ppo.advantage_estimator=grpo", "generation.samples_per_prompt=2"])
+# reinforce_pp: an estimator change that composes with one response per prompt (grpo alone is refused
+# at composition now, the group-size rule being checked there).
+@pytest.mark.parametrize("override", ["ppo.advantage_estimator=reinforce_pp", "generation.samples_per_prompt=2"])
 def test_changing_estimator_or_group_size_on_resume_is_breaking(override):
     saved = compose_train_config([SMOKE, "output_dir=/tmp/unused"])
     current = compose_train_config([SMOKE, "output_dir=/tmp/unused", override])
@@ -261,7 +263,7 @@ def test_grpo_run_resumes_exactly(tmp_path):
 # Recipes -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_group_recipes_are_deltas_over_the_offline_default(recipe):
-    """DESIGN §5: every value the recipe writes differs from the offline default, and it keeps the
+    """Recipes are deltas (docs/architecture.md): every value the recipe writes differs from the offline default, and it keeps the
     default's responses per step (ppo.batch_size 32 = 8 prompts x 4)."""
     recipe_yaml = OmegaConf.to_container(OmegaConf.load(paths.recipe_files()[recipe]))
     default, cfg = compose_train_config(), compose_train_config([f"+recipe={recipe}"])

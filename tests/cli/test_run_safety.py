@@ -89,7 +89,7 @@ def _cases(inputs: Path) -> list[Case]:
         Case("callable_without_function", ("reward=callable",), ("'reward.function' is empty",)),
         Case("pretrained_without_path", ("model=local",), ("'model.name_or_path' is empty",)),
         # Launch: found by the engine before any model loads.
-        Case("sizes_do_not_divide", (SMOKE, "ppo.mini_batch_size=3"), ("is not divisible by mini_batch_size",)),
+        Case("sizes_do_not_divide", (SMOKE, "ppo.mini_batch_size=3"), ("is not divisible by ppo.mini_batch_size × ppo.gradient_accumulation_steps",)),
         Case("fp16_on_cpu", (SMOKE, "ppo.mixed_precision=fp16"), ("ppo.mixed_precision=fp16 needs a GPU",)),
         Case("tracker_missing", (SMOKE, "logging.trackers=[wandb]"), ("logging.trackers asks for 'wandb'",)),
         # The run directory and its checkpoints.

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from rlhf_cli.config.compose import compose_train_config
 
-# DESIGN §7: legacy TRL's scalar stats (its per-sample arrays objective/kl_dist, objective/logprobs and
+# docs/architecture.md, "Metric names": legacy TRL's scalar stats (its per-sample arrays objective/kl_dist, objective/logprobs and
 # objective/ref_logprobs are not written to metrics.jsonl), plus what the loop adds.
 STEP_KEYS = {
     "objective/kl", "objective/kl_coef", "objective/entropy",

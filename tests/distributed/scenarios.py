@@ -111,9 +111,9 @@ def global_batch(step: int, group: int = 1) -> tuple[list[torch.Tensor], list[to
     return queries, responses, scores
 
 
-def make_trainer(name: str, num_processes: int) -> PPOTrainer:
+def make_trainer(name: str, num_processes: int, sharding: str = "none") -> PPOTrainer:
     scenario = SCENARIOS[name]
-    knobs = dict(scenario["config"])
+    knobs = dict(scenario["config"], sharding=sharding)
     knobs["mini_batch_size"] //= num_processes
     config = PPOConfig(batch_size=GLOBAL_BATCH // num_processes, learning_rate=knobs.pop("learning_rate", 0.5), seed=3, **knobs)
     language_model = make_tiny_gpt2(tokenizer(), seed=7)
@@ -152,7 +152,8 @@ def split_group_refusal(num_processes: int) -> str | None:
 
 
 def run_steps(
-    name: str, process_index: int, num_processes: int, backward_scale: float = 1.0, gradient_noise: float = 0.0
+    name: str, process_index: int, num_processes: int, backward_scale: float = 1.0, gradient_noise: float = 0.0,
+    sharding: str = "none",
 ) -> dict[str, Any]:
     """STEPS steps of scenario ``name`` on this process's share: weights, scalar stats and the
     branches taken (optimiser steps, early-stopping decisions) after each.
@@ -160,8 +161,9 @@ def run_steps(
     ``backward_scale`` multiplies every loss before backward: 1/P reproduces a trainer that forgot
     its ×P (the mutant the 2-process test must catch). ``gradient_noise`` multiplies every gradient
     entry by (1 + gradient_noise·N(0, 1)): rounding-like noise to check a tolerance absorbs it.
+    ``sharding="fsdp2"``: the trainer shards with FSDP2 (weights are then gathered whole for the result).
     """
-    trainer = make_trainer(name, num_processes)
+    trainer = make_trainer(name, num_processes, sharding)
     if gradient_noise:
         noise = torch.Generator().manual_seed(13)
         for parameter in trainer.model.parameters():
@@ -221,6 +223,13 @@ def _weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
     """The model's state dict, with each bfloat16 weight replaced by its float32 master (precision=bf16):
     updates smaller than a bfloat16 step (layer norms near 1 move by less than 2^-7) show only there."""
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.sharded:  # FSDP2: the sharded float32 parameters are the masters; gathered on every rank
+        from rlhf_cli.ppo.sharding import full_model_state
+
+        full, own = full_model_state(model), model.state_dict(keep_vars=True)
+        for key in own.keys() - full.keys():  # a tied weight, gathered once under its partner's name
+            full[key] = next(full[k] for k in full if own[k] is own[key])
+        return full
     masters = {id(w): m for w, m in getattr(trainer.optimizer.optimizer, "pairs", [])}
     # keep_vars: the Parameter objects themselves, so tied weights (GPT-2's lm_head) find their master too.
     return {k: masters.get(id(v), v).detach().cpu().clone() for k, v in model.state_dict(keep_vars=True).items()}

@@ -27,7 +27,6 @@ EXPECTED = {
     "multi_node": (DistributedType.MULTI_GPU, "multi_gpu"),
     "fsdp": (DistributedType.FSDP, "use_fsdp"),
     "deepspeed_zero2": (DistributedType.DEEPSPEED, "use_deepspeed"),
-    "deepspeed_zero3": (DistributedType.DEEPSPEED, "use_deepspeed"),
 }
 
 
@@ -82,28 +81,45 @@ def test_multi_node_example_names_two_machines_and_a_main_address():
     assert config.num_processes % config.num_machines == 0
 
 
-def test_fsdp_file_asks_for_fsdp1_full_shard_with_full_state_dict():
+def test_fsdp_file_asks_for_fsdp2_with_full_state_dict():
     env = _process_env("fsdp")
-    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "1"
-    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
-    # Frozen parameters (reference sharing, LoRA) need the original parameters kept.
-    assert env["FSDP_USE_ORIG_PARAMS"] == "true" and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
 
 
-@pytest.mark.parametrize(("name", "stage"), [("deepspeed_zero2", "2"), ("deepspeed_zero3", "3")])
-def test_deepspeed_files_set_their_zero_stage(name, stage):
-    env = _process_env(name)
-    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == stage
+def test_deepspeed_zero2_file_sets_its_zero_stage():
+    env = _process_env("deepspeed_zero2")
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
 
 
-def test_sharded_launch_files_are_refused_by_the_pre_load_check(monkeypatch):
-    """rlhf_cli's own pre-load check reads the environment the ZeRO-3 and FSDP files produce: both
-    shard the policy, which `rlhf train` cannot save yet, so both are refused before any model loads."""
+def _launch_env(patch, env: dict[str, str]) -> None:
+    for key, value in env.items():
+        if key.startswith(("ACCELERATE_DEEPSPEED", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_")):
+            patch.setenv(key, value)
+
+
+def test_the_fsdp_file_passes_the_pre_load_check_and_turns_fsdp2_on(monkeypatch):
+    from rlhf_cli.engine.components import settings_and_launch
+
     state = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
-    for name, kind in (("deepspeed_zero3", "DeepSpeed ZeRO-3"), ("fsdp", "FSDP")):
-        with monkeypatch.context() as patch:
-            for key, value in _process_env(name).items():
-                if key.startswith(("ACCELERATE_DEEPSPEED", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_")):
-                    patch.setenv(key, value)
-            with pytest.raises(ConfigError, match=f"{kind}.*cannot yet write final/"):
-                check_launch(compose_train_config(["+recipe=smoke", "model.lora.enabled=true"]), state)
+    _launch_env(monkeypatch, _process_env("fsdp"))
+    cfg = compose_train_config(["+recipe=smoke"])
+    check_launch(cfg, state)
+    settings, _ = settings_and_launch(cfg, num_processes=2, tracker_dir="/dev/null")
+    assert settings.sharding == "fsdp2"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, r"FSDP version 1, which rlhf_cli does not run.*fsdp_version: 2"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, r"ZeRO-3, which rlhf_cli does not run.*FSDP2"),
+    ],
+)
+def test_fsdp1_and_zero3_launches_are_refused_pointing_to_fsdp2(monkeypatch, env, expected):
+    """Refused by the pre-load check (one paragraph, before any model loads), naming FSDP2 as the way."""
+    state = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    _launch_env(monkeypatch, env)
+    with pytest.raises(ConfigError, match=expected) as refusal:
+        check_launch(compose_train_config(["+recipe=smoke"]), state)
+    assert "\n" not in str(refusal.value)

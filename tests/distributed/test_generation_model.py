@@ -57,9 +57,10 @@ def test_deepspeed_yields_the_unwrapped_module(stage):
         assert model is wrapped.module
 
 
-def test_fsdp2_generation_is_refused():
+def test_fsdp2_generation_of_a_model_the_trainer_did_not_shard_is_refused():
+    """The trainer shards with rlhf_cli.ppo.sharding; a model it did not shard cannot generate under FSDP2."""
     wrapped = types.SimpleNamespace(module=torch.nn.Linear(2, 2))
-    with pytest.raises(ConfigError, match="FSDP2.*fsdp_version: 1"):
+    with pytest.raises(ConfigError, match="FSDP2 launch whose model the trainer did not shard"):
         with generation_model(_fake_accelerator(DistributedType.FSDP, fsdp2=True), wrapped):
             pass
 

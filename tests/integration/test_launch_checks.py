@@ -11,7 +11,8 @@ import torch
 
 from rlhf_cli.config.compose import compose_train_config
 from rlhf_cli.engine import components
-from rlhf_cli.engine.components import check_launch, launch_state, mixed_precision_of
+from rlhf_cli.config.launch import mixed_precision_of
+from rlhf_cli.engine.components import check_launch, launch_state
 from rlhf_cli.errors import ConfigError
 
 
@@ -54,7 +55,7 @@ def test_the_smoke_run_passes_on_one_and_two_processes():
     [
         ((), 3, r"ppo.batch_size=8 is not divisible by the 3 processes of this launch; choose a multiple of 3"),
         (("ppo.batch_size=12", "ppo.mini_batch_size=4"), 3, r"ppo.mini_batch_size=4 is not divisible by the 3 processes"),
-        (("ppo.batch_size=8", "ppo.mini_batch_size=2", "ppo.gradient_accumulation_steps=3"), 2, r"not divisible by mini_batch_size × gradient_accumulation_steps"),
+        (("ppo.batch_size=8", "ppo.mini_batch_size=2", "ppo.gradient_accumulation_steps=3"), 2, r"ppo.batch_size=8 is not divisible by ppo.mini_batch_size × ppo.gradient_accumulation_steps = 2 × 3 = 6"),
     ],
 )
 def test_sizes_that_do_not_split_over_the_processes(overrides, processes, message):
@@ -114,22 +115,35 @@ def test_lora_without_peft_installed(monkeypatch):
     check_launch(smoke(), _state())  # without LoRA peft is not needed
 
 
-def test_sharded_launches_are_refused_before_training(monkeypatch):
-    """ZeRO-3 and FSDP shard the policy; rlhf train cannot save sharded parameters yet, so it refuses
-    them up front instead of training and failing at the first save. ZeRO-2 is fine."""
+def test_zero3_and_fsdp1_are_refused_before_training_and_fsdp2_passes(monkeypatch):
+    """ZeRO-3 and FSDP version 1 are refused up front, pointing to FSDP2; ZeRO-2 and FSDP2 pass."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     for overrides in ((), ("model.lora.enabled=true",)):
-        with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3.*cannot yet write final/.*deepspeed_zero2.yaml"):
+        with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3.*FSDP2.*deepspeed_zero2.yaml"):
             check_launch(smoke(*overrides), _state(2))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     check_launch(smoke(), _state(2))
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    for version in ("1", "2"):
-        monkeypatch.setenv("FSDP_VERSION", version)
-        with pytest.raises(ConfigError, match="FSDP.*cannot yet write final/.*ddp.yaml"):
-            check_launch(smoke(), _state(2))
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
+        check_launch(smoke(), _state(2))
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_launch(smoke(), _state(2))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (("ppo.sharding=fsdp2", "model.lora.enabled=true"), r"ppo.sharding=fsdp2 with model.lora.enabled=true is not supported"),
+        (("ppo.sharding=fsdp2", "ppo.mixed_precision=bf16"), r"ppo.sharding=fsdp2 with ppo.mixed_precision=bf16.*ppo.precision=bf16"),
+    ],
+)
+def test_fsdp2_combinations_it_does_not_cover_are_refused_in_one_paragraph(overrides, expected):
+    with pytest.raises(ConfigError, match=expected) as refusal:
+        check_launch(smoke(*overrides), _state(2))
+    assert "\n" not in str(refusal.value)
 
 
 def test_launch_state_of_a_plain_process_is_one_cpu_process():

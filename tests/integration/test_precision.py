@@ -187,12 +187,13 @@ def test_bf16_on_a_cpu_without_bfloat16_names_fp32(monkeypatch):
 
 
 def test_bf16_precision_with_mixed_precision_is_refused(monkeypatch):
-    from rlhf_cli.engine.components import check_precision
+    from rlhf_cli.config.compose import compose_train_config
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     with pytest.raises(ConfigError, match="ppo.mixed_precision=no"):
-        check_precision(_cfg(precision="bf16", mixed_precision="bf16"), "cpu")
-    with pytest.raises(ValueError, match="drop mixed_precision"):
+        compose_train_config(["ppo.precision=bf16", "ppo.mixed_precision=bf16"])
+    # The library gets the same rule in its own words (it used to say only "drop mixed_precision").
+    with pytest.raises(ValueError, match=r"accelerator_kwargs\['mixed_precision'\]=no"):
         PPOConfig(precision="bf16", accelerator_kwargs={"mixed_precision": "bf16"})
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         PPOConfig(precision="fp16")

@@ -13,7 +13,8 @@ import torch
 
 from rlhf_cli import AutoModelForCausalLMWithValueHead
 from rlhf_cli.models import disable_dropout
-from rlhf_cli.ppo.forward import _real_token_index, response_outputs
+from rlhf_cli.ppo.forward import response_outputs
+from rlhf_cli.rollout.packing import real_token_index
 from rlhf_cli.rollout.packing import pack_batch
 from tests.tiny import make_tiny_gpt2
 
@@ -43,7 +44,7 @@ def _straightforward(policy, batch):
 
 
 def test_real_token_index_lists_rows_and_columns_row_major():
-    rows, cols = _real_token_index([2, 3, 1], torch.device("cpu"))
+    rows, cols = real_token_index([2, 3, 1], torch.device("cpu"))
     assert rows.tolist() == [0, 0, 1, 1, 1, 2]
     assert cols.tolist() == [0, 1, 0, 1, 2, 0]
 
@@ -81,3 +82,62 @@ def test_ragged_padding_positions_hold_zeros(word_tokenizer):
     assert torch.count_nonzero(out.logits[padding]) == 0
     assert torch.count_nonzero(out.values[padding]) == 0
     assert torch.isfinite(out.logprobs).all()
+
+
+def _tiny_llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(LlamaForCausalLM(config))
+    disable_dropout(policy)
+    return policy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("response_lengths", [[4, 4, 4, 4], [4, 1, 3, 2]], ids=["equal_lengths", "ragged"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lm_head_input_is_contiguous(word_tokenizer, arch, response_lengths, frozen, dtype):
+    """The LM head never gets a strided slice of the hidden states. F.linear of a non-contiguous 3-D
+    input with a weight that does not require grad (a frozen reference) takes matmul's expand + bmm
+    path, copying the [V, H] weight once per row: 87x the cost of the same product on a contiguous
+    input (SmolLM2, bf16). Checked on the head's actual input, for every kind of module and dtype."""
+    policy = _tiny_llama(len(word_tokenizer)) if arch == "llama" else _policy(word_tokenizer)
+    policy.to(dtype).requires_grad_(not frozen)
+    seen: list[tuple[int, bool]] = []
+    head = policy.pretrained_model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda _module, args: seen.append((args[0].dim(), args[0].is_contiguous())))
+    with torch.no_grad():
+        response_outputs(policy, _batch(response_lengths, len(word_tokenizer)), values=not frozen)
+    assert seen and all(contiguous for _, contiguous in seen), seen
+
+
+@pytest.mark.parametrize("response_lengths", [[4, 4, 4, 4], [4, 1, 3, 2]], ids=["equal_lengths", "ragged"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_chunked_head_equals_the_logits_path(word_tokenizer, arch, response_lengths):
+    """``logits=False`` (the chunked LM head) gives the log-probabilities, values, entropies and
+    gradients of the logits path: same hidden states, same head, no [B, T, V] tensor."""
+    from rlhf_cli.algo.functional import entropy_from_logits
+    from rlhf_cli.ppo.head_logprobs import chunkable_lm_head
+
+    policy = _tiny_llama(len(word_tokenizer)) if arch == "llama" else _policy(word_tokenizer)
+    assert chunkable_lm_head(policy) is not None
+    batch = _batch(response_lengths, len(word_tokenizer))
+    real, weights = batch.response_mask.bool(), batch.response_mask.float()
+
+    def loss_and_grads(out):
+        loss = (out.logprobs * weights).sum() + (out.values * weights).sum()
+        return torch.autograd.grad(loss, list(policy.parameters()))
+
+    chunked = response_outputs(policy, batch, logits=False)
+    straight = response_outputs(policy, batch)
+    assert chunked.logits is None and torch.count_nonzero(chunked.logprobs[~real]) == 0
+    assert (chunked.logprobs[real] <= 0).all()
+    torch.testing.assert_close(chunked.logprobs[real], straight.logprobs[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.values[real], straight.values[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.entropy[real], entropy_from_logits(straight.logits)[real], atol=1e-5, rtol=1e-5)
+    for grad, expected in zip(loss_and_grads(chunked), loss_and_grads(straight)):
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)

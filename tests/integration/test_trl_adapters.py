@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from rlhf_cli import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from rlhf_cli.core import logprobs_from_logits
-from rlhf_cli.ppo import functional
+from rlhf_cli.algo import functional, kl
 from rlhf_cli.ppo.forward import response_outputs
 from rlhf_cli.rollout.packing import pack_batch
 from tests.tiny import make_tiny_gpt2
@@ -94,11 +94,11 @@ def test_kl_penalty_every_mode(word_tokenizer, mode):
         logits, ref_logits = torch.randn(2, 3, 7, generator=gen), torch.randn(2, 3, 7, generator=gen)
         logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)  # what TRL passes in "full" mode
         got = trainer._kl_penalty(logp, ref_logp)
-        torch.testing.assert_close(got, functional.full_kl(logits, ref_logits))
+        torch.testing.assert_close(got, kl.full_kl(logits, ref_logits))
         torch.testing.assert_close(got, F.kl_div(ref_logp, logp, log_target=True, reduction="none").sum(-1))  # TRL's formula
     else:
         logp, ref_logp = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)
-        torch.testing.assert_close(trainer._kl_penalty(logp, ref_logp), functional.kl_penalty(logp, ref_logp, mode), rtol=0, atol=0)
+        torch.testing.assert_close(trainer._kl_penalty(logp, ref_logp), kl.kl_penalty(logp, ref_logp, mode), rtol=0, atol=0)
 
 
 def test_compute_rewards_and_advantages_equal_the_functional_path(word_tokenizer):

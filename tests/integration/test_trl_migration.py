@@ -1,5 +1,5 @@
 """Migration: a script in legacy TRL 0.11's documented style runs with only `trl` -> `rlhf_cli` changed,
-and its stats are what the documented formulas (DESIGN §6, §7) give."""
+and its stats are what the documented formulas (rlhf_cli.algo's docstrings) give."""
 
 from __future__ import annotations
 

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from rlhf_cli.ppo.advantages import GROUP_STD_EPS, EstimatorSettings, sequence_rewards
-from rlhf_cli.ppo.config import KL_LOSS_ESTIMATORS, PPOConfig
-from rlhf_cli.ppo.estimators import ADVANTAGE_ESTIMATORS, ESTIMATORS, estimator_named, estimators_without_groups
-from rlhf_cli.ppo.functional import K3_MAX, gae, kl_loss, kl_loss_terms, per_token_rewards
+from rlhf_cli.algo.advantages import ESTIMATE, GROUP_STD_EPS, EstimatorSettings, sequence_rewards
+from rlhf_cli.algo.names import KL_LOSS_ESTIMATORS
+from rlhf_cli.trl.config import PPOConfig
+from rlhf_cli.algo.names import ADVANTAGE_ESTIMATORS, ESTIMATORS, estimator_named, estimators_without_groups
+from rlhf_cli.algo.functional import gae, per_token_rewards
+from rlhf_cli.algo.kl import K3_MAX, kl_loss, kl_loss_terms
 
 G = 4
 
@@ -74,7 +76,7 @@ def test_grpo_against_a_naive_loop(scale_by_std):
         mean = sum(group) / G
         std = math.sqrt(sum((r - mean) ** 2 for r in group) / (G - 1))  # unbiased, as torch.std
         expected += [(r - mean) / (std + GROUP_STD_EPS) if scale_by_std else r - mean for r in group]
-    result = estimator_named("grpo").estimate(rewards, None, mask, _settings(scale_by_std=scale_by_std))
+    result = ESTIMATE["grpo"](rewards, None, mask, _settings(scale_by_std=scale_by_std))
     assert result.returns is None
     _assert_per_token(result.advantages, expected, lengths)
 
@@ -88,7 +90,7 @@ def test_rloo_against_a_naive_loop():
         for i, r in enumerate(group):
             others = [x for j, x in enumerate(group) if j != i]
             expected.append(r - sum(others) / len(others))
-    result = estimator_named("rloo").estimate(rewards, None, mask, _settings())
+    result = ESTIMATE["rloo"](rewards, None, mask, _settings())
     _assert_per_token(result.advantages, expected, lengths)
 
 
@@ -104,7 +106,7 @@ def test_reinforce_pp_against_a_naive_loop(gamma):
     values = list(returns.values())
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    result = estimator_named("reinforce_pp").estimate(rewards, None, mask, _settings(gamma=gamma, group_size=1))
+    result = ESTIMATE["reinforce_pp"](rewards, None, mask, _settings(gamma=gamma, group_size=1))
     for (i, t), g in returns.items():
         assert float(result.advantages[i, t]) == pytest.approx((g - mean) / math.sqrt(var + 1e-8), rel=1e-5, abs=1e-6)
     assert bool((result.advantages[~mask] == 0).all())
@@ -114,7 +116,7 @@ def test_gae_through_the_registry_is_the_functional_gae():
     rewards, mask, _ = _batch(seed=4)
     values = torch.randn(rewards.shape, generator=torch.Generator().manual_seed(5))
     settings = _settings(whiten_rewards=True)
-    via_registry = estimator_named("gae").estimate(rewards, values, mask, settings)
+    via_registry = ESTIMATE["gae"](rewards, values, mask, settings)
     direct = gae(values, rewards, mask, settings.gamma, settings.lam, whiten_rewards=True)
     assert torch.equal(via_registry.advantages, direct.advantages)
     assert torch.equal(via_registry.returns, direct.returns)
@@ -123,14 +125,14 @@ def test_gae_through_the_registry_is_the_functional_gae():
 def test_group_estimators_refuse_a_batch_of_partial_groups():
     rewards, mask, _ = _batch()
     with pytest.raises(ValueError, match="groups of samples_per_prompt=5"):
-        estimator_named("grpo").estimate(rewards, None, mask, _settings(group_size=5))
+        ESTIMATE["grpo"](rewards, None, mask, _settings(group_size=5))
 
 
 def test_a_group_with_equal_rewards_gets_zero_advantage_not_nan():
     rewards = torch.ones(G, 3)
     mask = torch.ones(G, 3, dtype=torch.bool)
     for name in ("grpo", "rloo"):
-        result = estimator_named(name).estimate(rewards, None, mask, _settings())
+        result = ESTIMATE[name](rewards, None, mask, _settings())
         assert torch.equal(result.advantages, torch.zeros(G, 3)), name
 
 
@@ -193,7 +195,9 @@ def test_kl_loss_is_a_masked_mean_that_ignores_padding_garbage():
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_group_estimators_need_two_samples_per_prompt(estimator):
-    with pytest.raises(ValueError, match=r"needs samples_per_prompt >= 2, got 1.*gae, reinforce_pp"):
+    # The command line's message, in field names: it names a concrete group size, not just the minimum.
+    with pytest.raises(ValueError, match=r"samples_per_prompt=1: a group of one has no spread.*Set samples_per_prompt=4"
+                                         r".*advantage_estimator=gae or advantage_estimator=reinforce_pp"):
         PPOConfig(advantage_estimator=estimator)
     assert not PPOConfig(advantage_estimator=estimator, samples_per_prompt=2, batch_size=8).uses_critic
 
@@ -202,9 +206,9 @@ def test_a_batch_that_splits_a_group_is_refused():
     with pytest.raises(ValueError, match="batch_size=10 .* not divisible by samples_per_prompt=4"):
         PPOConfig(batch_size=10, mini_batch_size=2, samples_per_prompt=4, advantage_estimator="grpo")
     config = PPOConfig(batch_size=8, mini_batch_size=2, samples_per_prompt=4, advantage_estimator="grpo")
-    config.batch_size = 6  # mutated after construction: the trainer's check_sizes() sees it
-    with pytest.raises(ValueError, match="straddle"):
-        config.check_sizes()
+    config.batch_size = 6  # mutated after construction: the settings a trainer takes from it see it
+    with pytest.raises(ValueError, match="batch_size=6 counts responses and is not divisible by samples_per_prompt=4"):
+        config.settings()
 
 
 def test_unknown_estimator_names_are_refused():

@@ -1,4 +1,4 @@
-"""PPO math against naive loop references and hand-computed cases (DESIGN §6)."""
+"""PPO math against naive loop references and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -8,16 +8,14 @@ import statistics
 import pytest
 import torch
 
-from rlhf_cli.ppo.functional import (
+from rlhf_cli.algo.functional import (
     Advantages,
     PolicyLoss,
     RewardTerms,
     ValueLoss,
     clip_by_value,
     entropy_from_logits,
-    full_kl,
     gae,
-    kl_penalty,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -29,7 +27,8 @@ from rlhf_cli.ppo.functional import (
     value_loss,
     whiten,
 )
-from rlhf_cli.ppo.running_moments import RunningMoments
+from rlhf_cli.algo.kl import full_kl, kl_penalty
+from rlhf_cli.algo.running_moments import RunningMoments
 
 torch.set_num_threads(1)
 
@@ -133,7 +132,7 @@ def test_logprobs_from_half_logits_are_float32_and_exact_for_the_rounded_logits(
 
 
 def test_upcast_logsumexp_gradcheck():
-    from rlhf_cli.ppo.functional import _UpcastLogSumExp
+    from rlhf_cli.algo.functional import _UpcastLogSumExp
 
     logits = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_UpcastLogSumExp.apply, (logits,))

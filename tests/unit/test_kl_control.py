@@ -1,4 +1,4 @@
-"""KL controllers against the update rule written out (DESIGN §6)."""
+"""KL controllers against the update rule written out."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlhf_cli.ppo.kl_control import (
+from rlhf_cli.algo.kl_control import (
     AdaptiveKLController,
     FixedKLController,
     KLController,

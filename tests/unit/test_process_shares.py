@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_cli.ppo.distributed import cpu_process_group_needed, own_share
-from rlhf_cli.ppo.functional import masked_mean, policy_loss, value_loss
+from rlhf_cli.algo.functional import masked_mean, policy_loss, value_loss
 
 
 def _ragged(seed: int, rows: int = 6, width: int = 5):

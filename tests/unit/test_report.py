@@ -71,7 +71,7 @@ def test_curves_show_the_kl_loss_term_where_the_kl_is_in_the_loss():
 
 
 def test_the_stats_line_shows_the_kl_loss_instead_of_a_zero_beta(capsys):
-    from rlhf_cli.logging import Reporter
+    from rlhf_cli.reporting import Reporter
 
     reporter = Reporter(total_steps=1, enabled=True, progress=False)
     reporter.stats_line(1, {"env/reward_mean": 0.5, "objective/kl": 2.0, "objective/kl_coef": 0.0, "ppo/loss/kl": 0.25,

@@ -296,7 +296,7 @@ def test_build_weighted_sum_from_config():
 
 
 def test_build_reward_errors_name_the_config_key():
-    with pytest.raises(RewardError, match=r"Unknown reward\.type 'sentiment'; valid types are vader, classifier, callable, weighted_sum"):
+    with pytest.raises(RewardError, match=r"Unknown reward\.type 'sentiment'; valid types are vader, classifier, callable, learned, weighted_sum"):
         build_reward(reward_cfg(type="sentiment"))
     with pytest.raises(RewardError, match=r"reward\.type=classifier needs reward\.model="):
         build_reward(reward_cfg(type="classifier"))
@@ -306,7 +306,7 @@ def test_build_reward_errors_name_the_config_key():
         build_reward(reward_cfg(type="weighted_sum", components=[component(), component(type="callable")]))
     with pytest.raises(RewardError, match=r"reward\.components\[0\]\.type=weighted_sum: weighted sums cannot be nested"):
         build_reward(reward_cfg(type="weighted_sum", components=[component(type="weighted_sum")]))
-    with pytest.raises(RewardError, match=r"Unknown reward\.components\[0\]\.type 'x'; valid types are vader, classifier, callable\."):
+    with pytest.raises(RewardError, match=r"Unknown reward\.components\[0\]\.type 'x'; valid types are vader, classifier, callable, learned\."):
         build_reward(reward_cfg(type="weighted_sum", components=[component(type="x")]))
     with pytest.raises(RewardError, match=r"reward\.type=weighted_sum needs reward\.components"):
         build_reward(reward_cfg(type="weighted_sum"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_cli.ppo.running_moments import RunningMoments
+from rlhf_cli.algo.running_moments import RunningMoments
 
 
 def test_starts_from_the_prior():
