@@ -52,7 +52,7 @@ def run_ours(pairs: int, batch: int, lr: float) -> dict:
     from omegaconf import OmegaConf
 
     from rlhf_cli.config.schema import ModelConfig
-    from rlhf_cli.data.preferences import tokenize_pairs
+    from rlhf_cli.reward_model.data import tokenize_pairs
     from rlhf_cli.models import load_policy_and_tokenizer
     from rlhf_cli.reward_model.trainer import RewardModelTrainer
 

@@ -38,11 +38,9 @@ def _rendered(dataset: "datasets.Dataset", column: str, tokenizer: "PreTrainedTo
 
 
 def chat_prompt_data(train_raw: "datasets.Dataset", cfg: Any, tokenizer: "PreTrainedTokenizerBase", seed: int,
-                     heldout_raw: "datasets.Dataset | None" = None):
-    """PromptData(train, heldout) of rendered conversations (``input_ids``, ``query`` = the rendered text)."""
+                     heldout_raw: "datasets.Dataset | None" = None) -> "tuple[datasets.Dataset, datasets.Dataset]":
+    """(train, heldout) tables of rendered conversations (``input_ids``, ``query`` = the rendered text)."""
     import datasets
-
-    from rlhf_cli.data.prompts import PromptData
 
     shuffle_seed = seed if cfg.shuffle_seed is None else cfg.shuffle_seed
     texts = _rendered(train_raw, cfg.text_column, tokenizer)
@@ -63,4 +61,4 @@ def chat_prompt_data(train_raw: "datasets.Dataset", cfg: Any, tokenizer: "PreTra
         features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")), "query": datasets.Value("string")})
         return datasets.Dataset.from_dict({"input_ids": ids, "query": rows}, features=features)
 
-    return PromptData(train=table(train_texts), heldout=table(heldout_texts))
+    return table(train_texts), table(heldout_texts)

@@ -256,7 +256,7 @@ def _common_prefix(a: str, b: str) -> int:
     return length
 
 
-# Checking and tokenising -------------------------------------------------------------------------------
+# Checking -------------------------------------------------------------------------------
 def drop_identical(rows: PreferenceRows) -> PreferenceRows:
     """``rows`` without the pairs whose two scored texts are the same (with a notice counting them)."""
     chosen, rejected = rows.chosen_texts, rows.rejected_texts
@@ -269,22 +269,3 @@ def drop_identical(rows: PreferenceRows) -> PreferenceRows:
         f"(they carry no preference)."
     )
     return kept
-
-
-def tokenize_pairs(rows: PreferenceRows, tokenizer: Any, max_length: int) -> PreferencePairs:
-    """Token ids of both sides under the scoring rule (``rlhf_cli.reward_model.scoring``), counting
-    the pairs that had a side truncated."""
-    from rlhf_cli.reward_model.scoring import encode_texts
-
-    chosen_ids, chosen_cut = encode_texts(tokenizer, rows.chosen_texts, max_length)
-    rejected_ids, rejected_cut = encode_texts(tokenizer, rows.rejected_texts, max_length)
-    truncated = sum(a or b for a, b in zip(chosen_cut, rejected_cut))
-    empty = [i + 1 for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids)) if not c or not r]
-    if empty:
-        raise DataError(
-            f"{len(empty)} pairs have a side with no tokens at all (e.g. pair {empty[0]}); every chosen and rejected "
-            f"text needs at least one token. Remove those rows."
-        )
-    margins = rows.margins if rows.margins is not None else [0.0] * len(rows)
-    ties = rows.ties if rows.ties is not None else [False] * len(rows)
-    return PreferencePairs(chosen_ids, rejected_ids, list(margins), list(ties), truncated)

@@ -82,7 +82,8 @@ def build_prompt_data(cfg: Any, tokenizer: "PreTrainedTokenizerBase", seed: int)
     raw = load_text_dataset(cfg, split=cfg.split)
     if is_conversational(raw, cfg.text_column):  # lists of messages: rendered by the chat template
         heldout_raw = load_text_dataset(cfg, split=cfg.eval_split) if cfg.eval_split is not None else None
-        return chat_prompt_data(raw, cfg, tokenizer, seed, heldout_raw)
+        train, heldout = chat_prompt_data(raw, cfg, tokenizer, seed, heldout_raw)
+        return PromptData(train=train, heldout=heldout)
     shuffle_seed = seed if cfg.shuffle_seed is None else cfg.shuffle_seed
     texts, funnel = _prepared_texts(cfg, cfg.split, raw)
     order = _permutation(len(texts), shuffle_seed)

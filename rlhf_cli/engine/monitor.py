@@ -13,10 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf_cli.engine.report import Comparison, standard_error
+from rlhf_cli.engine.report import MONITOR_PREFIX, Comparison, standard_error
 from rlhf_cli.rewards import RewardFunction, score_responses
-
-MONITOR_PREFIX = "env/monitor/"
 
 
 def build_monitors(sources: Sequence[Any]) -> dict[str, RewardFunction]:
@@ -57,11 +55,3 @@ def heldout_monitor_lines(monitors: dict[str, RewardFunction], comparison: Compa
             f"{mean(after):+.4f} ± {standard_error(after):.4f} after (change {mean(change):+.4f} ± {standard_error(change):.4f})"
         )
     return lines
-
-
-def monitor_panels(rows: list[dict]) -> list[tuple[str, str]]:
-    """curves.png panels for the monitors found in metrics.jsonl rows."""
-    keys = sorted({key for row in rows for key in row if key.startswith(MONITOR_PREFIX)})
-    return [(key, f"monitor {key[len(MONITOR_PREFIX):-len('_mean')]} (not optimised)") for key in keys]
-
-

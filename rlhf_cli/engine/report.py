@@ -106,6 +106,8 @@ def compare_before_after(
 
 
 CONSOLE_ROWS = 8  # rows of the console table; report.md lists every prompt
+# metrics.jsonl prefix of the independent judges (reward.monitor=[...]): logged, never optimised
+MONITOR_PREFIX = "env/monitor/"
 
 
 def summary_lines(comparison: "Comparison | None", reward_means: list[float], run_root: Path) -> list:
@@ -227,9 +229,13 @@ def _curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
         panels.append(("objective/kl_coef", "KL coefficient β"))
     if kl_loss:
         panels.append(("ppo/loss/kl", "KL loss term (mean per token)"))
-    from rlhf_cli.engine.monitor import monitor_panels  # reward.monitor=[...]: one panel per monitor
+    return panels + _monitor_panels(rows)
 
-    return panels + monitor_panels(rows)
+
+def _monitor_panels(rows: list[dict]) -> list[tuple[str, str]]:
+    """One panel per independent judge (``reward.monitor=[...]``) found in metrics.jsonl rows."""
+    keys = sorted({key for row in rows for key in row if key.startswith(MONITOR_PREFIX)})
+    return [(key, f"monitor {key[len(MONITOR_PREFIX):-len('_mean')]} (not optimised)") for key in keys]
 
 
 def curves_figure(rows: list[dict], panels: list[tuple[str, str]] | None = None):

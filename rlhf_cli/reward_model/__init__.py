@@ -20,7 +20,11 @@ def __getattr__(name: str) -> Any:
         from rlhf_cli.reward_model.bradley_terry import bradley_terry_loss
 
         return bradley_terry_loss
-    if name in ("PreferenceRows", "PreferencePairs", "tokenize_pairs"):
+    if name == "tokenize_pairs":
+        from rlhf_cli.reward_model.data import tokenize_pairs
+
+        return tokenize_pairs
+    if name in ("PreferenceRows", "PreferencePairs"):
         from rlhf_cli.data import preferences
 
         return getattr(preferences, name)

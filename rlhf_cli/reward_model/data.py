@@ -13,9 +13,9 @@ from rlhf_cli.data.preferences import (
     drop_identical,
     parse_rows,
     read_preference_table,
-    tokenize_pairs,
 )
 from rlhf_cli.errors import DataError
+from rlhf_cli.reward_model.scoring import encode_texts
 
 
 @dataclass
@@ -82,3 +82,20 @@ def build_preference_data(cfg: Any, tokenizer: Any, seed: int) -> PreferenceData
     if train.ties and any(train.ties) and cfg.ties == "skip":
         notices.append(f"{sum(train.ties)} tied training pairs carry no weight (data.ties=skip; data.ties=half trains them towards 0.5).")
     return PreferenceData(train, heldout_rows, heldout, notices)
+
+
+def tokenize_pairs(rows: PreferenceRows, tokenizer: Any, max_length: int) -> PreferencePairs:
+    """Token ids of both sides under the scoring rule (``rlhf_cli.reward_model.scoring``), counting
+    the pairs that had a side truncated."""
+    chosen_ids, chosen_cut = encode_texts(tokenizer, rows.chosen_texts, max_length)
+    rejected_ids, rejected_cut = encode_texts(tokenizer, rows.rejected_texts, max_length)
+    truncated = sum(a or b for a, b in zip(chosen_cut, rejected_cut))
+    empty = [i + 1 for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids)) if not c or not r]
+    if empty:
+        raise DataError(
+            f"{len(empty)} pairs have a side with no tokens at all (e.g. pair {empty[0]}); every chosen and rejected "
+            f"text needs at least one token. Remove those rows."
+        )
+    margins = rows.margins if rows.margins is not None else [0.0] * len(rows)
+    ties = rows.ties if rows.ties is not None else [False] * len(rows)
+    return PreferencePairs(chosen_ids, rejected_ids, list(margins), list(ties), truncated)

@@ -10,7 +10,8 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from rlhf_cli.data.preferences import PreferenceRows, tokenize_pairs
+from rlhf_cli.data.preferences import PreferenceRows
+from rlhf_cli.reward_model.data import tokenize_pairs
 from rlhf_cli.engine.export import save_final
 from rlhf_cli.models import AutoModelForCausalLMWithValueHead
 from rlhf_cli.reward_model.evaluate import score_model_on_pairs

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlhf_cli.config.reward_schema import PreferenceDataConfig
-from rlhf_cli.data.preferences import parse_rows, tokenize_pairs
+from rlhf_cli.data.preferences import parse_rows
+from rlhf_cli.reward_model.data import tokenize_pairs
 from rlhf_cli.errors import DataError
 from rlhf_cli.reward_model.data import build_preference_data
 from tests.tiny import WORDS, make_word_tokenizer
