@@ -30,7 +30,7 @@ def evaluate_run(run_dir: Path, *, prompts: int | None = None) -> Comparison:
     """Compare the run's initial and final policy on held-out prompts; write report.md and curves.png
     (holding the run directory's lock, see :mod:`rlhf_cli.engine.run_lock`)."""
     run_dir = Path(run_dir).expanduser().resolve()
-    config_path, final_dir, metrics_path = run_dir / "config.yaml", run_dir / "final", run_dir / "metrics.jsonl"
+    config_path, final_dir = run_dir / "config.yaml", run_dir / "final"
     if not config_path.is_file():
         raise RlhfError(f"{run_dir} is not a run directory: it has no config.yaml. Give the output_dir of an `rlhf train` run.")
     if not (final_dir / "config.json").is_file():

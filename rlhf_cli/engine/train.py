@@ -25,6 +25,7 @@ from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine import sharded_state
 from rlhf_cli.engine.batches import PromptStream
 from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
+from rlhf_cli.engine.disk import guarded_write, truncate_to
 from rlhf_cli.engine.divergence import DivergenceWatch
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.monitor import build_monitors, heldout_monitor_lines, monitor_scores, monitor_stats
