@@ -293,8 +293,8 @@ def _checked_jobs(
     # The run mode, as hydra.main adds it; --cfg and --help print the config without it, as before.
     mode = ["hydra.mode=MULTIRUN"] if args.multirun else ["hydra.mode=RUN"] if runs else []
     overrides = overrides + mode
-    jobs = compose_jobs(hydra, overrides, multirun=args.multirun, require_complete=runs,
-                        config_name=args.config_name or command,
+    jobs = compose_jobs(hydra, overrides, multirun=args.multirun, require_complete=runs, command=command,
+                        config_name=args.config_name,
                         config_dirs=[d for d in (primary_dir, args.config_dir) if d])
     if args.help:
         _print_help(hydra, jobs[0][1], resolve=args.resolve)

@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlhf_cli.config.messages import explain, parse_error
 from rlhf_cli.config.paths import config_dir
-from rlhf_cli.config.store import register_configs, schema_of
+from rlhf_cli.config.store import register_configs
 from rlhf_cli.config.validate import validate as validate_config
 from rlhf_cli.errors import ConfigError
 
@@ -170,7 +170,7 @@ def compose_train_config(
         try:
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:
-            raise explain(err, overrides, list_length=partial(_list_length, config_name, overrides)) from err
+            raise explain(err, overrides, list_length=partial(_list_length, config_name, overrides), command=config_name) from err
     run_dir = os.path.abspath(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
@@ -194,10 +194,10 @@ def finalize(
     """
     try:
         if validate:
-            validate_config(cfg, require_complete=require_complete, schema=schema_of(config_name))
+            validate_config(cfg, require_complete=require_complete, command=config_name)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
-        raise explain(err, overrides) from err
+        raise explain(err, overrides, command=config_name) from err
     cfg[OUTPUT_DIR_KEY] = os.path.abspath(str(cfg[OUTPUT_DIR_KEY]))
     return cfg
 
@@ -208,45 +208,52 @@ def compose_jobs(
     *,
     multirun: bool,
     require_complete: bool,
-    config_name: str = PRIMARY_CONFIG,
+    command: str = PRIMARY_CONFIG,
+    config_name: str | None = None,
     config_dirs: Sequence[str | Path] = (),
 ) -> list[tuple[list[str], DictConfig]]:
     """Compose and validate the config of every job the command line describes, as ``hydra``'s run
     (``multirun``: its basic sweeper and launcher) will ask its loader for them, so that running the
     same ``overrides`` then composes nothing again (:class:`ComposeOnce`).
 
-    Returns (job overrides, config with its ``hydra`` node) per job; ConfigError on the first mistake.
+    ``command``: the subcommand (its schema; the command its messages name); ``config_name``: its
+    primary config (default: the command's own). Returns (job overrides, config with its ``hydra``
+    node) per job; ConfigError on the first mistake.
     Sweep kinds the basic sweeper cannot expand (intervals for optimiser sweepers) are validated with
     that override left out.
     """
     dirs = list(config_dirs) or [config_dir()]
-    explained = partial(_explained, config_name=config_name, dirs=dirs)
+    config_name = config_name or command
+    explained = partial(_explained, config_name=config_name, command=command, dirs=dirs)
     if not multirun:
         with explained(list(overrides)):
             cfg = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.RUN, from_shell=False)
-            validate_config(cfg, require_complete=require_complete, schema=schema_of(config_name))
+            validate_config(cfg, require_complete=require_complete, command=command)
         return [(list(overrides), cfg)]
     with explained(list(overrides)):
         sweep = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN, from_shell=False)
     str(sweep.hydra.sweep.dir)  # its ${now:...} evaluated once, before every job copies the sweep's cache
-    jobs = _expand_sweeps(sweep, dirs)
+    jobs = _expand_sweeps(sweep, dirs, command)
     out = []
     for number, job in enumerate(jobs):
         where = f"In sweep job {number} ({' '.join(job)}): " if len(jobs) > 1 else ""
         with explained(job, where=where):
             cfg = hydra.config_loader.load_sweep_config(sweep, job)
-            validate_config(cfg, require_complete=require_complete, schema=schema_of(config_name))
+            validate_config(cfg, require_complete=require_complete, command=command)
         out.append((job, cfg))
     return out
 
 
 @contextmanager
-def _explained(overrides: list[str], *, config_name: str, dirs: list[str | Path], where: str = "") -> Iterator[None]:
+def _explained(
+    overrides: list[str], *, config_name: str, command: str, dirs: list[str | Path], where: str = ""
+) -> Iterator[None]:
     """Hydra's and OmegaConf's composition errors as one ConfigError paragraph, prefixed by ``where``."""
     try:
         yield
     except (HydraException, OmegaConfBaseException, ConfigError) as err:
-        error = err if isinstance(err, ConfigError) else explain(err, overrides, dirs, partial(_list_length, config_name, overrides))
+        lengths = partial(_list_length, config_name, overrides)
+        error = err if isinstance(err, ConfigError) else explain(err, overrides, dirs, lengths, command)
         raise (ConfigError(where + str(error)) if where else error) from err
 
 
@@ -262,7 +269,7 @@ def _list_length(config_name: str, overrides: list[str], key: str) -> int | None
     return len(value) if OmegaConf.is_list(value) else None
 
 
-def _expand_sweeps(sweep: DictConfig, config_dirs: list[str | Path]) -> list[list[str]]:
+def _expand_sweeps(sweep: DictConfig, config_dirs: list[str | Path], command: str) -> list[list[str]]:
     """Every job's overrides, as Hydra's basic sweeper forms them from the sweep's config (its
     ``hydra.sweeper.params``, then the command line's; the cartesian product of the sweeps)."""
     params = OmegaConf.select(sweep, "hydra.sweeper.params") or {}
@@ -274,5 +281,5 @@ def _expand_sweeps(sweep: DictConfig, config_dirs: list[str | Path]) -> list[lis
         expandable = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
         (batch,) = BasicSweeper.split_arguments(expandable, max_batch_size=None)
     except (HydraException, OmegaConfBaseException) as err:
-        raise explain(err, arguments, config_dirs) from err
+        raise explain(err, arguments, config_dirs, command=command) from err
     return [list(job) for job in batch]
