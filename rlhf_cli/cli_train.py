@@ -290,7 +290,8 @@ def _checked_jobs(
         from rlhf_cli.errors import ConfigError
 
         raise ConfigError(f"--resolve only goes with --cfg or --help: `{PROG} {command} --cfg job --resolve`.")
-    # The run mode, as hydra.main adds it; --cfg and --help print the config without it, as before.
+    # The run mode, as hydra.main adds it (a sweep's jobs need it to compose); a single run's --cfg and
+    # --help print the config without it, as before.
     mode = ["hydra.mode=MULTIRUN"] if args.multirun else ["hydra.mode=RUN"] if runs else []
     overrides = overrides + mode
     jobs = compose_jobs(hydra, overrides, multirun=args.multirun, require_complete=runs, command=command,
