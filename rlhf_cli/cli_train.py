@@ -1,10 +1,13 @@
-"""``rlhf train``: compose and validate every job, then hand the command line to Hydra's app.
+"""``rlhf train``: compose and validate every job once, then have Hydra run them.
 
-``rlhf train`` first composes and validates the config of every job itself (cheap, torch-free), so
-that a user mistake prints one paragraph of ours (exit code 2) instead of Hydra's report, and only
-then hands the command line to a ``hydra.main`` app, which keeps every Hydra flag working (--cfg,
---help, -m, --info, hydra.run.dir=...). The training engine is imported inside the Hydra task, after
-the checks that need no model (:mod:`rlhf_cli.engine.preflight`).
+``rlhf train`` parses the command line with Hydra's own parser, composes and validates the config of
+every job (cheap, torch-free) so that a user mistake prints one paragraph of ours (exit code 2)
+instead of Hydra's report, then has the same Hydra session run the jobs (its run, or its basic
+sweeper and launcher with -m), which get the configs already composed
+(:class:`rlhf_cli.config.compose.ComposeOnce`): one composition and one validation per job. Flags
+that only print Hydra's own information (--hydra-help, --info, --shell-completion) and
+--experimental-rerun go to a ``hydra.main`` app. The training engine is imported inside the Hydra
+task, after the checks that need no model (:mod:`rlhf_cli.engine.preflight`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def _report_once(message: str, *, speaks: bool, prefix: str = "Error:") -> None:
 if TYPE_CHECKING:
     import argparse
 
+    from hydra._internal.hydra import Hydra
     from omegaconf import DictConfig
 
 # Flags of Hydra's argument parser, in the form they are given back to hydra.main.
@@ -192,14 +196,6 @@ def _make_task(
     return train
 
 
-def _pin_run_dir(overrides: list[str], run_dir: Path) -> list[str]:
-    """``overrides`` with hydra.run.dir set to ``run_dir``: the directory Hydra creates is then the one
-    whose prior existence was checked (a ``${now:...}`` in it would otherwise be evaluated again)."""
-    kept = [line for line in overrides if line.split("=", 1)[0].lstrip("+") != "hydra.run.dir"]
-    quoted = "'" + str(run_dir).replace("'", "\\'") + "'"
-    return kept + [f"hydra.run.dir={quoted}"]
-
-
 def _created_root(run_dir: Path) -> Path | None:
     """The outermost directory of ``run_dir``'s path that does not exist yet (None if it exists)."""
     if run_dir.exists():
@@ -261,7 +257,7 @@ def hydra_command(argv: list[str], command: str) -> int:
 
     from hydra._internal.utils import get_args_parser
 
-    from rlhf_cli.config.compose import process_rank, rank_overrides, rewrite_output_dir
+    from rlhf_cli.config.compose import hydra_session, process_rank, rank_overrides, rewrite_output_dir
     from rlhf_cli.config.paths import config_dir
     from rlhf_cli.errors import ConfigError
 
@@ -274,52 +270,94 @@ def hydra_command(argv: list[str], command: str) -> int:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"rlhf-rank{rank}-")) if rank else ""
         try:
             overrides = rewrite_output_dir(args.overrides, multirun=args.multirun) + rank_overrides(rank, scratch)
-            prepared = _checked_jobs(args, overrides, rank, primary_dir, command)
+            if _hydra_only(args):
+                return _run_hydra_app(args, overrides, rank, primary_dir, command)
+            hydra = stack.enter_context(hydra_session(primary_dir, args.config_dir, task_name=command))
+            prepared = _checked_jobs(hydra, args, overrides, rank, primary_dir, command)
         except ConfigError as err:
             _report_once(str(err), speaks=rank == 0)  # every rank finds the same mistake: rank 0 says it
             return err.exit_code
-        if prepared is None:  # --cfg: printed, nothing to run
+        if prepared is None:  # --cfg or --help: printed, nothing to run
             return 0
         overrides, created_roots = prepared
-        return _run_hydra_app(args, overrides, created_roots, rank, primary_dir, command)
+        return _run_jobs(hydra, args, overrides, created_roots, rank, command)
 
 
 def _checked_jobs(
-    args: argparse.Namespace, overrides: list[str], rank: int, primary_dir: str, command: str = "train"
+    hydra: Hydra, args: argparse.Namespace, overrides: list[str], rank: int, primary_dir: str, command: str = "train"
 ) -> tuple[list[str], dict[Path, Path]] | None:
-    """Compose and validate every job (ConfigError on the first mistake). With ``--cfg``, print the
-    composed configs and return None; otherwise the overrides Hydra's app gets (the run directory
-    pinned) and the directories the run will create (see :class:`JobStart`)."""
+    """Compose and validate every job (ConfigError on the first mistake). With ``--help`` or ``--cfg``,
+    print and return None; otherwise the overrides Hydra's run gets (the same ones: it composes nothing
+    again) and the directories the run will create (see :class:`JobStart`)."""
     import os
 
     from rlhf_cli.config.compose import compose_jobs
 
-    if _hydra_only(args):
-        return overrides, {}
-    jobs = compose_jobs(overrides, multirun=args.multirun, require_complete=not (args.cfg or args.help),
-                        config_name=args.config_name or command, extra_config_dir=args.config_dir, primary_dir=primary_dir)
-    if args.cfg and not args.help:
+    runs = not (args.cfg or args.help)
+    if args.resolve and runs:
+        from rlhf_cli.errors import ConfigError
+
+        raise ConfigError(f"--resolve only goes with --cfg or --help: `{PROG} {command} --cfg job --resolve`.")
+    # The run mode, as hydra.main adds it (a sweep's jobs need it to compose); a single run's --cfg and
+    # --help print the config without it, as before.
+    mode = ["hydra.mode=MULTIRUN"] if args.multirun else ["hydra.mode=RUN"] if runs else []
+    overrides = overrides + mode
+    jobs = compose_jobs(hydra, overrides, multirun=args.multirun, require_complete=runs, command=command,
+                        config_name=args.config_name,
+                        config_dirs=[d for d in (primary_dir, args.config_dir) if d])
+    if args.help:
+        _print_help(hydra, jobs[0][1], resolve=args.resolve)
+        return None
+    if args.cfg:
         _print_job_configs(args, jobs)
         return None
-    if rank != 0 or args.multirun or args.help:
+    if rank != 0 or args.multirun:
         return overrides, {}
+    # The same config object Hydra's run gets: its ${now:...} directory is the one checked here.
     run_dir = Path(os.path.abspath(str(jobs[0][1].hydra.run.dir)))
     root = _created_root(run_dir)
-    return _pin_run_dir(overrides, run_dir), ({run_dir: root} if root is not None else {})
+    return overrides, ({run_dir: root} if root is not None else {})
 
 
-def _run_hydra_app(
-    args: argparse.Namespace, overrides: list[str], created_roots: dict[Path, Path], rank: int, primary_dir: str,
-    command: str = "train",
+def _print_help(hydra: Hydra, cfg: DictConfig, *, resolve: bool) -> None:
+    """``--help``: Hydra's help page (the config's hydra.help template) of the composed config."""
+    import copy
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    job_cfg = hydra.get_sanitized_cfg(copy.deepcopy(cfg), "job")
+    print(hydra.get_help(cfg.hydra.help, job_cfg, get_args_parser(), resolve=resolve))
+
+
+def _run_jobs(
+    hydra: Hydra, args: argparse.Namespace, overrides: list[str], created_roots: dict[Path, Path], rank: int,
+    command: str,
 ) -> int:
-    """Run the jobs through ``hydra.main`` (every Hydra flag keeps working); the worst exit code."""
+    """Hydra's run (``-m``: its sweeper and launcher) of the checked jobs; the worst exit code."""
+    from hydra._internal.utils import run_and_report
+
+    failures: list[int] = []
+    task = _make_task(failures, created_roots, rank, prevalidated=True, command=command)
+    run = hydra.multirun if args.multirun else hydra.run
+    try:  # a bug in a job: Hydra's report of the exception, exit code 1
+        run_and_report(lambda: run(config_name=args.config_name or command, task_function=task, overrides=overrides))
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return max(failures, default=0)
+
+
+def _run_hydra_app(args: argparse.Namespace, overrides: list[str], rank: int, primary_dir: str, command: str = "train") -> int:
+    """Hydra's own information (--hydra-help, --info, --shell-completion) or --experimental-rerun,
+    through ``hydra.main``: Hydra composes, and a rerun job validates its config itself."""
     import hydra
 
     from rlhf_cli.config.store import register_configs
 
     register_configs()
     failures: list[int] = []
-    task = _make_task(failures, created_roots, rank, prevalidated=not _hydra_only(args), command=command)
+    task = _make_task(failures, {}, rank, prevalidated=False, command=command)
     app = hydra.main(config_path=primary_dir, config_name=command, version_base="1.3")(task)
     try:
         with _argv([f"{PROG} {command}", *_hydra_argv(args, overrides)]):

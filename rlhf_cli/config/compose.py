@@ -1,8 +1,10 @@
-"""Composing the training config outside of a running Hydra app, and the overrides the CLI adds.
+"""Composing the config once per job, and the overrides the CLI adds.
 
-:func:`compose_train_config` is what tests and library code use. The ``rlhf train`` command uses
-:func:`compose_jobs` to validate every job of a run or sweep before handing the command line to
-``hydra.main``, so that user mistakes print as one paragraph of ours rather than Hydra's report.
+:func:`compose_train_config` is what tests and library code use. ``rlhf train`` (``rlhf reward``)
+opens a :func:`hydra_session`, composes and validates every job of the run or sweep with
+:func:`compose_jobs` (so a user mistake prints as one paragraph of ours, before any directory
+exists), then has that session's Hydra run them: its run, sweeper and launcher ask the session's
+loader (:class:`ComposeOnce`) for the same configs and get the very objects that were checked.
 """
 
 from __future__ import annotations
@@ -13,18 +15,23 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, version
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path
+from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf_cli.config.messages import explain, parse_error
 from rlhf_cli.config.paths import config_dir
-from rlhf_cli.config.store import register_configs, schema_of
+from rlhf_cli.config.store import register_configs
 from rlhf_cli.config.validate import validate as validate_config
 from rlhf_cli.errors import ConfigError
 
@@ -32,30 +39,61 @@ PRIMARY_CONFIG = "train"
 OUTPUT_DIR_KEY = "output_dir"
 
 
+class ComposeOnce(ConfigLoaderImpl):
+    """Hydra's config loader, composing each (primary config, overrides, mode) once.
+
+    Hydra's own run composes a job's config twice (``get_mode``, then ``run``) and its sweeper once
+    more per job (``validate_batch_is_legal``, then the launcher); the command line composes it first,
+    to check it. With this loader every later request gets the object composed first: one
+    composition per job, and a ``${now:...}`` run directory evaluated once.
+    """
+
+    def __init__(self, config_search_path: ConfigSearchPath) -> None:
+        super().__init__(config_search_path=config_search_path)
+        self._composed: dict[tuple[str | None, tuple[str, ...], RunMode], DictConfig] = {}
+
+    def load_configuration(
+        self, config_name: str | None, overrides: list[str], run_mode: RunMode, from_shell: bool = True,
+        validate_sweep_overrides: bool = True,
+    ) -> DictConfig:
+        key = (config_name, tuple(overrides), run_mode)
+        if key not in self._composed:
+            self._composed[key] = super().load_configuration(
+                config_name, overrides, run_mode, from_shell=from_shell, validate_sweep_overrides=validate_sweep_overrides
+            )
+        return self._composed[key]
+
+
 @contextmanager
-def hydra_session(primary_dir: str | None = None) -> Iterator[None]:
-    """Hydra initialised on the packaged configs (or on ``primary_dir``, like ``--config-path``).
+def hydra_session(
+    primary_dir: str | None = None, extra_config_dir: str | None = None, task_name: str = PRIMARY_CONFIG
+) -> Iterator[Hydra]:
+    """Hydra initialised on the packaged configs (or on ``primary_dir``, like ``--config-path``; with
+    ``extra_config_dir`` searched next, like ``--config-dir``), its loader a :class:`ComposeOnce`.
 
     Also usable inside a running Hydra app (or another compose session): Hydra's global state is set
     aside and restored afterwards.
     """
     register_configs()
+    search_path = create_config_search_path(primary_dir or str(config_dir()))
+    if extra_config_dir is not None:  # where hydra.main puts --config-dir: before the structured configs
+        search_path.prepend("command-line", f"file://{_extra_dir(extra_config_dir)}", SearchPathQuery(provider="schema"))
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=primary_dir or str(config_dir()), version_base="1.3", job_name="train"):
-            yield
+        version.setbase("1.3")
+        hydra = Hydra(task_name=task_name, config_loader=ComposeOnce(search_path))
+        GlobalHydra.instance().initialize(hydra)
+        yield hydra
     finally:
         restore_gh_from_backup(backup)
 
 
-def _search_path_override(extra_config_dir: str | None) -> list[str]:
-    if extra_config_dir is None:
-        return []
+def _extra_dir(extra_config_dir: str) -> Path:
     path = Path(extra_config_dir).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"The extra config directory '{extra_config_dir}' (--config-dir) does not exist.")
-    return [f"hydra.searchpath=[file://{path}]"]
+    return path
 
 
 def rewrite_output_dir(overrides: Sequence[str], *, multirun: bool) -> list[str]:
@@ -132,7 +170,7 @@ def compose_train_config(
         try:
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:
-            raise explain(err, overrides, list_length=partial(_list_length, config_name, overrides)) from err
+            raise explain(err, overrides, list_length=partial(_list_length, config_name, overrides), command=config_name) from err
     run_dir = os.path.abspath(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
@@ -156,46 +194,67 @@ def finalize(
     """
     try:
         if validate:
-            validate_config(cfg, require_complete=require_complete, schema=schema_of(config_name))
+            validate_config(cfg, require_complete=require_complete, command=config_name)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve
-        raise explain(err, overrides) from err
+        raise explain(err, overrides, command=config_name) from err
     cfg[OUTPUT_DIR_KEY] = os.path.abspath(str(cfg[OUTPUT_DIR_KEY]))
     return cfg
 
 
 def compose_jobs(
+    hydra: Hydra,
     overrides: Sequence[str],
     *,
     multirun: bool,
     require_complete: bool,
+    command: str = PRIMARY_CONFIG,
     config_name: str | None = None,
-    extra_config_dir: str | None = None,
-    primary_dir: str | None = None,
+    config_dirs: Sequence[str | Path] = (),
 ) -> list[tuple[list[str], DictConfig]]:
-    """Compose and validate the config of every job the command line describes (one without ``-m``).
+    """Compose and validate the config of every job the command line describes, as ``hydra``'s run
+    (``multirun``: its basic sweeper and launcher) will ask its loader for them, so that running the
+    same ``overrides`` then composes nothing again (:class:`ComposeOnce`).
 
-    Returns (job overrides, config with its ``hydra`` node) per job. Sweeps are expanded the way
-    Hydra's basic sweeper does; sweep kinds it cannot expand (intervals for optimiser sweepers) are
-    validated with that override left out.
+    ``command``: the subcommand (its schema; the command its messages name); ``config_name``: its
+    primary config (default: the command's own). Returns (job overrides, config with its ``hydra``
+    node) per job; ConfigError on the first mistake.
+    Sweep kinds the basic sweeper cannot expand (intervals for optimiser sweepers) are validated with
+    that override left out.
     """
-    base = list(overrides) + _search_path_override(extra_config_dir)
-    dirs = [d for d in (primary_dir or config_dir(), extra_config_dir) if d]
-    with hydra_session(primary_dir=primary_dir):
-        jobs = _expand_sweeps(base, dirs) if multirun else [base]
-        out = []
-        for number, job in enumerate(jobs):
-            try:
-                cfg = compose(config_name or PRIMARY_CONFIG, overrides=job, return_hydra_config=True)
-                validate_config(cfg, require_complete=require_complete, schema=schema_of(config_name or PRIMARY_CONFIG))
-            except (HydraException, OmegaConfBaseException, ConfigError) as err:
-                lengths = partial(_list_length, config_name or PRIMARY_CONFIG, job)
-                error = err if isinstance(err, ConfigError) else explain(err, job, dirs, lengths)
-                if len(jobs) > 1:
-                    error = ConfigError(f"In sweep job {number} ({' '.join(job)}): {error}")
-                raise error from err
-            out.append((job, cfg))
+    dirs = list(config_dirs) or [config_dir()]
+    config_name = config_name or command
+    explained = partial(_explained, config_name=config_name, command=command, dirs=dirs)
+    if not multirun:
+        with explained(list(overrides)):
+            cfg = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.RUN, from_shell=False)
+            validate_config(cfg, require_complete=require_complete, command=command)
+        return [(list(overrides), cfg)]
+    with explained(list(overrides)):
+        sweep = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN, from_shell=False)
+    str(sweep.hydra.sweep.dir)  # its ${now:...} evaluated once, before every job copies the sweep's cache
+    jobs = _expand_sweeps(sweep, dirs, command)
+    out = []
+    for number, job in enumerate(jobs):
+        where = f"In sweep job {number} ({' '.join(job)}): " if len(jobs) > 1 else ""
+        with explained(job, where=where):
+            cfg = hydra.config_loader.load_sweep_config(sweep, job)
+            validate_config(cfg, require_complete=require_complete, command=command)
+        out.append((job, cfg))
     return out
+
+
+@contextmanager
+def _explained(
+    overrides: list[str], *, config_name: str, command: str, dirs: list[str | Path], where: str = ""
+) -> Iterator[None]:
+    """Hydra's and OmegaConf's composition errors as one ConfigError paragraph, prefixed by ``where``."""
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:
+        lengths = partial(_list_length, config_name, overrides)
+        error = err if isinstance(err, ConfigError) else explain(err, overrides, dirs, lengths, command)
+        raise (ConfigError(where + str(error)) if where else error) from err
 
 
 def _list_length(config_name: str, overrides: list[str], key: str) -> int | None:
@@ -210,14 +269,17 @@ def _list_length(config_name: str, overrides: list[str], key: str) -> int | None
     return len(value) if OmegaConf.is_list(value) else None
 
 
-def _expand_sweeps(overrides: list[str], config_dirs: list[str | Path]) -> list[list[str]]:
-    """Every job's overrides, as Hydra's basic sweeper forms them (cartesian product of the sweeps)."""
-    loader = GlobalHydra.instance().config_loader()
-    parser = OverridesParser.create(config_loader=loader)
+def _expand_sweeps(sweep: DictConfig, config_dirs: list[str | Path], command: str) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper forms them from the sweep's config (its
+    ``hydra.sweeper.params``, then the command line's; the cartesian product of the sweeps)."""
+    params = OmegaConf.select(sweep, "hydra.sweeper.params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    arguments += OmegaConf.to_container(sweep.hydra.overrides.task, resolve=False)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     try:
-        parsed = parser.parse_overrides(overrides)
+        parsed = parser.parse_overrides(arguments)
         expandable = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
         (batch,) = BasicSweeper.split_arguments(expandable, max_batch_size=None)
     except (HydraException, OmegaConfBaseException) as err:
-        raise explain(err, overrides, config_dirs) from err
+        raise explain(err, arguments, config_dirs, command=command) from err
     return [list(job) for job in batch]

@@ -42,14 +42,14 @@ def _hints(dc_type: type) -> dict[str, Any]:
     return typing.get_type_hints(dc_type)
 
 
-def root_hints() -> dict[str, Any]:
-    """The root's keys: the training schema plus Hydra's own node."""
-    return {**_hints(TrainConfig), "hydra": HydraConf}
+def root_hints(schema: type = TrainConfig) -> dict[str, Any]:
+    """The root's keys: the command's schema (``rlhf train``'s by default) plus Hydra's own node."""
+    return {**_hints(schema), "hydra": HydraConf}
 
 
-def hint_at(parts: list[str]) -> Any | None:
-    """The type annotation of the key at ``parts`` (None when the path leaves the schema)."""
-    hint: Any = TrainConfig
+def hint_at(parts: list[str], schema: type = TrainConfig) -> Any | None:
+    """The type annotation of the key at ``parts`` in ``schema`` (None when the path leaves it)."""
+    hint: Any = schema
     for i, part in enumerate(parts):
         hint = _unwrap(hint)
         origin = typing.get_origin(hint)
@@ -58,7 +58,7 @@ def hint_at(parts: list[str]) -> Any | None:
         elif origin is dict:
             hint = typing.get_args(hint)[1] if typing.get_args(hint) else Any
         elif dataclasses.is_dataclass(hint):
-            hints = root_hints() if i == 0 else _hints(hint)
+            hints = root_hints(schema) if i == 0 else _hints(hint)
             if part not in hints:
                 return None
             hint = hints[part]
@@ -67,19 +67,19 @@ def hint_at(parts: list[str]) -> Any | None:
     return hint
 
 
-def keys_at(parts: list[str]) -> list[str] | None:
+def keys_at(parts: list[str], schema: type = TrainConfig) -> list[str] | None:
     """Field names of the structured node at ``parts`` (None if it is not a structured node)."""
-    hint = _unwrap(hint_at(parts))
+    hint = _unwrap(hint_at(parts, schema))
     if not parts:
-        return list(root_hints())
+        return list(root_hints(schema))
     if dataclasses.is_dataclass(hint):
         return list(_hints(hint))
     return None
 
 
 @lru_cache(maxsize=None)
-def leaf_paths() -> tuple[str, ...]:
-    """Every dotted key of the training schema (not Hydra's), e.g. ``ppo.learning_rate``."""
+def leaf_paths(schema: type = TrainConfig) -> tuple[str, ...]:
+    """Every dotted key of ``schema`` (not Hydra's), e.g. ``ppo.learning_rate``."""
     out: list[str] = []
 
     def walk(dc_type: type, prefix: str) -> None:
@@ -90,7 +90,7 @@ def leaf_paths() -> tuple[str, ...]:
             if dataclasses.is_dataclass(inner):
                 walk(inner, key + ".")
 
-    walk(TrainConfig, "")
+    walk(schema, "")
     return tuple(out)
 
 

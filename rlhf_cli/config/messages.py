@@ -22,6 +22,7 @@ from omegaconf.errors import (
 
 from rlhf_cli.config.introspect import describe_type, hint_at, join_key, keys_at, split_key
 from rlhf_cli.config.paths import config_dir, recipe_files
+from rlhf_cli.config.store import schema_of
 from rlhf_cli.config.suggest import did_you_mean, unknown_key_error
 from rlhf_cli.errors import ConfigError
 
@@ -29,7 +30,11 @@ _IN_CONFIG = re.compile(r"^In '([^']+)':")
 _COULD_NOT_OVERRIDE = re.compile(r"Could not (?:override|append to config\. An item is already at) '([^']+)'")
 _MERGING_OVERRIDE = re.compile(r"Error merging override (.+)$", re.MULTILINE)
 _COULD_NOT_FIND = re.compile(r"Could not (?:find|load) '([^']+)'")
-_CHECK_CMD = "Run `rlhf train --cfg job` to see the composed config."
+
+
+def check_command(command: str) -> str:
+    """The sentence that ends a message about ``rlhf COMMAND``'s config."""
+    return f"Run `rlhf {command} --cfg job` to see the composed config."
 
 
 def one_paragraph(text: str) -> str:
@@ -42,13 +47,15 @@ def explain(
     overrides: Sequence[str] = (),
     config_dirs: Sequence[str | Path] = (),
     list_length: Callable[[str], int | None] | None = None,
+    command: str = "train",
 ) -> ConfigError:
     """The ConfigError a user should see for a composition error ``err`` (Hydra or OmegaConf).
 
     ``overrides``: the command line's overrides (to name the offending one); ``config_dirs``: the
     directories configs were read from (to name the offending file; default: the packaged configs);
     ``list_length``: how many items the list at a dotted key has without the command line's overrides
-    of it (to say so when an index is past its end).
+    of it (to say so when an index is past its end); ``command``: the subcommand whose config it is
+    (``rlhf COMMAND --cfg job`` shows it; its schema lists the valid keys).
     """
     config_dirs = tuple(Path(d) for d in config_dirs) or (config_dir(),)
     if isinstance(err, ConfigError):
@@ -68,23 +75,23 @@ def explain(
             f"Give it on the command line: {key}=..."
         )
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
-        return unknown_key_error(_key_in_list_item(err, cause.full_key, overrides), where)
+        return unknown_key_error(_key_in_list_item(err, cause.full_key, overrides, command), where, command)
     if isinstance(cause, ValidationError) and cause.full_key:
-        past_end = _index_past_end(cause, where, list_length)
-        return past_end or _wrong_type(cause, where)
+        past_end = _index_past_end(cause, where, list_length, command)
+        return past_end or _wrong_type(cause, where, command)
     if isinstance(cause, InterpolationResolutionError):
         key = f" of '{cause.full_key}'" if cause.full_key else ""
         return ConfigError(
             f"Cannot resolve the interpolation{key}{where}: {_first_line(cause)}. Check the ${{...}} "
-            f"reference (keys are absolute, e.g. ${{ppo.batch_size}}). {_CHECK_CMD}"
+            f"reference (keys are absolute, e.g. ${{model.name_or_path}}). {check_command(command)}"
         )
     detail = one_paragraph(err)
     if cause is not None and cause is not err:
         detail += " " + _first_line(cause)
-    return ConfigError(f"Invalid configuration{where}: {detail.rstrip('.')}. {_CHECK_CMD}")
+    return ConfigError(f"Invalid configuration{where}: {detail.rstrip('.')}. {check_command(command)}")
 
 
-def _key_in_list_item(err: BaseException, full_key: str, overrides: Sequence[str]) -> str:
+def _key_in_list_item(err: BaseException, full_key: str, overrides: Sequence[str], command: str) -> str:
     """The full key of an unknown key inside a list of sections given on the command line.
 
     OmegaConf names only the key itself ('wieght') when a list such as
@@ -96,7 +103,7 @@ def _key_in_list_item(err: BaseException, full_key: str, overrides: Sequence[str
         return full_key
     list_key = found.group(1)
     line = next((o for o in overrides if o.lstrip("+").split("=", 1)[0] == list_key), None)
-    if line is None or keys_at(split_key(list_key) + ["0"]) is None:
+    if line is None or keys_at(split_key(list_key) + ["0"], schema_of(command)) is None:
         return full_key  # not a list of sections
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -109,13 +116,15 @@ def _key_in_list_item(err: BaseException, full_key: str, overrides: Sequence[str
     return full_key if index is None else join_key(split_key(list_key) + [str(index), full_key])
 
 
-def _index_past_end(err: ValidationError, where: str, list_length: Callable[[str], int | None] | None) -> ConfigError | None:
+def _index_past_end(
+    err: ValidationError, where: str, list_length: Callable[[str], int | None] | None, command: str
+) -> ConfigError | None:
     """The error for ``reward.components.5.weight=1.0`` when the list has fewer items: how many there are."""
     parts = split_key(err.full_key)
     if not parts or not parts[-1].isdigit() or err.value not in ({}, None) or list_length is None:
         return None
     list_key, index = join_key(parts[:-1]), int(parts[-1])
-    if keys_at(parts) is None:  # the items are not sections: an ordinary type error
+    if keys_at(parts, schema_of(command)) is None:  # the items are not sections: an ordinary type error
         return None
     length = list_length(list_key)
     if length is None or index < length:
@@ -128,7 +137,7 @@ def _index_past_end(err: ValidationError, where: str, list_length: Callable[[str
         have = f"there are no {noun} ('{list_key}' is empty)"
     return ConfigError(
         f"No item {index} in '{list_key}'{where}: {have}. Use an index in range, or give the whole list: "
-        f"{list_key}='[{{...}}, {{...}}]'. {_CHECK_CMD}"
+        f"{list_key}='[{{...}}, {{...}}]'. {check_command(command)}"
     )
 
 
@@ -184,9 +193,9 @@ def describe_config_file(config_path: str, config_dirs: Sequence[Path]) -> str:
     return f"the config '{config_path}'"
 
 
-def _wrong_type(err: ValidationError, where: str) -> ConfigError:
+def _wrong_type(err: ValidationError, where: str, command: str) -> ConfigError:
     key = join_key(split_key(err.full_key))
-    hint = hint_at(split_key(key))
+    hint = hint_at(split_key(key), schema_of(command))
     expected = f"expected {describe_type(hint)}" if hint is not None else "the value does not fit the schema"
     if err.value is None and "is not Optional" in str(err.msg):
         got = "got null, which this key does not accept"

@@ -26,9 +26,10 @@ RECIPE_GROUP = "recipe"
 SCHEMAS = {"train": TrainConfig, "reward": RewardRunConfig}
 
 
-def schema_of(config_name: str) -> type:
-    """The schema a primary config is checked against (a user's own --config-name: train's)."""
-    return SCHEMAS.get(config_name, TrainConfig)
+def schema_of(command: str) -> type:
+    """The schema ``rlhf COMMAND``'s config ("train" or "reward") is checked against (train's for
+    any other name)."""
+    return SCHEMAS.get(command, TrainConfig)
 
 
 # The config groups `rlhf reward` composes (the others are `rlhf train`'s).

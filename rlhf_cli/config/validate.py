@@ -16,6 +16,7 @@ from rlhf_cli.config.engine_settings import check_engine_settings
 from rlhf_cli.config.introspect import join_key
 from rlhf_cli.config.launch import launch_processes
 from rlhf_cli.config.schema import TrainConfig
+from rlhf_cli.config.store import schema_of
 from rlhf_cli.config.suggest import did_you_mean, unknown_key_error
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.ppo.rules import out_of_range
@@ -24,15 +25,17 @@ from rlhf_cli.ppo.rules import out_of_range
 _ROOT_EXTRAS = ("hydra",)
 
 
-def validate(cfg: DictConfig, *, require_complete: bool = True, schema: type = TrainConfig) -> None:
-    """Raise ConfigError for the first invalid value of a composed training config.
+def validate(cfg: DictConfig, *, require_complete: bool = True, command: str = "train") -> None:
+    """Raise ConfigError for the first invalid value of a composed config of ``rlhf COMMAND``
+    ("train" or "reward": its schema, and the command its messages name).
 
     ``require_complete``: also demand the values the chosen options need (``???`` placeholders filled,
     model.name_or_path for pretrained models, reward.model for classifiers, ...). ``--cfg`` printing
     skips this so an incomplete config can still be inspected.
     """
+    schema = schema_of(command)
     missing: list[str] = []
-    _check_node(cfg, schema, [], missing)
+    _check_node(cfg, schema, [], missing, command)
     if require_complete and missing:
         raise ConfigError(
             "Missing required config value" + ("s " if len(missing) > 1 else " ")
@@ -54,12 +57,12 @@ def validate(cfg: DictConfig, *, require_complete: bool = True, schema: type = T
             _check_model_required(cfg)
 
 
-def _check_node(node: DictConfig, dc_type: type, path: list[str], missing: list[str]) -> None:
+def _check_node(node: DictConfig, dc_type: type, path: list[str], missing: list[str], command: str) -> None:
     # `+key=value` force-adds keys past the schema's struct flag: catch them here.
     names = {f.name for f in dataclasses.fields(dc_type)}
     for key in node.keys():
         if key not in names and not (not path and key in _ROOT_EXTRAS):
-            raise unknown_key_error(join_key(path + [str(key)]))
+            raise unknown_key_error(join_key(path + [str(key)]), command=command)
     for f in dataclasses.fields(dc_type):
         key_parts = path + [f.name]
         if OmegaConf.is_missing(node, f.name):
@@ -69,12 +72,12 @@ def _check_node(node: DictConfig, dc_type: type, path: list[str], missing: list[
             continue  # resolves to Hydra's run directory, only known inside a running job
         value = node[f.name]
         if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
-            _check_node(value, OmegaConf.get_type(value), key_parts, missing)
+            _check_node(value, OmegaConf.get_type(value), key_parts, missing, command)
         elif isinstance(value, ListConfig):
             for index, item in enumerate(value):
                 item_parts = key_parts + [str(index)]
                 if isinstance(item, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(item)):
-                    _check_node(item, OmegaConf.get_type(item), item_parts, missing)
+                    _check_node(item, OmegaConf.get_type(item), item_parts, missing, command)
                 else:
                     _check_value(item, f.metadata, item_parts, setter=f"{join_key(key_parts)}=[...]")
         else:

@@ -63,9 +63,12 @@ def minibatch_losses(
     return MiniBatchLosses(total, pl, vl, kl_term)
 
 
-def ratio_threshold_warning(threshold: float, skipped: int, step: int) -> str:
-    """The warning for mini-batches whose loss was zeroed because the mean ratio exceeded the threshold."""
+def ratio_threshold_warning(threshold: float, skipped: int, step: int, ratio: Optional[float] = None) -> str:
+    """The warning for mini-batches whose loss was zeroed because their mean probability ratio
+    exceeded ``ratio_threshold``: the engine's, once a step, and the TRL surface's ``loss()``, for
+    one mini-batch with its mean ``ratio``."""
+    mean = "" if ratio is None else f" ({ratio:.2f})"
     return (
-        f"The mean probability ratio exceeded ratio_threshold={threshold} in {skipped} mini-batch(es) "
+        f"The mean probability ratio{mean} exceeded ratio_threshold={threshold} in {skipped} mini-batch(es) "
         f"of step {step}; their loss was zeroed."
     )

@@ -31,6 +31,7 @@ from rlhf_cli.models import PreTrainedModelWrapper
 from rlhf_cli.ppo.engine import PPOEngine
 from rlhf_cli.ppo.forward import response_outputs
 from rlhf_cli.ppo.inputs import as_score_tensor, check_step_inputs
+from rlhf_cli.ppo.minibatch import ratio_threshold_warning
 from rlhf_cli.ppo.settings import Launch, Sizes
 from rlhf_cli.ppo.stats import TRAIN_NAMES, MiniBatchStats, flatten_step_stats, reward_stats, rollout_stats, scalar_stats
 from rlhf_cli.reporting import tracker_logs
@@ -222,12 +223,8 @@ class PPOTrainer(TRLGenerationMixin, PPOEngine):
         pl = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.cliprange)
         vl = value_loss(vpreds, values, returns, mask, cfg.cliprange_value)
         if bool(pl.ratio_mean > cfg.ratio_threshold):  # host sync, as TRL's .item()
-            warnings.warn(
-                f"The average ratio of the batch ({float(pl.ratio_mean):.2f}) exceeds ratio_threshold "
-                f"{cfg.ratio_threshold:.2f}; its loss is zeroed.",
-                UserWarning,
-                stacklevel=2,
-            )
+            message = ratio_threshold_warning(cfg.ratio_threshold, 1, self.current_step, float(pl.ratio_mean))
+            warnings.warn(message, UserWarning, stacklevel=2)
         pg_loss = ratio_guard(pl.loss, pl.ratio_mean, cfg.ratio_threshold)
         vf_loss = ratio_guard(vl.loss, pl.ratio_mean, cfg.ratio_threshold)
         total = pg_loss + cfg.vf_coef * vf_loss

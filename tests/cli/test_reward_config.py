@@ -63,3 +63,32 @@ def test_cfg_job_prints_the_reward_config():
     assert done.returncode == 0, done.stderr
     cfg = OmegaConf.create(done.stdout)
     assert cfg.model.source == "tiny_gpt2" and cfg.optim.batch_size == 8 and "ppo" not in cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("stpes=3", ["Unknown config key 'stpes'", "Valid keys of the top level: model, data, optim,", "rlhf reward --cfg job"]),
+        ("data.nme=x", ["Did you mean 'data.name'?", "Valid keys of 'data': source,", "rlhf reward --cfg job"]),
+        ("data.data_files=${nope}", ["Cannot resolve the interpolation of 'data.data_files'", "rlhf reward --cfg job"]),
+        ("optim.batch_size=abc", ["Wrong type for 'optim.batch_size'", "expected an integer, got 'abc'", "optim.batch_size=<integer>"]),
+    ],
+)
+def test_mistakes_are_explained_in_rlhf_reward_s_keys_and_command(override, fragments):
+    """Issue 21: the messages named `rlhf train --cfg job` and train's keys for a reward config."""
+    with pytest.raises(ConfigError) as refusal:
+        _compose(override)
+    message = str(refusal.value)
+    assert all(fragment in message for fragment in fragments), message
+    assert "rlhf train" not in message and "ppo" not in message
+
+
+def test_the_command_line_names_rlhf_reward_in_a_sweep_job_s_mistake(tmp_path):
+    from tests.cli.test_cli_errors import assert_one_paragraph_error, cli_env
+
+    done = subprocess.run([sys.executable, "-m", "rlhf_cli", "reward", "-m", "seed=1,2", "optim.learnig_rate=1"],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    message = assert_one_paragraph_error(done.stderr, done.stdout)
+    assert "Did you mean 'optim.learning_rate'?" in message and "run `rlhf reward --cfg job`" in message
+    assert list(tmp_path.iterdir()) == []

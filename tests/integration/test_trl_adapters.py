@@ -13,6 +13,7 @@ from rlhf_cli import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from rlhf_cli.core import logprobs_from_logits
 from rlhf_cli.algo import functional, kl
 from rlhf_cli.ppo.forward import response_outputs
+from rlhf_cli.ppo.minibatch import ratio_threshold_warning
 from rlhf_cli.rollout.packing import pack_batch
 from tests.tiny import make_tiny_gpt2
 
@@ -142,9 +143,11 @@ def test_loss_equals_the_functional_losses_and_reports_trl_stats(word_tokenizer)
         torch.testing.assert_close(stats[key], expected, rtol=0, atol=0, msg=key)
 
     tight = make_trainer(word_tokenizer, ratio_threshold=0.5)
-    with pytest.warns(UserWarning, match="ratio_threshold"):
+    with pytest.warns(UserWarning, match="ratio_threshold") as caught:
         pg, vf, stats = tight.loss(old_logp, values, logits, vpreds, logp, mask, advantages, returns)
     assert float(pg) == float(vf) == float(stats["loss/total"]) == 0.0
+    # Worded once, with the engine's step warning (issue 21).
+    assert str(caught[0].message) == ratio_threshold_warning(0.5, 1, tight.current_step, float(stats["policy/ratio"]))
 
 
 def test_record_step_stats_follows_trl_formulas(word_tokenizer):
