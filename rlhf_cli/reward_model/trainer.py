@@ -28,13 +28,15 @@ from accelerate import Accelerator
 
 from rlhf_cli.data.preferences import PreferencePairs
 from rlhf_cli.reward_model.bradley_terry import bradley_terry_loss, pair_correct, pair_losses, pair_weights
-from rlhf_cli.reward_model.scoring import left_padded, sequence_scores
+from rlhf_cli.reward_model.scoring import VALUE_HEAD, pad_id_of, padded_batch, sequence_scores
 
 _ORDER_STREAM = 4  # NumPy stream of the pair order (independent of every other seeded draw)
 
 
 class RewardModelTrainer:
-    """AdamW on the Bradley–Terry loss of ``pairs``; ``model`` is a value-head causal LM."""
+    """AdamW on the Bradley–Terry loss of ``pairs``; ``model`` is a value-head causal LM (``head="value_head"``)
+    or an ``AutoModelForSequenceClassification`` with one label (``head="sequence_classification"``), and
+    ``pairs`` were tokenised for that head (``tokenize_pairs(..., head=head)``)."""
 
     def __init__(
         self,
@@ -51,6 +53,7 @@ class RewardModelTrainer:
         adam_eps: float = 1e-8,
         max_grad_norm: Optional[float] = 1.0,
         accelerator: Optional[Accelerator] = None,
+        head: str = VALUE_HEAD,
     ) -> None:
         self.accelerator = accelerator or Accelerator()
         self.pairs, self.batch_size, self.seed, self.ties = pairs, int(batch_size), int(seed), ties
@@ -59,7 +62,7 @@ class RewardModelTrainer:
         processes = self.accelerator.num_processes
         if self.batch_size % processes:
             raise ValueError(f"batch_size={batch_size} must divide by the number of processes ({processes}).")
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id, self.head = pad_id_of(tokenizer), head
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, eps=adam_eps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -85,7 +88,7 @@ class RewardModelTrainer:
         sequences = [pairs.chosen_ids[i] for i in indices] + [pairs.rejected_ids[i] for i in indices]
         margin = torch.tensor([pairs.margins[i] for i in indices], dtype=torch.float32, device=device)
         tie = torch.tensor([pairs.ties[i] for i in indices], dtype=torch.bool, device=device)
-        return left_padded(sequences, self.pad_id, device), margin, tie
+        return padded_batch(sequences, self.pad_id, device, self.head), margin, tie
 
     def step(self, epoch: int, batch_in_epoch: int) -> dict[str, float]:
         """One optimisation step on the global batch at (epoch, batch_in_epoch); returns its statistics
@@ -94,7 +97,7 @@ class RewardModelTrainer:
         everyone = self.batch_indices(epoch, batch_in_epoch)
         mine = self._share(everyone)
         batch, margin, tie = self._tensors(mine)
-        scores = sequence_scores(self.model, batch)
+        scores = sequence_scores(self.model, batch, self.head)
         chosen, rejected = scores[: len(mine)], scores[len(mine):]
         # Normalised by the global batch's counted pairs over the processes: the all-reduced mean of the
         # processes' gradients is then the gradient of the global mean loss, however the pairs split.
