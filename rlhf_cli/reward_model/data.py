@@ -64,8 +64,11 @@ def build_preference_data(cfg: Any, tokenizer: Any, seed: int, head: str = VALUE
     if cfg.source == "imdb_pairs":
         from rlhf_cli.data.imdb_pairs import imdb_pair_rows
 
+        from rlhf_cli.data.imdb_local import release_imdb_table
+
         train_rows = imdb_pair_rows(cfg, "train", int(cfg.train_pairs), tokenizer, seed)
         heldout_rows = imdb_pair_rows(cfg, "test", int(cfg.eval_size), tokenizer, seed)
+        release_imdb_table()  # the 25,000 reviews are not needed again: their memory goes before training's
     else:
         train_rows, heldout_rows = _user_rows(cfg, tokenizer, seed)
     if len(train_rows) == 0:

@@ -33,6 +33,16 @@ from rlhf_cli.reward_model.scoring import VALUE_HEAD, pad_id_of, padded_batch, s
 _ORDER_STREAM = 4  # NumPy stream of the pair order (independent of every other seeded draw)
 
 
+def _adamw(params: list[torch.nn.Parameter], **options: Any) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel for these parameters (float tensors on CPU or CUDA): one
+    pass per parameter without the for-loop version's temporaries of each parameter's size, so a step
+    is faster and its peak memory lower; the for-loop version elsewhere."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **options)
+    except (RuntimeError, ValueError):  # no fused kernel for these tensors' device or dtype
+        return torch.optim.AdamW(params, **options)
+
+
 class RewardModelTrainer:
     """AdamW on the Bradley–Terry loss of ``pairs``; ``model`` is a value-head causal LM (``head="value_head"``)
     or an ``AutoModelForSequenceClassification`` with one label (``head="sequence_classification"``), and
@@ -64,7 +74,7 @@ class RewardModelTrainer:
             raise ValueError(f"batch_size={batch_size} must divide by the number of processes ({processes}).")
         self.pad_id, self.head = pad_id_of(tokenizer), head
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, eps=adam_eps)
+        optimizer = _adamw(params, lr=learning_rate, weight_decay=weight_decay, eps=adam_eps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
     @property
