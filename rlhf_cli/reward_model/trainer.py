@@ -2,13 +2,14 @@
 
 Example (what ``rlhf reward`` does, without the run directory)::
 
-    from rlhf_cli.models import load_policy_and_tokenizer
     from rlhf_cli.reward_model import RewardModelTrainer, tokenize_pairs, PreferenceRows
+    from rlhf_cli.reward_model.backbone import load_reward_backbone
 
-    model, tokenizer = load_policy_and_tokenizer(model_cfg)          # any causal LM + scalar head
+    backbone = load_reward_backbone(model_cfg)     # a causal LM + scalar head, or a sequence classifier
     rows = PreferenceRows(prompts, chosen, prompts, rejected)
-    trainer = RewardModelTrainer(model, tokenizer, tokenize_pairs(rows, tokenizer, 512),
-                                 learning_rate=1e-4, batch_size=16)
+    trainer = RewardModelTrainer(backbone.model, backbone.tokenizer,
+                                 tokenize_pairs(rows, backbone.tokenizer, 512, backbone.head),
+                                 learning_rate=1e-4, batch_size=16, head=backbone.head)
     for step in range(trainer.batches_per_epoch):
         stats = trainer.step(epoch=0, batch_in_epoch=step)          # loss, accuracy, margin of the batch
 
