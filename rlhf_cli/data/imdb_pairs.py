@@ -25,10 +25,9 @@ _SPLIT_STREAMS = {"train": 1, "test": 2}
 
 def imdb_pair_rows(cfg: Any, split: str, count: int, tokenizer: Any, seed: int) -> PreferenceRows:
     """``count`` (positive, negative) snippet pairs of ``split``; ``cfg`` is the ``data`` node."""
-    from rlhf_cli.data.imdb_local import load_imdb_reviews
+    from rlhf_cli.data.imdb_local import load_review_rows
 
-    reviews = load_imdb_reviews(split, clean_html=True)
-    texts, labels = reviews["text"], reviews["label"]
+    texts, labels = load_review_rows(split)
     rng = np.random.default_rng([seed, _SPLIT_STREAMS[split]])
     by_label = {label: [t for t, lab in zip(texts, labels) if lab == label and len(t) >= 200] for label in (0, 1)}
     available = min(len(by_label[0]), len(by_label[1]))

@@ -29,10 +29,10 @@ from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.signals import Preempted, StopRequest
 from rlhf_cli.errors import ConfigError, DataError
 from rlhf_cli.reporting import Reporter
-from rlhf_cli.models import load_policy_and_tokenizer
+from rlhf_cli.reward_model.backbone import load_reward_backbone, save_sequence_classifier
 from rlhf_cli.reward_model.data import build_preference_data
 from rlhf_cli.reward_model.evaluate import PairScore, report_markdown, score_model_on_pairs, score_reward_on_pairs
-from rlhf_cli.reward_model.scoring import ScoringRule
+from rlhf_cli.reward_model.scoring import VALUE_HEAD, ScoringRule
 from rlhf_cli.reward_model.trainer import RewardModelTrainer
 from rlhf_cli.seeding import set_seed
 
@@ -110,18 +110,17 @@ class RewardTrainingRun:
     def _build(self) -> None:
         cfg = self.cfg
         set_seed(int(cfg.seed))  # the scalar head's initialisation
-        model, self.tokenizer = load_policy_and_tokenizer(cfg.model, disable_dropout=True)
-        if model.is_encoder_decoder:
-            raise ConfigError("rlhf reward trains decoder-only (causal) backbones; model.kind=seq2seq is not supported.")
-        self.data = build_preference_data(cfg.data, self.tokenizer, int(cfg.seed))
-        for notice in self.data.notices:
+        backbone = load_reward_backbone(cfg.model, disable_dropout=True)
+        model, self.tokenizer, self.head = backbone.model, backbone.tokenizer, backbone.head
+        self.data = build_preference_data(cfg.data, self.tokenizer, int(cfg.seed), self.head)
+        for notice in backbone.notices + self.data.notices:
             self.reporter.print(notice)
         optim = cfg.optim
         self.trainer = RewardModelTrainer(
             model, self.tokenizer, self.data.train, learning_rate=float(optim.learning_rate),
             batch_size=int(optim.batch_size), seed=int(cfg.seed), ties=str(cfg.data.ties),
             center_rewards_coefficient=float(optim.center_rewards_coefficient), weight_decay=float(optim.weight_decay),
-            adam_eps=float(optim.adam_eps), max_grad_norm=optim.max_grad_norm, accelerator=Accelerator(),
+            adam_eps=float(optim.adam_eps), max_grad_norm=optim.max_grad_norm, accelerator=Accelerator(), head=self.head,
         )
         per_epoch = self.trainer.batches_per_epoch
         if per_epoch == 0:
@@ -197,7 +196,8 @@ class RewardTrainingRun:
 
     def _evaluate_model(self, name: str) -> PairScore:
         return score_model_on_pairs(name, self.trainer.unwrapped_model, self.tokenizer, self.data.heldout,
-                                    batch_size=int(self.cfg.eval.batch_size), device=self.trainer.accelerator.device)
+                                    batch_size=int(self.cfg.eval.batch_size), device=self.trainer.accelerator.device,
+                                    head=self.head)
 
     def _baselines(self) -> list[PairScore]:
         from rlhf_cli.rewards import build_reward
@@ -215,8 +215,9 @@ class RewardTrainingRun:
         results: list[PairScore] = []
         if self.state.is_main_process:
             model = self.trainer.unwrapped_model
-            save_final(model, self.tokenizer, self.run_dir.final_dir)
-            ScoringRule(max_length=int(self.cfg.data.max_length)).save(self.run_dir.final_dir)
+            save = save_final if self.head == VALUE_HEAD else save_sequence_classifier
+            save(model, self.tokenizer, self.run_dir.final_dir)
+            ScoringRule(max_length=int(self.cfg.data.max_length), head=self.head).save(self.run_dir.final_dir)
             results = [self._evaluate_model("learned (this run)"), self.untrained, *self._baselines()]
             self.run_dir.report_path.write_text(
                 report_markdown(results, steps=self.loop.step, pairs=len(self.data.train)), encoding="utf-8")

@@ -5,7 +5,9 @@ how often it agrees with the person.
   |p − 0.5|, p = the model's P(a ≻ b) = σ(r(a) − r(b)): the pairs the model cannot yet decide are
   the ones whose label teaches it most. Ties in |p − 0.5| keep the candidates' own order.
 * Agreement: after each judgement, the fraction of the person's non-tie judgements where the model
-  gave the chosen response p > 0.5, with its binomial standard error √(a(1 − a)/n).
+  gave the chosen response p > 0.5, with its binomial standard error √(a(1 − a)/n). At a = 0 or 1 that
+  error is 0 whatever n is (3 of 3 is not certainty), so there the 95 % Wilson score interval is shown
+  instead: it stays honest at the extremes and for small n.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 SELECTIONS = ("order", "uncertain")
+_Z95 = 1.959964  # two-sided 95 % normal quantile
 
 
 def uncertainty_order(probabilities: Sequence[float]) -> list[int]:
@@ -59,5 +62,18 @@ class Agreement:
     def summary(self) -> str:
         if not self.outcomes:
             return "reward model agreement: no judgements yet (ties do not count)"
-        return (f"reward model agrees with {sum(self.outcomes)} of your {self.count} judgements: "
-                f"{100 * self.rate:.0f}% ± {100 * self.standard_error:.0f}% (standard error)")
+        agreed = sum(self.outcomes)
+        head = f"reward model agrees with {agreed} of your {self.count} judgements: {100 * self.rate:.0f}%"
+        if 0 < agreed < self.count:
+            return f"{head} ± {100 * self.standard_error:.0f}% (standard error)"
+        low, high = wilson_interval(agreed, self.count)
+        return f"{head} (95% Wilson interval {100 * low:.0f}–{100 * high:.0f}%)"
+
+
+def wilson_interval(successes: int, count: int, z: float = _Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (Wilson 1927): unlike a ± standard error it
+    does not shrink to a point when every trial agrees, and it stays inside [0, 1]."""
+    rate, z2 = successes / count, z * z
+    centre = (rate + z2 / (2 * count)) / (1 + z2 / count)
+    half = z * math.sqrt(rate * (1 - rate) / count + z2 / (4 * count * count)) / (1 + z2 / count)
+    return max(0.0, centre - half), min(1.0, centre + half)

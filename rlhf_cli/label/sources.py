@@ -85,6 +85,12 @@ def run_generator(path: str | Path, *, reference: bool = False) -> Generator:
     from rlhf_cli.engine.sample import load_target, resolve_target
 
     target = resolve_target(path, reference=reference)
+    if "dataset" not in target.cfg and "optim" in target.cfg:  # the config of an `rlhf reward` run
+        raise LabelError(
+            f"{path} is a run of `rlhf reward`: a reward model, which scores responses but writes none. Pass it as "
+            f"--reward-model {path}; the responses to label come from a run of `rlhf train` (SOURCE), or from two "
+            "models (a prompts file as SOURCE with --models A B)."
+        )
     where = Path(path).expanduser().resolve()
     if target.cfg.threads:
         torch.set_num_threads(int(target.cfg.threads))

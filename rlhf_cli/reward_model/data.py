@@ -15,7 +15,7 @@ from rlhf_cli.data.preferences import (
     read_preference_table,
 )
 from rlhf_cli.errors import DataError
-from rlhf_cli.reward_model.scoring import encode_texts
+from rlhf_cli.reward_model.scoring import VALUE_HEAD, encode_texts
 
 
 @dataclass
@@ -59,19 +59,22 @@ def _user_rows(cfg: Any, tokenizer: Any, seed: int) -> tuple[PreferenceRows, Pre
     return rows, heldout
 
 
-def build_preference_data(cfg: Any, tokenizer: Any, seed: int) -> PreferenceData:
-    """Read, check and tokenise the pairs ``cfg`` (the ``data`` node) describes."""
+def build_preference_data(cfg: Any, tokenizer: Any, seed: int, head: str = VALUE_HEAD) -> PreferenceData:
+    """Read, check and tokenise the pairs ``cfg`` (the ``data`` node) describes, for a ``head`` backbone."""
     if cfg.source == "imdb_pairs":
         from rlhf_cli.data.imdb_pairs import imdb_pair_rows
 
+        from rlhf_cli.data.imdb_local import release_imdb_table
+
         train_rows = imdb_pair_rows(cfg, "train", int(cfg.train_pairs), tokenizer, seed)
         heldout_rows = imdb_pair_rows(cfg, "test", int(cfg.eval_size), tokenizer, seed)
+        release_imdb_table()  # the 25,000 reviews are not needed again: their memory goes before training's
     else:
         train_rows, heldout_rows = _user_rows(cfg, tokenizer, seed)
     if len(train_rows) == 0:
         raise DataError("No training pairs are left after dropping identical ones; check the chosen and rejected columns.")
     max_length = int(cfg.max_length)
-    train, heldout = tokenize_pairs(train_rows, tokenizer, max_length), tokenize_pairs(heldout_rows, tokenizer, max_length)
+    train, heldout = (tokenize_pairs(rows, tokenizer, max_length, head) for rows in (train_rows, heldout_rows))
     notices = list(train_rows.notices)
     for name, pairs in (("training", train), ("held-out", heldout)):
         if pairs.truncated:
@@ -84,11 +87,11 @@ def build_preference_data(cfg: Any, tokenizer: Any, seed: int) -> PreferenceData
     return PreferenceData(train, heldout_rows, heldout, notices)
 
 
-def tokenize_pairs(rows: PreferenceRows, tokenizer: Any, max_length: int) -> PreferencePairs:
-    """Token ids of both sides under the scoring rule (``rlhf_cli.reward_model.scoring``), counting
-    the pairs that had a side truncated."""
-    chosen_ids, chosen_cut = encode_texts(tokenizer, rows.chosen_texts, max_length)
-    rejected_ids, rejected_cut = encode_texts(tokenizer, rows.rejected_texts, max_length)
+def tokenize_pairs(rows: PreferenceRows, tokenizer: Any, max_length: int, head: str = VALUE_HEAD) -> PreferencePairs:
+    """Token ids of both sides under the scoring rule of a ``head`` backbone (``rlhf_cli.reward_model.scoring``),
+    counting the pairs that had a side truncated."""
+    chosen_ids, chosen_cut = encode_texts(tokenizer, rows.chosen_texts, max_length, head)
+    rejected_ids, rejected_cut = encode_texts(tokenizer, rows.rejected_texts, max_length, head)
     truncated = sum(a or b for a, b in zip(chosen_cut, rejected_cut))
     empty = [i + 1 for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids)) if not c or not r]
     if empty:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from rlhf_cli.data.preferences import PreferencePairs, PreferenceRows
 from rlhf_cli.engine.report import standard_error
+from rlhf_cli.reward_model.scoring import VALUE_HEAD
 
 
 @dataclass
@@ -40,20 +41,15 @@ def pair_score(name: str, chosen: Sequence[float], rejected: Sequence[float], ti
     return PairScore(name, mean(correct), standard_error(correct), mean(margins), standard_error(margins), len(keep))
 
 
-def score_model_on_pairs(name: str, model: Any, tokenizer: Any, pairs: PreferencePairs, *, batch_size: int, device: Any) -> PairScore:
-    """A value-head model's result on tokenised pairs (eval mode, no gradients)."""
-    import torch
+def score_model_on_pairs(name: str, model: Any, tokenizer: Any, pairs: PreferencePairs, *, batch_size: int, device: Any,
+                         head: str = VALUE_HEAD) -> PairScore:
+    """A reward model's result on tokenised pairs (eval mode, no gradients); ``head`` as in ``scoring``."""
+    from rlhf_cli.reward_model.scoring import pad_id_of, score_ids
 
-    from rlhf_cli.reward_model.scoring import left_padded, sequence_scores
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    sequences = pairs.chosen_ids + pairs.rejected_ids
-    scores: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            scores.extend(sequence_scores(model, left_padded(sequences[start:start + batch_size], pad_id, device)).tolist())
+    scores = score_ids(model, pairs.chosen_ids + pairs.rejected_ids, pad_id_of(tokenizer), head=head,
+                       batch_size=batch_size, device=device)
     model.train(was_training)
     return pair_score(name, scores[: len(pairs)], scores[len(pairs):], pairs.ties)
 

@@ -49,8 +49,8 @@ class LearnedReward:
         import torch
         from transformers import AutoTokenizer
 
-        from rlhf_cli.models import AutoModelForCausalLMWithValueHead
-        from rlhf_cli.reward_model.scoring import ScoringRule
+        from rlhf_cli.reward_model.backbone import load_saved_reward_model
+        from rlhf_cli.reward_model.scoring import SEQUENCE_CLASSIFICATION, ScoringRule
 
         self.path = reward_model_dir(path)
         self.batch_size = int(batch_size)
@@ -61,7 +61,7 @@ class LearnedReward:
             self.rule = ScoringRule.load(self.path)
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
             with torch.random.fork_rng(devices=[]):  # loading must not move the run's random stream
-                self.model = AutoModelForCausalLMWithValueHead.from_pretrained(str(self.path), dtype=torch.float32)
+                self.model = load_saved_reward_model(self.path, self.rule.head)
         except (OSError, ValueError, KeyError) as err:
             raise RewardError(
                 f"The learned reward model in {self.path} ({config_prefix}.model) cannot be loaded: "
@@ -69,6 +69,8 @@ class LearnedReward:
             ) from err
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.rule.head == SEQUENCE_CLASSIFICATION and self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id  # a decoder classifier's pooling reads it
         self.model.to(self.device).eval()
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:

@@ -267,6 +267,12 @@ def test_bad_input_is_one_paragraph_and_leaves_the_file_untouched(run_dir: Path,
     uncertain = assert_one_paragraph_error(rlhf_label(str(run_dir), "--out", str(out), "--select", "uncertain",
                                                       cwd=tmp_path, keys="1"))
     assert "--reward-model" in uncertain
+    reward_run = tmp_path / "rm"  # an `rlhf reward` run given where a policy belongs: its config has no dataset
+    (reward_run / "final").mkdir(parents=True)
+    (reward_run / "config.yaml").write_text("model: {source: tiny_gpt2}\ndata: {source: files}\noptim: {batch_size: 8}\n")
+    (reward_run / "final" / "config.json").write_text("{}")
+    wrong = assert_one_paragraph_error(rlhf_label(str(reward_run), "--out", str(out), cwd=tmp_path, keys="1"))
+    assert "is a run of `rlhf reward`" in wrong and f"--reward-model {reward_run}" in wrong
     assert out.read_bytes() == good
 
 

@@ -17,7 +17,7 @@ from rlhf_cli.label.command import new_pairs
 from rlhf_cli.label.keys import ScriptKeys, read_script
 from rlhf_cli.label.pairs import Pair, ResponseSource, ShownPair, judgement_row, left_is_a
 from rlhf_cli.label.records import LabelError, LabelFile, pair_key, read_labelled
-from rlhf_cli.label.selection import Agreement, uncertainty_order
+from rlhf_cli.label.selection import Agreement, uncertainty_order, wilson_interval
 from rlhf_cli.label.session import LabelSession
 
 SOURCE_A = ResponseSource("final", "/runs/a/final", 60, 0)
@@ -177,3 +177,18 @@ def test_agreement_rate_and_standard_error_match_the_binomial_formula() -> None:
     assert "3 of your 5 judgements: 60% ± 22%" in agreement.summary()
     agreement.remove_last()
     assert agreement.count == 4 and agreement.rate == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize("agreed, count, low, high", [(3, 3, 0.4385, 1.0), (0, 3, 0.0, 0.5615), (10, 10, 0.7225, 1.0)])
+def test_agreement_at_all_or_none_shows_a_wilson_interval_not_a_zero_error(agreed, count, low, high) -> None:
+    """At 0 % or 100 % the binomial SE is 0 for any n; the Wilson score interval says how little n tells."""
+    agreement = Agreement()
+    for index in range(count):
+        agreement.add(0.9 if index < agreed else 0.1)
+    interval = wilson_interval(agreed, count)
+    assert interval == pytest.approx((low, high), abs=1e-4)
+    summary = agreement.summary()
+    assert "± 0%" not in summary
+    assert f"{100 * agreed // count}% (95% Wilson interval {100 * low:.0f}–{100 * high:.0f}%)" in summary
+    # a textbook value (Newcombe 1998, method 3): 0 of 10 -> 0 to 0.2775
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
