@@ -6,8 +6,11 @@
 
 Per process: the bytes of parameters (policy with value head, reference), gradients and optimiser
 state it holds between steps (the local shards under FSDP2: exact, from the tensors), its peak
-resident memory (``ru_maxrss``: torch, Python and data included), and the median seconds per PPO
-step after the first (whose rollout was done at construction). Rank 0 writes ``--out``.
+resident memory (``ru_maxrss``: torch, Python and data included), the median seconds per PPO
+step after the first (whose rollout was done at construction), and the peak resident memory during
+generation and during training (``phase_peaks``: /proc/self/statm sampled every 2 ms by a
+thread; per phase the highest peak over its calls after the first, and that peak's rise above the
+memory the phase started with). Rank 0 writes ``--out``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import argparse
 import json
 import resource
 import statistics
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -49,6 +54,52 @@ def held_bytes(trainer) -> dict[str, int]:
     }
 
 
+class PhasePeaks:
+    """Peak resident memory per phase (generation, training), sampled by a thread: torch's CPU
+    allocator keeps no peak statistics, and ru_maxrss cannot be reset between phases."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.current, self.calls = interval, None, {}
+        self._page = resource.getpagesize()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while True:
+            if self.current is not None:
+                self.current["peak"] = max(self.current["peak"], self.rss())
+            time.sleep(self.interval)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = self.rss()
+        self.current = {"start": start, "peak": start}
+        try:
+            yield
+        finally:
+            self.current["peak"] = max(self.current["peak"], self.rss())
+            self.calls.setdefault(name, []).append(self.current)
+            self.current = None
+
+    def wrap(self, name: str, function):
+        def wrapped(*args, **kwargs):
+            with self.phase(name):
+                return function(*args, **kwargs)
+        return wrapped
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per phase, over its calls after the first (the first allocates torch's caches): the highest
+        peak and its rise above the phase's starting memory, in MB."""
+        out = {}
+        for name, calls in self.calls.items():
+            top = max(calls[1:] or calls, key=lambda call: call["peak"])
+            out[name] = {"peak_mb": top["peak"] / 2**20, "rise_mb": (top["peak"] - top["start"]) / 2**20, "calls": len(calls)}
+        return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -58,9 +109,14 @@ def main() -> None:
     from rlhf_cli.engine.components import launch_state
     from rlhf_cli.engine.train import TrainingRun
 
+    import rlhf_cli.engine.train as train_module
+
     state = launch_state()
     cfg = compose_train_config(["eval_prompts=0", "logging.progress=false", "overwrite=true", *args.overrides])
+    peaks = PhasePeaks()
+    train_module.generate_responses = peaks.wrap("generation", train_module.generate_responses)
     run = TrainingRun(cfg)
+    run.trainer.step = peaks.wrap("training", run.trainer.step)  # scoring forwards and the PPO epochs
     seconds = []
     for _ in range(run.steps):
         start = time.perf_counter()
@@ -71,6 +127,7 @@ def main() -> None:
         "rank": state.process_index, "processes": state.num_processes, "sharded": trainer.sharded,
         "held_bytes": held_bytes(trainer), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "s_per_step": statistics.median(seconds[1:] or seconds), "steps": len(seconds),
+        "phase_peaks": peaks.summary(),
     }
     rows = [None] * state.num_processes
     torch.distributed.all_gather_object(rows, row) if state.num_processes > 1 else rows.__setitem__(0, row)
