@@ -7,15 +7,15 @@
 Per process: the bytes of parameters (policy with value head, reference), gradients and optimiser
 state it holds between steps (the local shards under FSDP2: exact, from the tensors), its peak
 resident memory (``ru_maxrss``: torch, Python and data included), the median seconds per PPO
-step after the first (whose rollout was done at construction), and the peak resident memory during
-generation and during training (``phase_peaks``: /proc/self/statm sampled every 2 ms by a
-thread; per phase the highest peak over its calls after the first, and that peak's rise above the
-memory the phase started with). Rank 0 writes ``--out``.
+step after the first (whose rollout was done at construction), and the peak memory during
+generation and during training (``phase_peaks``, sampled every 2 ms by a thread, see
+:class:`PhasePeaks`; per phase the highest peak over its calls after the first). Rank 0 writes ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import statistics
@@ -54,33 +54,50 @@ def held_bytes(trainer) -> dict[str, int]:
     }
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 class PhasePeaks:
-    """Peak resident memory per phase (generation, training), sampled by a thread: torch's CPU
-    allocator keeps no peak statistics, and ru_maxrss cannot be reset between phases."""
+    """Peak memory per phase (generation, training), sampled by a thread: torch's CPU allocator keeps
+    no peak statistics, and ru_maxrss cannot be reset between phases. Two measures: the bytes malloc
+    has handed out and not had back (glibc's mallinfo2: in-use heap plus mmapped blocks; torch's CPU
+    tensors are malloc'd and freed at once), which rises and falls with the phase's tensors, and the
+    resident memory (/proc/self/statm), which the allocator rarely gives back."""
 
     def __init__(self, interval: float = 0.002) -> None:
         self.interval, self.current, self.calls = interval, None, {}
         self._page = resource.getpagesize()
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = _MallInfo2
         threading.Thread(target=self._sample, daemon=True).start()
 
-    def rss(self) -> int:
+    def now(self) -> dict[str, int]:
+        info = self._libc.mallinfo2()
         with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * self._page
+            rss = int(handle.read().split()[1]) * self._page
+        return {"heap": info.uordblks + info.hblkhd, "rss": rss}
+
+    def _update(self) -> None:
+        current, sample = self.current, self.now()
+        if current is not None:
+            for key, value in sample.items():
+                current["peak_" + key] = max(current["peak_" + key], value)
 
     def _sample(self) -> None:
         while True:
-            if self.current is not None:
-                self.current["peak"] = max(self.current["peak"], self.rss())
+            self._update()
             time.sleep(self.interval)
 
     @contextmanager
     def phase(self, name: str):
-        start = self.rss()
-        self.current = {"start": start, "peak": start}
+        start = self.now()
+        self.current = {**{"start_" + k: v for k, v in start.items()}, **{"peak_" + k: v for k, v in start.items()}}
         try:
             yield
         finally:
-            self.current["peak"] = max(self.current["peak"], self.rss())
+            self._update()
             self.calls.setdefault(name, []).append(self.current)
             self.current = None
 
@@ -91,12 +108,14 @@ class PhasePeaks:
         return wrapped
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per phase, over its calls after the first (the first allocates torch's caches): the highest
-        peak and its rise above the phase's starting memory, in MB."""
+        """Per phase, over its calls after the first (the first allocates torch's caches), in MB: the
+        highest heap peak and its rise above the heap the phase started with, and the highest resident peak."""
         out = {}
         for name, calls in self.calls.items():
-            top = max(calls[1:] or calls, key=lambda call: call["peak"])
-            out[name] = {"peak_mb": top["peak"] / 2**20, "rise_mb": (top["peak"] - top["start"]) / 2**20, "calls": len(calls)}
+            later = calls[1:] or calls
+            top = max(later, key=lambda call: call["peak_heap"])
+            out[name] = {"peak_heap_mb": top["peak_heap"] / 2**20, "rise_heap_mb": (top["peak_heap"] - top["start_heap"]) / 2**20,
+                         "peak_rss_mb": max(call["peak_rss"] for call in later) / 2**20, "calls": len(calls)}
         return out
 
 
