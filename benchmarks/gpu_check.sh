@@ -29,6 +29,9 @@ if [ -d "$WHEELS" ] && [ "$DEVICE" = cuda ]; then
 else
   export PYTHONPATH=$PWD
 fi
+# Every installed package's declared requirements present (the second H200 run lost `rlhf train`: the
+# carried transformers 5.25 needs `kernels`, which was not carried; the device's own 5.17 now runs).
+say "pip check"; python3 -m pip check >>"$LOG" 2>&1
 say "versions"; python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" >>"$LOG" 2>&1
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
 

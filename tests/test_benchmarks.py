@@ -247,3 +247,5 @@ def test_sharding_memory_counts_the_shards_a_process_holds(tmp_path):
     held = rank["held_bytes"]
     assert rank["sharded"] and held["reference_params"] == held["policy_params"] > 0
     assert held["optimizer_state"] == 2 * held["policy_params"] and rank["s_per_step"] > 0
+    peaks = rank["phase_peaks"]  # generation and training each measured (once past the first)
+    assert set(peaks) == {"generation", "training"} and all(p["peak_heap_mb"] >= p["rise_heap_mb"] >= 0 for p in peaks.values())

@@ -15,15 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_cli.config.launch import mixed_precision_of
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.ppo.rules import GLOBAL_SIZES, SettingsError, check_settings, command_line
-from rlhf_cli.ppo.settings import PPOSettings, default_mini_batch_size, ppo_group_fields
+from rlhf_cli.ppo.settings import PPOSettings, default_mini_batch_size, ppo_group_fields, sharding_of_launch
 
 
 def engine_values(cfg: DictConfig) -> dict[str, Any]:
     """Every PPOSettings field of a composed config as plain values, sizes global. The model builder
-    owns gradient checkpointing (model.gradient_checkpointing), so the engine is not asked for it."""
+    owns gradient checkpointing (model.gradient_checkpointing), so the engine is not asked for it; an
+    FSDP2 launch (Accelerate's fsdp_version: 2) means sharding=fsdp2."""
     values = {f.name: _plain(cfg.ppo[f.name]) for f in ppo_group_fields()}
     values.update(seed=int(cfg.seed), samples_per_prompt=int(cfg.generation.samples_per_prompt),
-                  gradient_checkpointing=False)
+                  gradient_checkpointing=False, sharding=sharding_of_launch(values["sharding"])[0])
     return values
 
 
@@ -31,8 +32,10 @@ def check_engine_settings(cfg: DictConfig, processes: int) -> None:
     """ConfigError, in the command line's words, for the first rule the ppo settings break on a
     launch of ``processes`` processes."""
     mode, source = mixed_precision_of(cfg)
+    values = {**engine_values(cfg), "mixed_precision": mode, "peft_model": bool(cfg.model.lora.enabled)}
+    phrasing = command_line(processes, source, sharding_source=sharding_of_launch(str(cfg.ppo.sharding))[1])
     try:
-        check_settings({**engine_values(cfg), "mixed_precision": mode}, command_line(processes, source))
+        check_settings(values, phrasing)
     except SettingsError as err:
         raise ConfigError(str(err)) from None
 

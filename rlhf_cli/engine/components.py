@@ -8,8 +8,6 @@ peft, the sharding the launcher asked for (:func:`check_launch`), and the step c
 
 from __future__ import annotations
 
-import dataclasses
-
 import importlib.util
 import os
 from typing import Optional
@@ -25,7 +23,7 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.models.builder import check_peft_installed
 from rlhf_cli.ppo import precision as precision_support
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
-from rlhf_cli.ppo.settings import Launch, PPOSettings
+from rlhf_cli.ppo.settings import Launch, PPOSettings, launched_with_fsdp
 
 # Tracker name -> the package Accelerate needs for it.
 _TRACKER_PACKAGES = {name: name for name in TRACKERS}  # each tracker's package has its name
@@ -128,15 +126,11 @@ def check_launch(cfg: DictConfig, state: PartialState) -> None:
     check_sharding_launch(cfg)
 
 
-def fsdp2_launch() -> bool:
-    """Whether `accelerate launch` was given an FSDP config with fsdp_version: 2."""
-    return parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "2"
-
-
 def check_sharding_launch(cfg: DictConfig) -> None:
     """FSDP2 (ppo.sharding=fsdp2, or Accelerate's fsdp_version: 2) is the sharding rlhf_cli runs; FSDP
-    version 1 and DeepSpeed ZeRO-3 are refused, and so are the combinations FSDP2 does not cover yet."""
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not fsdp2_launch():
+    version 1 and DeepSpeed ZeRO-3 are refused. (What FSDP2 does not cover yet is a rule of the
+    settings, rlhf_cli.ppo.rules, refused by the library too.)"""
+    if launched_with_fsdp() and not launched_with_fsdp("2"):
         raise ConfigError(
             f"This launch uses FSDP version {os.environ.get('FSDP_VERSION', '1')}, which rlhf_cli does not run: it "
             "shards with FSDP2 (per-parameter sharding, torch.distributed.fsdp.fully_shard), which generates, saves "
@@ -150,22 +144,6 @@ def check_sharding_launch(cfg: DictConfig) -> None:
             "FSDP2 instead (policy, value head, reference and optimiser state): launch with "
             "configs/accelerate/fsdp.yaml, or with --multi_gpu and ppo.sharding=fsdp2; or use ZeRO-2 "
             "(configs/accelerate/deepspeed_zero2.yaml)."
-        )
-    if cfg.ppo.sharding != "fsdp2" and not fsdp2_launch():
-        return
-    source = "ppo.sharding=fsdp2" if cfg.ppo.sharding == "fsdp2" else "This FSDP2 launch (fsdp_version: 2)"
-    if cfg.model.lora.enabled:
-        raise ConfigError(
-            f"{source} with model.lora.enabled=true is not supported yet: the reference would be the sharded "
-            "policy with its adapter disabled, which rlhf_cli has not verified under FSDP2. Use LoRA without "
-            "sharding (ppo.sharding=none: the adapter is small, the base weights are frozen), or FSDP2 without LoRA."
-        )
-    mode, where = mixed_precision_of(cfg)
-    if mode != "no":
-        raise ConfigError(
-            f"{source} with {where}: under FSDP2, bfloat16 compute is FSDP2's own mixed-precision policy "
-            "(bfloat16 parameters in forward and backward, float32 gradient reduction and master weights), chosen "
-            "with ppo.precision=bf16. Use ppo.precision=bf16 with ppo.mixed_precision=no (and no --mixed_precision)."
         )
 
 
@@ -186,10 +164,7 @@ def settings_and_launch(cfg: DictConfig, *, num_processes: int, tracker_dir: str
         project_kwargs={"project_dir": tracker_dir, "logging_dir": tracker_dir},
         accelerator_kwargs=mixed,
     )
-    settings = engine_settings(cfg, num_processes)
-    if fsdp2_launch():  # Accelerate's FSDP config at fsdp_version: 2 means ppo.sharding=fsdp2
-        settings = dataclasses.replace(settings, sharding="fsdp2")
-    return settings, launch
+    return engine_settings(cfg, num_processes), launch  # an FSDP2 launch means sharding=fsdp2 (engine_values)
 
 
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:

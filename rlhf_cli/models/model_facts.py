@@ -63,6 +63,7 @@ def keep_positions(tensor: Tensor, logits_to_keep: int | Tensor) -> Tensor:
     """
     if isinstance(logits_to_keep, int):
         return tensor[:, -logits_to_keep:] if logits_to_keep else tensor
+    logits_to_keep = logits_to_keep.to(tensor.device)  # an index made on the host for a GPU tensor
     if logits_to_keep.ndim == 1:
         return tensor[:, logits_to_keep]
     if logits_to_keep.dtype == torch.bool:

@@ -33,12 +33,11 @@ from rlhf_cli.ppo.forward import RolloutScores, response_entropy, response_outpu
 from rlhf_cli.ppo.guard import GuardVerdict, guard_update, nonfinite_warning
 from rlhf_cli.ppo.inputs import as_score_tensor, check_prompt_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.minibatch import Rows, minibatch_losses, ratio_threshold_warning
-from rlhf_cli.ppo.rules import ENGINE, check_settings
 from rlhf_cli.ppo.settings import Launch, PPOSettings
 from rlhf_cli.ppo.sharding import sharding_wanted
 from rlhf_cli.ppo.state import engine_state, restore_engine_state
-from rlhf_cli.ppo.setup import (check_model_arguments, check_sharding, freeze_value_head, make_accelerator,
-                                 prepare_parts, reference_model, shared_layers, training_optimizer)
+from rlhf_cli.ppo.setup import (check_engine_arguments, check_model_arguments, check_sharding, freeze_value_head,
+                                 make_accelerator, prepare_parts, reference_model, shared_layers, training_optimizer)
 from rlhf_cli.ppo.stats import (SHARE_FIELDS, MiniBatchStats, StepStats, WholeMiniBatch, assemble_step_stats,
                                 minibatch_stats, record_final_timings, rollout_stats)
 from rlhf_cli.ppo.timing import PhaseTimer
@@ -75,7 +74,7 @@ class PPOEngine:
         score moments, shuffling), trackers."""
         check_model_arguments(model, ref_model)
         self.launch = launch if launch is not None else Launch()
-        check_settings({**settings.to_dict(), "mixed_precision": self.launch.accelerator_kwargs.get("mixed_precision")}, ENGINE)
+        check_engine_arguments(settings, self.launch, model)
         self.settings = settings
         num_shared_layers = shared_layers(ref_model, num_shared_layers)
         self.estimator = estimator_named(settings.advantage_estimator)

@@ -48,6 +48,10 @@ def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = Tru
     some are shorter (EOS, sampled lengths), only at their real tokens, see
     :func:`_packed_response_outputs`. Padding positions then hold zero logits and values.
     """
+    # On the model's device: every index below is built on the inputs' device, and a batch packed on
+    # the host (the library's callers, the tests) would otherwise reach a GPU model's embedding on
+    # the CPU ("index is on cpu", seen on an H200).
+    batch = batch.to(_device_of(model, batch.input_ids.device))
     head = None if logits or batch.is_encoder_decoder else chunkable_lm_head(model)
     if head is not None:
         chunked = chunked_response_outputs(model, head, batch, values=values)
@@ -71,6 +75,12 @@ def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = Tru
         logits, _, value_out = model(**batch.model_inputs(), logits_to_keep=predicting, **with_values)
     logprobs = logprobs_from_logits(logits, batch.response_ids)
     return ResponseOutputs(logits=logits, logprobs=logprobs, values=_float_or_none(value_out))
+
+
+def _device_of(model: nn.Module, default: torch.device) -> torch.device:
+    """Where ``model``'s weights live (a sharded model's local shards included), or ``default``."""
+    first = next(model.parameters(), None)
+    return default if first is None else first.device
 
 
 def response_entropy(out: ResponseOutputs) -> Tensor:

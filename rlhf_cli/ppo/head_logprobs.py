@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_cli.algo.chunked_logprobs import chunked_head_logprobs
+from rlhf_cli.ppo.sharding import is_sharded
 from rlhf_cli.rollout.packing import PackedBatch, real_token_index
 
 # Architectures whose logits are exactly ``lm_head(last hidden state)`` (no soft-capping, logit
@@ -33,9 +34,13 @@ def chunkable_lm_head(model: nn.Module) -> Optional[nn.Linear]:
     """The plain ``nn.Linear`` LM head of a causal value-head ``model``, or None where the chunked path
     does not apply: a seq2seq model, a head that is not a plain Linear (LoRA on the head), an
     architecture that transforms its logits, a model wrapped by anything but DDP (FSDP, DeepSpeed:
-    sharded weights) or whose forward Accelerate wrapped in autocast (the head would escape it)."""
+    sharded weights), a model sharded in place by FSDP2 (its head's weight is a DTensor shard, gathered
+    only inside the model's forward) or whose forward Accelerate wrapped in autocast (the head would
+    escape it)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
+    if is_sharded(model):
+        return None
     language_model = getattr(model, "pretrained_model", None)
     if language_model is None or getattr(model, "is_encoder_decoder", True) or hasattr(model, "_original_forward"):
         return None

@@ -6,7 +6,8 @@ field names, sizes per process). Ranges and enumerations come from the metadata 
 :class:`~rlhf_cli.ppo.settings.PPOSettings` fields (:func:`out_of_range` reads them, for the command
 line's other groups too); the cross-field rules are written below, once: sizes and their divisibility,
 groups of responses per step and per process, what the advantage estimator needs, precision against
-mixed precision, score normalisation against score scaling.
+mixed precision, score normalisation against score scaling, and what FSDP2 sharding does not cover
+(LoRA, Accelerate's autocast).
 
 Torch-free, so the command line can refuse a bad combination before it imports torch.
 """
@@ -41,6 +42,8 @@ class Phrasing:
     booleans: tuple[str, str] = ("False", "True")
     mixed_precision_key: str = "accelerator_kwargs['mixed_precision']"
     mixed_precision_source: str = ""  # where the mixed-precision mode was set (command line)
+    peft: str = "a PEFT model (is_peft_model)"  # how the caller names a LoRA/PEFT policy
+    sharding_source: str = ""  # where FSDP2 was chosen, when not by the sharding setting (the launcher's config)
 
     def key(self, name: str) -> str:
         return self.keys.get(name, self.prefix + name)
@@ -56,13 +59,14 @@ LIBRARY = Phrasing()  # TRL's PPOConfig
 ENGINE = Phrasing(subject="PPOSettings.")  # the engine's own settings
 
 
-def command_line(processes: int, mixed_precision_source: str = "") -> Phrasing:
+def command_line(processes: int, mixed_precision_source: str = "", sharding_source: str = "") -> Phrasing:
     """The command line's phrasing: ``ppo.NAME`` keys (others where the engine setting lives in
     another group), sizes global over ``processes``."""
     keys = {"samples_per_prompt": "generation.samples_per_prompt", "seed": "seed",
             "gradient_checkpointing": "model.gradient_checkpointing"}
     return Phrasing(keys=keys, prefix="ppo.", subject="ppo.", processes=processes, booleans=("false", "true"),
-                    mixed_precision_key="ppo.mixed_precision", mixed_precision_source=mixed_precision_source)
+                    mixed_precision_key="ppo.mixed_precision", mixed_precision_source=mixed_precision_source,
+                    peft="model.lora.enabled=true", sharding_source=sharding_source)
 
 
 def out_of_range(value: Any, meta: Mapping[str, Any]) -> Optional[str]:
@@ -84,7 +88,8 @@ def out_of_range(value: Any, meta: Mapping[str, Any]) -> Optional[str]:
 
 def check_settings(values: Mapping[str, Any], phrasing: Phrasing = LIBRARY) -> None:
     """SettingsError for the first rule ``values`` break. ``values`` holds every PPOSettings field
-    (sizes global over ``phrasing.processes``) and optionally ``mixed_precision`` (Accelerate's mode)."""
+    (sizes global over ``phrasing.processes``) and optionally ``mixed_precision`` (Accelerate's mode) and
+    ``peft_model`` (whether the policy is a LoRA/PEFT model; None: not known yet)."""
     # In the order a user meets them: a mini-batch above the batch first (the plainest), then the
     # groups in global numbers, then the per-process and accumulation sizes.
     _check_ranges(values, phrasing)
@@ -97,6 +102,7 @@ def check_settings(values: Mapping[str, Any], phrasing: Phrasing = LIBRARY) -> N
             f"{phrasing.setting('use_score_norm', True)} needs {phrasing.setting('use_score_scaling', True)}: "
             "normalisation uses the running moments that score scaling keeps."
         )
+    _check_sharding(values, phrasing)
 
 
 def _check_ranges(values: Mapping[str, Any], phrasing: Phrasing) -> None:
@@ -202,3 +208,28 @@ def _check_precision(values: Mapping[str, Any], phrasing: Phrasing) -> None:
         f"{key}=bf16 already computes in bfloat16 (bfloat16 weights, float32 master weights), and {source} would "
         f"add Accelerate's autocast on top. Use one of them: {key}=bf16 with {mp}=no, or {key}=fp32 with {mp}=bf16."
     )
+
+
+def _check_sharding(values: Mapping[str, Any], phrasing: Phrasing) -> None:
+    """What FSDP2 does not cover yet: a LoRA/PEFT policy, and Accelerate's autocast (FSDP2 has its own
+    mixed-precision policy, chosen with the precision setting)."""
+    if values["sharding"] != "fsdp2":
+        return
+    source = phrasing.sharding_source or phrasing.setting("sharding", "fsdp2")
+    # Chosen by the launcher's FSDP config, the setting cannot turn it off.
+    unsharded = "a launch without Accelerate's FSDP config" if phrasing.sharding_source else phrasing.setting("sharding", "none")
+    if values.get("peft_model"):
+        raise SettingsError(
+            f"{source} with {phrasing.peft} is not supported yet: the reference would be the sharded policy with "
+            f"its adapter disabled, which rlhf_cli has not verified under FSDP2. Use LoRA without sharding "
+            f"({unsharded}: the adapter is small, the base weights are frozen), or FSDP2 without LoRA."
+        )
+    mode = values.get("mixed_precision")
+    if mode not in (None, "no"):
+        key, mp = phrasing.key("precision"), phrasing.mixed_precision_key
+        where = phrasing.mixed_precision_source or f"{mp}={mode}"
+        raise SettingsError(
+            f"{source} with {where}: under FSDP2, bfloat16 compute is FSDP2's own mixed-precision policy "
+            f"(bfloat16 parameters in forward and backward, float32 gradient reduction and master weights), chosen "
+            f"with {key}=bf16. Use {key}=bf16 with {mp}=no."
+        )

@@ -12,6 +12,7 @@ process. The command line speaks in global sizes and divides them.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -149,6 +150,25 @@ def settings_fields() -> tuple[dataclasses.Field, ...]:
 def ppo_group_fields() -> list[dataclasses.Field]:
     """The fields the command line's ppo group exposes as ``ppo.NAME``, in declaration order."""
     return [f for f in settings_fields() if f.name not in FROM_OTHER_GROUPS]
+
+
+# The source a refusal names when FSDP2 was chosen by the launcher's config rather than the setting.
+FSDP2_LAUNCH = "This FSDP2 launch (Accelerate's fsdp_version: 2)"
+
+
+def launched_with_fsdp(version: Optional[str] = None) -> bool:
+    """Whether `accelerate launch` was given an FSDP config (at ``version``, "1" or "2", when given),
+    read from the environment it sets (torch-free: the command line asks before importing torch)."""
+    enabled = os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes", "y", "on", "t")
+    return enabled and (version is None or os.environ.get("FSDP_VERSION", "1") == version)
+
+
+def sharding_of_launch(sharding: str) -> tuple[str, str]:
+    """The sharding a run uses, and the source a refusal names ("" for the setting itself): an FSDP2
+    launch (Accelerate's config at fsdp_version: 2) means ``fsdp2`` whatever the setting says."""
+    if sharding != "fsdp2" and launched_with_fsdp("2"):
+        return "fsdp2", FSDP2_LAUNCH
+    return sharding, ""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Pure construction (no PPO math, no step state): the trainer calls these in the o
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Optional
 
@@ -20,7 +21,8 @@ from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model
 from rlhf_cli.models import disable_dropout as switch_off_dropout
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
 from rlhf_cli.ppo.precision import apply_precision
-from rlhf_cli.ppo.settings import Launch, PPOSettings
+from rlhf_cli.ppo.rules import ENGINE, check_settings
+from rlhf_cli.ppo.settings import Launch, PPOSettings, sharding_of_launch
 from rlhf_cli.ppo.sharding import shard_for_training
 from rlhf_cli.rollout.unwrap import zero_stage
 
@@ -53,6 +55,15 @@ def check_model_arguments(model: Any, ref_model: Any) -> None:
         )
     if ref_model is not None and not isinstance(ref_model, PreTrainedModelWrapper):
         raise TypeError(f"ref_model must be a value-head model like model, or None; got {type(ref_model).__name__}.")
+
+
+def check_engine_arguments(settings: PPOSettings, launch: Launch, model: PreTrainedModelWrapper) -> None:
+    """Every rule of the settings (rlhf_cli.ppo.rules: the command line's too) for this launch's mixed
+    precision, this policy (a PEFT model or not) and the sharding the launcher may have chosen."""
+    sharding, source = sharding_of_launch(settings.sharding)
+    values = {**settings.to_dict(), "sharding": sharding, "peft_model": bool(model.is_peft_model),
+              "mixed_precision": launch.accelerator_kwargs.get("mixed_precision")}
+    check_settings(values, dataclasses.replace(ENGINE, sharding_source=source))
 
 
 def shared_layers(ref_model: Any, num_shared_layers: Optional[int]) -> Optional[int]:

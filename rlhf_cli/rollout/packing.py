@@ -62,6 +62,15 @@ class PackedBatch:
             }
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
+    def to(self, device: torch.device) -> "PackedBatch":
+        """This batch on ``device`` (itself when already there): a batch packed on the host reaches a
+        model on a GPU with its token ids and every index derived from them on the model's device."""
+        if self.input_ids.device == device:
+            return self
+        fields = ("input_ids", "attention_mask", "response_ids", "response_mask", "position_ids",
+                  "decoder_input_ids", "decoder_attention_mask")
+        return replace(self, **{name: getattr(self, name).to(device) for name in fields if getattr(self, name) is not None})
+
     def select(self, indices: Sequence[int] | Tensor) -> "PackedBatch":
         """Rows ``indices``, trimmed to the longest query and response among them.
 

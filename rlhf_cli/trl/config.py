@@ -184,7 +184,9 @@ class PPOConfig:
         """ValueError naming the fields and the fix when the settings break one of the engine's rules
         (:func:`rlhf_cli.ppo.rules.check_settings`: ranges, sizes, groups, precision, scores)."""
         values = {f.name: getattr(self, f.name) for f in settings_fields()}
-        check_settings({**values, "mixed_precision": self.accelerator_kwargs.get("mixed_precision")}, LIBRARY)
+        # is_peft_model is known once the trainer has its model (None before: not checked until then).
+        values.update(mixed_precision=self.accelerator_kwargs.get("mixed_precision"), peft_model=self.is_peft_model)
+        check_settings(values, LIBRARY)
 
     @property
     def uses_critic(self) -> bool:

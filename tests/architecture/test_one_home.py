@@ -9,6 +9,7 @@ validator on the composed offline default config (``ppo.NAME`` keys, global size
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -23,7 +24,7 @@ from rlhf_cli.trl.config import PPOConfig
 BASE = compose_train_config()  # the offline default: batch 32, mini-batch 16, one response per prompt
 # Where an engine setting lives on the command line, when not at ppo.NAME.
 CLI_KEYS = {"samples_per_prompt": "generation.samples_per_prompt", "seed": "seed",
-            "gradient_checkpointing": "model.gradient_checkpointing"}
+            "gradient_checkpointing": "model.gradient_checkpointing", "peft_model": "model.lora.enabled"}
 
 
 def _range_cases() -> list[tuple[dict, bool]]:
@@ -58,16 +59,27 @@ CROSS_FIELD = [
     ({"precision": "fp32", "mixed_precision": "bf16"}, False),
     ({"use_score_norm": True}, True),  # normalisation without scaling
     ({"use_score_norm": True, "use_score_scaling": True}, False),
+    # What FSDP2 does not cover yet: a LoRA/PEFT policy, Accelerate's autocast (FSDP2 has its own policy).
+    ({"sharding": "fsdp2", "peft_model": True}, True),
+    ({"sharding": "none", "peft_model": True}, False),
+    ({"sharding": "fsdp2", "mixed_precision": "bf16"}, True),
+    ({"sharding": "fsdp2", "mixed_precision": "fp16"}, True),
+    ({"sharding": "fsdp2", "precision": "bf16", "mixed_precision": "no"}, False),
+    ({"sharding": "fsdp2"}, False),
 ]
 
 
-def _cli_refuses(settings: dict, processes: int = 1) -> bool:
+def _cli_check(settings: dict, processes: int = 1) -> None:
     cfg = copy.deepcopy(BASE)
     for name, value in settings.items():
         OmegaConf.update(cfg, CLI_KEYS.get(name, f"ppo.{name}"), value)
+    validate(cfg)  # composition's validation: ranges, then every rule for the launch's processes (1 here)
+    check_engine_settings(cfg, processes)  # the launch check, with the launch's real processes
+
+
+def _cli_refuses(settings: dict, processes: int = 1) -> bool:
     try:
-        validate(cfg)  # composition's validation: ranges, then every rule for the launch's processes (1 here)
-        check_engine_settings(cfg, processes)  # the launch check, with the launch's real processes
+        _cli_check(settings, processes)
     except ConfigError:
         return True
     return False
@@ -79,8 +91,9 @@ def _library_refuses(settings: dict, processes: int = 1) -> bool:
     for key in ("batch_size", "mini_batch_size"):
         values[key] = values[key] // processes if isinstance(values[key], int) else values[key]
     mixed = values.pop("mixed_precision", None)
+    peft_model = values.pop("peft_model", None)
     try:
-        PPOConfig(**values, accelerator_kwargs={"mixed_precision": mixed} if mixed else {})
+        PPOConfig(**values, accelerator_kwargs={"mixed_precision": mixed} if mixed else {}, is_peft_model=peft_model)
     except ValueError:
         return True
     return False
@@ -111,3 +124,35 @@ def test_the_range_table_covers_every_knob_with_a_range():
     ranged = {f.name for f in settings_fields() if f.metadata}
     assert ranged == {name for settings, _ in _range_cases() for name in settings}
     assert len(ranged) >= 25
+
+
+def test_an_fsdp2_launch_is_sharding_for_both_and_named_as_the_launch(monkeypatch):
+    """Accelerate's FSDP config at fsdp_version: 2 means sharding=fsdp2 without the setting: the command
+    line and the engine (the library's trainer) refuse the same combinations, naming the launch."""
+    import types
+
+    from rlhf_cli.ppo.settings import FSDP2_LAUNCH, Launch, PPOSettings
+    from rlhf_cli.ppo.setup import check_engine_arguments
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match=re.escape(f"{FSDP2_LAUNCH} with model.lora.enabled=true")) as cli:
+        _cli_check({"peft_model": True})
+    with pytest.raises(ValueError, match=re.escape(f"{FSDP2_LAUNCH} with a PEFT model")) as library:
+        check_engine_arguments(PPOSettings(), Launch(), types.SimpleNamespace(is_peft_model=True))
+    assert "\n" not in str(cli.value) and "\n" not in str(library.value)
+    check_engine_arguments(PPOSettings(), Launch(), types.SimpleNamespace(is_peft_model=False))
+    monkeypatch.setenv("FSDP_VERSION", "1")  # FSDP1 is refused by the launch check, not read as FSDP2
+    check_engine_arguments(PPOSettings(), Launch(), types.SimpleNamespace(is_peft_model=True))
+
+
+def test_the_trainer_refuses_a_peft_policy_under_fsdp2_before_sharding(word_tokenizer):
+    """The library's refusal of LoRA under FSDP2 comes from the same rule, before anything is sharded."""
+    peft = pytest.importorskip("peft")
+    from rlhf_cli import AutoModelForCausalLMWithValueHead, PPOTrainer
+    from tests.tiny import make_tiny_gpt2
+
+    lora = peft.get_peft_model(make_tiny_gpt2(word_tokenizer), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(lora)
+    with pytest.raises(ValueError, match=r"sharding=fsdp2 with a PEFT model .* not supported yet.*sharding=none"):
+        PPOTrainer(PPOConfig(batch_size=2, sharding="fsdp2"), policy, tokenizer=word_tokenizer)

@@ -31,7 +31,8 @@ def make_trainer(tokenizer, **config):
 
 
 def internal(trainer, queries=QUERIES, responses=RESPONSES):
-    batch = pack_batch(queries, responses, pad_token_id=trainer.pad_token_id, is_encoder_decoder=False)
+    batch = pack_batch(queries, responses, pad_token_id=trainer.pad_token_id, is_encoder_decoder=False,
+                       device=trainer.accelerator.device)  # where prepare_model_inputs puts its tensors (a GPU, on one)
     with torch.no_grad():
         return batch, response_outputs(trainer.model, batch)
 

@@ -331,10 +331,10 @@ def test_trainer_save_pretrained_writes_model_and_tokenizer(word_tokenizer, tmp_
     trainer.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)
     for key, value in plain.state_dict().items():
-        assert torch.equal(value, trainer._unwrapped.pretrained_model.state_dict()[key]), key
+        assert torch.equal(value, trainer._unwrapped.pretrained_model.state_dict()[key].cpu()), key  # the model may be on a GPU
     assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == word_tokenizer.get_vocab()
     reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
-    assert torch.equal(reloaded.v_head.summary.weight, trainer._unwrapped.v_head.summary.weight)
+    assert torch.equal(reloaded.v_head.summary.weight, trainer._unwrapped.v_head.summary.weight.cpu())
 
 
 def test_trl_only_constructor_argument_and_peft_context(word_tokenizer):
