@@ -33,7 +33,8 @@ def chunkable_lm_head(model: nn.Module) -> Optional[nn.Linear]:
     """The plain ``nn.Linear`` LM head of a causal value-head ``model``, or None where the chunked path
     does not apply: a seq2seq model, a head that is not a plain Linear (LoRA on the head), an
     architecture that transforms its logits, a model wrapped by anything but DDP (FSDP, DeepSpeed:
-    sharded weights) or whose forward Accelerate wrapped in autocast (the head would escape it)."""
+    sharded weights), a head FSDP2 sharded in place, or a model whose forward Accelerate wrapped in
+    autocast (the head would escape it)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     language_model = getattr(model, "pretrained_model", None)
@@ -43,7 +44,17 @@ def chunkable_lm_head(model: nn.Module) -> Optional[nn.Linear]:
     head = language_model.get_output_embeddings()
     if type(head) is not nn.Linear or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
-    return head
+    return None if _sharded_in_place(head.weight) else head
+
+
+def _sharded_in_place(weight: Tensor) -> bool:
+    """FSDP2 (``fully_shard``) wraps nothing: it swaps the parameters for DTensor shards in place, so
+    the wrapper check above misses it, and the head's plain matmul cannot take a shard."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
 
 
 def _real_tokens(batch: PackedBatch) -> tuple[Tensor, Tensor, Tensor]:
