@@ -16,10 +16,10 @@ updates at lr 0.5, the difference grows ×10 (AMD) to ×100 (Intel).
 What it looks like, measured. The largest difference of an update (weights after minus weights
 before), relative to the largest entry of that tensor's update: ≤ 3e-6 on AMD EPYC, ≤ 5e-5 on an
 Intel Xeon with AMX (2.8e-5 on `wte` updates of 0.55, two steps of the `accumulation` scenario).
-The chunked LM head (log-softmax as ``(l − max) − logsumexp`` per chunk, entropy in the same pass)
-rounds differently from the [B, T, V] logits path, and the `accumulation` scenario's second step
-(lr 0.5, three epochs, early stopping) amplifies that: on AMD EPYC 1 vs 2 processes now differ by
-2.3e-4 after step 2 (3.3e-5 before the chunked head). Rounding, not a bug: with the same initial
+Issue 23's forward (a contiguous LM-head input, the chunked head's log-softmax as ``(l − max) −
+logsumexp``) rounds differently from the old [B, T, V] logits path, and the `accumulation` scenario's
+second step (lr 0.5, three epochs, early stopping) amplifies that: on AMD EPYC 1 vs 2 processes now
+differ by 2.3e-4 after the second step (3.3e-5 before issue 23). Rounding, not a bug: with the same initial
 weights cast to float64 the two runs agree to 6e-14 (updates) and bit for bit (policykl), and every
 float32 run is that far from the float64 one — the 1-process reference 1.4e-4, 2 processes 3.7e-4.
 
