@@ -26,13 +26,16 @@ def _engine_run(out_dir: Path, *overrides: str) -> dict:
 
     cfg = compose_train_config(["+recipe=smoke", f"output_dir={out_dir}", "eval_prompts=0", "logging.progress=false", *overrides])
     run = TrainingRun(cfg)
-    for _ in range(run.loop.step, run.steps):
-        run.train_step()
-        if run.checkpoint_due():  # as run_training does
-            run.save_checkpoint()
-    model = run.trainer.accelerator.unwrap_model(run.trainer.model)
-    weights = full_model_state(model) if run.trainer.sharded else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    run.finish()
+    try:
+        for _ in range(run.loop.step, run.steps):
+            run.train_step()
+            if run.checkpoint_due():  # as run_training does
+                run.save_checkpoint()
+        model = run.trainer.accelerator.unwrap_model(run.trainer.model)
+        weights = full_model_state(model) if run.trainer.sharded else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        run.finish()
+    finally:
+        run.lock.release()  # as run_training does: the resumed run reopens this directory in this process
     return {"sharded": run.trainer.sharded, "weights": weights}
 
 

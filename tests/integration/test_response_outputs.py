@@ -141,3 +141,41 @@ def test_chunked_head_equals_the_logits_path(word_tokenizer, arch, response_leng
     torch.testing.assert_close(chunked.entropy[real], entropy_from_logits(straight.logits)[real], atol=1e-5, rtol=1e-5)
     for grad, expected in zip(loss_and_grads(chunked), loss_and_grads(straight)):
         torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("logits", [False, True], ids=["chunked_head", "logits_path"])
+def test_rows_alone_equal_rows_together_in_float64(word_tokenizer, logits):
+    """The 1-process and 2-process runs of the ``accumulation`` scenario feed the same rows in
+    different groupings: one row alone (equal lengths: the positions by index) or two rows of
+    different lengths together (a boolean mask). In float64, where rounding is ~1e-16, both give the
+    same log-probabilities, entropies, values and gradients at every real token: a difference there
+    (a padded position read, a chunk boundary off by one) is a bug, not rounding."""
+    policy = _policy(word_tokenizer).double()
+    lengths = [4, 1, 3, 2]
+    batch = _batch(lengths, len(word_tokenizer))
+    column_weights = torch.arange(1, batch.response_width + 1, dtype=torch.float64).cos()  # same per column alone or together
+
+    def outputs_and_grads(rows):
+        part = batch.select(rows)
+        out = response_outputs(policy, part, logits=logits)
+        entropy = out.entropy if out.entropy is not None else None
+        mask = part.response_mask.double()
+        loss = (out.logprobs * mask * column_weights[: part.response_width]).sum() + (out.values * mask).sum()
+        grads = torch.autograd.grad(loss, list(policy.parameters()))
+        real = [(out.logprobs[i, :n].detach(), out.values[i, :n].detach(), None if entropy is None else entropy[i, :n])
+                for i, n in enumerate(part.response_lengths)]
+        return real, grads
+
+    together, grads_together = outputs_and_grads([0, 1, 2, 3])
+    grads_alone = None
+    for row in range(len(lengths)):
+        (alone,), grads = outputs_and_grads([row])
+        (logprobs, values, entropy), (logprobs_alone, values_alone, entropy_alone) = together[row], alone
+        assert logprobs.dtype == torch.float64
+        torch.testing.assert_close(logprobs, logprobs_alone, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(values, values_alone)  # float64 inside, handed out as float32 by design
+        if entropy is not None:
+            torch.testing.assert_close(entropy, entropy_alone, atol=1e-12, rtol=1e-12)
+        grads_alone = grads if grads_alone is None else [a + g for a, g in zip(grads_alone, grads)]
+    for got, expected in zip(grads_together, grads_alone):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
