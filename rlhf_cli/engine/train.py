@@ -25,7 +25,7 @@ from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine import sharded_state
 from rlhf_cli.engine.batches import PromptStream, StreamPosition
-from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
+from rlhf_cli.engine.components import check_launch, launch_state, with_resolved_precision, prompts_per_step, settings_and_launch, total_steps
 from rlhf_cli.engine.export import save_final
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.monitor import build_monitors, heldout_monitor_lines, monitor_stats
@@ -106,6 +106,8 @@ class TrainingRun:
         )
         for notice in notices:  # after the refusal: "starting a fresh run" must not precede one
             self.reporter.print(notice)
+        # ppo.precision=auto becomes this device's precision (a resumed run's: its checkpoint's), once.
+        self.cfg = with_resolved_precision(cfg, self.state.device.type, self.resume and self.resume.config, self.reporter.print)
         if self.resume is not None:
             self._check_resumable(self.resume)
         resumed_metrics: list[str] = []
