@@ -23,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -225,6 +225,31 @@ def compare_configs(
         else:
             changes.other.append(line)
     return changes
+
+
+def check_resumable(
+    point: ResumePoint, cfg: DictConfig, processes: int, notify: Callable[[str], None], *,
+    breaking: tuple[str, ...] = _BREAKING, harmless: tuple[str, ...] = _HARMLESS,
+) -> None:
+    """CheckpointError unless ``point`` fits this run (same number of processes, no breaking config
+    change); otherwise ``notify`` the resume and each change, by consequence."""
+    if int(point.state["num_processes"]) != processes:
+        raise CheckpointError(
+            f"{point.path} was written by {point.state['num_processes']} process(es); resume it with the same number "
+            f"(this launch has {processes})."
+        )
+    changes = compare_configs(point.config, cfg, breaking=breaking, harmless=harmless)
+    if changes.breaking:
+        raise CheckpointError(
+            f"Cannot resume from {point.path}: the config changes what the checkpoint was made for — "
+            + "; ".join(changes.breaking)
+            + ". Resume with the checkpoint's values (its config.yaml), or start a fresh run in another output_dir."
+        )
+    notify(f"Resuming from [bold]{point.path}[/] (after step {point.state['step']}).")
+    for line in changes.harmless:
+        notify(f"  changed (harmless): {line}")
+    for line in changes.other:
+        notify(f"  changed (training differs from here on): {line}")
 
 
 # RNG state -------------------------------------------------------------------------------------------

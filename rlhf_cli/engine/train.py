@@ -25,7 +25,7 @@ from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine import sharded_state
 from rlhf_cli.engine.batches import PromptStream, StreamPosition
-from rlhf_cli.engine.components import check_launch, launch_state, with_resolved_precision, prompts_per_step, settings_and_launch, total_steps
+from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps, with_resolved_precision
 from rlhf_cli.engine.export import save_final
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.monitor import build_monitors, heldout_monitor_lines, monitor_stats
@@ -109,7 +109,7 @@ class TrainingRun:
         # ppo.precision=auto becomes this device's precision (a resumed run's: its checkpoint's), once.
         self.cfg = with_resolved_precision(cfg, self.state.device.type, self.resume and self.resume.config, self.reporter.print)
         if self.resume is not None:
-            self._check_resumable(self.resume)
+            ckpt.check_resumable(self.resume, self.cfg, self.state.num_processes, self.reporter.print)
         resumed_metrics: list[str] = []
         if continuing and self.state.is_main_process:
             resumed_metrics, notice = self.run_dir.resumed_metrics(self.resume.step)
@@ -175,27 +175,6 @@ class TrainingRun:
         )
 
     # Checkpoints -------------------------------------------------------------------------------
-    def _check_resumable(self, point: ckpt.ResumePoint) -> None:
-        """Check the checkpoint fits this run (CheckpointError otherwise) and report what changed."""
-        path, saved = point.path, point.state
-        if int(saved["num_processes"]) != self.state.num_processes:
-            raise ckpt.CheckpointError(
-                f"{path} was written by {saved['num_processes']} process(es); resume it with the same number "
-                f"(this launch has {self.state.num_processes})."
-            )
-        changes = ckpt.compare_configs(point.config, self.cfg)
-        if changes.breaking:
-            raise ckpt.CheckpointError(
-                f"Cannot resume from {path}: the config changes what the checkpoint was made for — "
-                + "; ".join(changes.breaking)
-                + ". Resume with the checkpoint's values (its config.yaml), or start a fresh run in another output_dir."
-            )
-        self.reporter.print(f"Resuming from [bold]{path}[/] (after step {saved['step']}).")
-        for line in changes.harmless:
-            self.reporter.print(f"  changed (harmless): {line}")
-        for line in changes.other:
-            self.reporter.print(f"  changed (training differs from here on): {line}")
-
     def _restore(self, point: ckpt.ResumePoint) -> None:
         accelerator = self.trainer.accelerator
         saved = point.state
