@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--real-lm", action="store_true", help="SmolLM2-135M, IMDb prompts, VADER, B=16 M=8 (see above)")
     ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2's GGUF (default: workload.DEFAULT_GGUF)")
+    ap.add_argument("--variants", default=",".join(f"{s}_{p}" for s, p in REAL_LM_VARIANTS),
+                    help="--real-lm: comma-separated SIDE_PRECISION runs per round, in this order (e.g. ours_fp32,trl_fp32 "
+                    "on a CPU without native bfloat16, where both sides' bf16 modes are emulated and far slower)")
     args = ap.parse_args(argv)
     if args.real_lm:
         # The issue's sizes, unless given explicitly.
@@ -89,7 +92,8 @@ def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stdout=subprocess.DEVNULL,
     )
     result = json.loads(out.read_text())["results"][0]
-    return {"median_step_s": result["median_step_s"], "peak_rss_mb": result["peak_rss_mb"], "phases_s": result["phases_s"]}
+    return {"median_step_s": result["median_step_s"], "median_step_cpu_s": result["median_step_cpu_s"],
+            "peak_rss_mb": result["peak_rss_mb"], "phases_s": result["phases_s"]}
 
 
 # TRL-side record field -> our phase name (a field a script does not record is left out).
@@ -108,6 +112,7 @@ def _trl_summary(out: Path) -> dict[str, Any]:
     steps = data["steps"][1:]
     return {
         "median_step_s": statistics.median(s["time_s"] for s in steps),
+        "median_step_cpu_s": statistics.median(s.get("cpu_s", float("nan")) for s in steps),
         "peak_rss_mb": data["peak_rss_mb"],
         "phases_s": {
             phase: statistics.median(s[field] for s in steps) for phase, field in _TRL_PHASES.items() if field in steps[0]
@@ -160,7 +165,8 @@ def run_ours_real_lm(args: argparse.Namespace, workdir: Path, precision: str) ->
         command += ["--gguf", str(args.gguf)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     result = json.loads(out.read_text())["results"][0]
-    return {"median_step_s": result["median_step_s"], "peak_rss_mb": result["peak_rss_mb"], "phases_s": result["phases_s"]}
+    return {"median_step_s": result["median_step_s"], "median_step_cpu_s": result["median_step_cpu_s"],
+            "peak_rss_mb": result["peak_rss_mb"], "phases_s": result["phases_s"]}
 
 
 def run_trl_real_lm(args: argparse.Namespace, workdir: Path, precision: str, model_dir: Path, prompts: Path) -> dict[str, Any]:
@@ -180,16 +186,30 @@ def run_trl_real_lm(args: argparse.Namespace, workdir: Path, precision: str, mod
     return _trl_summary(out)
 
 
+def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
+    chosen = [tuple(v.strip().split("_", 1)) for v in args.variants.split(",") if v.strip()]
+    unknown = [f"{side}_{precision}" for side, precision in chosen if (side, precision) not in REAL_LM_VARIANTS]
+    if unknown or not any(side == "ours" for side, _ in chosen) or not any(side == "trl" for side, _ in chosen):
+        raise SystemExit(f"--variants needs at least one ours_* and one trl_* of {[f'{s}_{p}' for s, p in REAL_LM_VARIANTS]}; got {args.variants!r}.")
+    return chosen
+
+
+def _best(runs: dict[str, dict[str, Any]], side: str, key: str = "median_step_s") -> float:
+    """The side's faster setting (by wall time), and its value of ``key``."""
+    fastest = min((r for name, r in runs.items() if name.startswith(side + "_")), key=lambda r: r["median_step_s"])
+    return fastest[key]
+
+
 def main_real_lm(args: argparse.Namespace) -> None:
     if not args.trl_python.exists():
         raise SystemExit(f"{args.trl_python} does not exist: the TRL venv python (run setup_trl_legacy.sh) is needed.")
-    rounds = []
+    variants, rounds = _variants(args), []
     with tempfile.TemporaryDirectory(prefix="compare-trl-real-") as tmp:
         prompts = Path(tmp) / "prompts.json"
         model_dir = write_real_lm_prompts(args, prompts)
         for index in range(args.rounds):
             runs = {}
-            for side, precision in REAL_LM_VARIANTS:
+            for side, precision in variants:
                 if side == "ours":
                     run = run_ours_real_lm(args, Path(tmp), precision)
                 else:
@@ -197,29 +217,44 @@ def main_real_lm(args: argparse.Namespace) -> None:
                 runs[f"{side}_{precision}"] = run
                 print(f"round {index + 1} {side:4s} {precision}: {_describe(run, args.batch_size)} phases "
                       + ", ".join(f"{k} {v:.2f}" for k, v in run["phases_s"].items()), flush=True)
-            best_ours = min(runs["ours_fp32"]["median_step_s"], runs["ours_bf16"]["median_step_s"])
-            best_trl = min(runs["trl_fp32"]["median_step_s"], runs["trl_bf16"]["median_step_s"])
-            rounds.append({"runs": runs, "samples_per_s_ratio": best_trl / best_ours})
-            print(f"round {index + 1}: samples/s ours (best) / TRL (best) = {best_trl / best_ours:.2f}", flush=True)
-    names = [f"{side}_{precision}" for side, precision in REAL_LM_VARIANTS]
-    summary = {
-        name: {
-            "median_step_s": statistics.median(r["runs"][name]["median_step_s"] for r in rounds),
-            "peak_rss_mb": statistics.median(r["runs"][name]["peak_rss_mb"] for r in rounds),
-        }
-        for name in names
-    }
-    summary["samples_per_s_ratio"] = statistics.median(r["samples_per_s_ratio"] for r in rounds)
-    print(f"median over {args.rounds} rounds: samples/s ours/TRL (each at its faster setting) = {summary['samples_per_s_ratio']:.2f}")
-    for name in names:
-        print(f"  {name}: {summary[name]['median_step_s']:.2f} s/step, peak RSS {summary[name]['peak_rss_mb']:.0f} MB")
+            ratio = _best(runs, "trl") / _best(runs, "ours")
+            cpu_ratio = _best(runs, "trl", "median_step_cpu_s") / _best(runs, "ours", "median_step_cpu_s")
+            rss_ratio = _best(runs, "ours", "peak_rss_mb") / _best(runs, "trl", "peak_rss_mb")
+            rounds.append({"runs": runs, "samples_per_s_ratio": ratio, "cpu_ratio": cpu_ratio, "peak_rss_ratio": rss_ratio})
+            print(f"round {index + 1}: samples/s ours (best) / TRL (best) = {ratio:.2f} wall, {cpu_ratio:.2f} CPU; "
+                  f"peak RSS ours/TRL = {rss_ratio:.2f}", flush=True)
+    summary = _real_lm_summary(rounds, [f"{side}_{precision}" for side, precision in variants])
+    print(f"median over {args.rounds} rounds: samples/s ours/TRL (each at its faster setting) = "
+          f"{summary['samples_per_s_ratio']:.2f} wall, {summary['cpu_ratio']:.2f} CPU; peak RSS ours/TRL = {summary['peak_rss_ratio']:.2f}")
+    for name, s in summary["runs"].items():
+        print(f"  {name}: {s['median_step_s']:.2f} s/step (CPU {s['median_step_cpu_s']:.2f} s), peak RSS {s['peak_rss_mb']:.0f} MB, "
+              "phases " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_s"].items()))
     if args.json is not None:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         args.json.write_text(json.dumps({"config": config, "rounds": rounds, "summary": summary}, indent=1))
 
 
+def _real_lm_summary(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Medians over rounds of every run's figures and of the per-round ratios."""
+    def median(name: str, key: str) -> float:
+        return statistics.median(r["runs"][name][key] for r in rounds)
+
+    runs = {
+        name: {
+            "median_step_s": median(name, "median_step_s"),
+            "median_step_cpu_s": median(name, "median_step_cpu_s"),
+            "peak_rss_mb": median(name, "peak_rss_mb"),
+            "phases_s": {k: statistics.median(r["runs"][name]["phases_s"][k] for r in rounds) for k in rounds[0]["runs"][name]["phases_s"]},
+        }
+        for name in names
+    }
+    ratios = {key: statistics.median(r[key] for r in rounds) for key in ("samples_per_s_ratio", "cpu_ratio", "peak_rss_ratio")}
+    return {"runs": runs, **ratios}
+
+
 def _describe(run: dict[str, Any], batch_size: int) -> str:
-    return f"{run['median_step_s']:.3f} s/step ({batch_size / run['median_step_s']:.1f} samples/s, {run['peak_rss_mb']:.0f} MB)"
+    cpu = f", CPU {run['median_step_cpu_s']:.3f} s" if "median_step_cpu_s" in run else ""
+    return f"{run['median_step_s']:.3f} s/step ({batch_size / run['median_step_s']:.1f} samples/s{cpu}, {run['peak_rss_mb']:.0f} MB)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,16 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.steps):
         rows = rng.choice(len(prompts), size=args.batch_size, replace=False)
         queries = [torch.tensor(prompts[i]["input_ids"], dtype=torch.long) for i in rows]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         responses = trainer.generate(queries, batch_size=args.batch_size, return_prompt=False, **generation)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         generated = time.perf_counter()
         scores = [torch.tensor(vader.polarity_scores(t)["compound"]) for t in texts]
         scored = time.perf_counter()
         stats = trainer.step(queries, responses, scores)
-        done = time.perf_counter()
+        done, cpu_done = time.perf_counter(), time.process_time()
         steps.append({
             "time_s": done - start,
+            "cpu_s": cpu_done - cpu_start,  # this process's CPU time: less sensitive to other load
             "gen_s": generated - start,
             "score_s": scored - generated,
             "step_s": done - scored,

@@ -11,7 +11,7 @@ Nothing here synchronises with the host except where a docstring says so.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -109,29 +109,40 @@ def masked_mean(
     return total / count
 
 
-def _masked_mean_var(values: Tensor, mask: Tensor, unbiased: bool) -> tuple[Tensor, Tensor]:
+def _masked_mean_var(values: Tensor, mask: Tensor, unbiased: bool, count: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     selected = _bool_mask(values, mask)
-    count = int(selected.sum())  # host sync: the empty check and Bessel's factor need the count
-    if count == 0:
-        raise ValueError("masked_var got an empty mask: no position is selected, so there is no variance to compute.")
+    if count is None:
+        count = int(selected.sum())  # host sync: the empty check and Bessel's factor need the count
+        if count == 0:
+            raise ValueError("masked_var got an empty mask: no position is selected, so there is no variance to compute.")
     mean = masked_mean(values, selected)
     # Centre before squaring (two-pass): stable when the mean is large relative to the spread.
     centred = torch.where(selected, values - mean, torch.zeros_like(values))
     var = centred.square().sum() / count
     if unbiased:
-        # One value has no spread: report 0 instead of 0 · n/(n−1) = 0/0.
-        var = var * (count / (count - 1) if count > 1 else 0.0)
+        var = var * _bessel(count, var.dtype)
     return mean, var
 
 
-def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+def _bessel(count: int | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """n/(n−1), and 0 for one value (it has no spread: 0 instead of 0 · n/(n−1) = 0/0). A tensor count
+    gets the factor on the device, computed in float64 and rounded to ``dtype`` as the host's float is."""
+    if not isinstance(count, Tensor):
+        return count / (count - 1) if count > 1 else 0.0
+    n = count.to(torch.float64)
+    return torch.where(n > 1, n / (n - 1).clamp(min=1), torch.zeros_like(n)).to(dtype)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True, count: Optional[Tensor] = None) -> Tensor:
     """Variance of ``values`` around their masked mean over the masked positions: [...] -> [].
 
     ``unbiased`` applies Bessel's correction n/(n−1). With a single selected value the unbiased
     variance is returned as 0 (one value has no spread) rather than NaN. Raises ValueError
-    for an empty mask. Synchronises with the host once (to count the mask).
+    for an empty mask. Synchronises with the host once (to count the mask), unless the caller
+    passes ``count``, the number of selected positions as a tensor it already holds: then nothing
+    is read on the host, and an empty mask gives NaN (as :func:`masked_mean` with ``count``).
     """
-    return _masked_mean_var(values, mask, unbiased)[1]
+    return _masked_mean_var(values, mask, unbiased, count)[1]
 
 
 def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:

@@ -17,6 +17,10 @@ KL_PENALTY_MODES = ("kl", "abs", "mse", "full")
 KL_LOSS_ESTIMATORS = ("k1", "k2", "k3")
 # The weights the policy computes with (see rlhf_cli.ppo.precision).
 PRECISIONS = ("fp32", "bf16")
+# The command line's ppo.precision also takes "auto": bf16 where the device computes bfloat16 natively,
+# fp32 elsewhere, resolved once before any model loads (rlhf_cli.ppo.precision.resolve_precision); the
+# engine and the run's config.yaml only ever see the resolved value.
+AUTO_PRECISION = "auto"
 # How the policy is spread over processes (see rlhf_cli.ppo.sharding).
 SHARDINGS = ("none", "fsdp2")
 

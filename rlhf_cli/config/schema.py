@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from rlhf_cli.algo.names import KL_PENALTY_MODES
+from rlhf_cli.ppo.rules import command_line_limits
 from rlhf_cli.ppo.settings import PPOSettings, ppo_group_fields
 
 
@@ -176,7 +177,8 @@ def _ppo_section() -> type:
     :data:`_PPO_RUN_FIELDS`. Adding a field to PPOSettings adds the knob here, to ``--cfg job`` and
     to the run's settings (``engine.components``)."""
     hints = typing.get_type_hints(PPOSettings)
-    fields = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata)) for f in ppo_group_fields()]
+    fields = [(f.name, hints[f.name], field(default=f.default, metadata=command_line_limits(f.metadata)))
+              for f in ppo_group_fields()]
     section = dataclasses.make_dataclass("PPOSection", fields + _PPO_RUN_FIELDS)
     section.__module__ = __name__
     section.__doc__ = "The ppo group: the engine's knobs with TRL's defaults (sizes global), plus mixed_precision."

@@ -227,26 +227,29 @@ def compare_configs(
     return changes
 
 
-def check_resumable(point: ResumePoint, cfg: DictConfig, num_processes: int, *, say: Callable[[str], None]) -> None:
-    """Check the checkpoint fits this run (CheckpointError otherwise) and ``say`` what changed."""
-    path, saved = point.path, point.state
-    if int(saved["num_processes"]) != num_processes:
+def check_resumable(
+    point: ResumePoint, cfg: DictConfig, processes: int, notify: Callable[[str], None], *,
+    breaking: tuple[str, ...] = _BREAKING, harmless: tuple[str, ...] = _HARMLESS,
+) -> None:
+    """CheckpointError unless ``point`` fits this run (same number of processes, no breaking config
+    change); otherwise ``notify`` the resume and each change, by consequence."""
+    if int(point.state["num_processes"]) != processes:
         raise CheckpointError(
-            f"{path} was written by {saved['num_processes']} process(es); resume it with the same number "
-            f"(this launch has {num_processes})."
+            f"{point.path} was written by {point.state['num_processes']} process(es); resume it with the same number "
+            f"(this launch has {processes})."
         )
-    changes = compare_configs(point.config, cfg)
+    changes = compare_configs(point.config, cfg, breaking=breaking, harmless=harmless)
     if changes.breaking:
         raise CheckpointError(
-            f"Cannot resume from {path}: the config changes what the checkpoint was made for — "
+            f"Cannot resume from {point.path}: the config changes what the checkpoint was made for — "
             + "; ".join(changes.breaking)
             + ". Resume with the checkpoint's values (its config.yaml), or start a fresh run in another output_dir."
         )
-    say(f"Resuming from [bold]{path}[/] (after step {saved['step']}).")
+    notify(f"Resuming from [bold]{point.path}[/] (after step {point.state['step']}).")
     for line in changes.harmless:
-        say(f"  changed (harmless): {line}")
+        notify(f"  changed (harmless): {line}")
     for line in changes.other:
-        say(f"  changed (training differs from here on): {line}")
+        notify(f"  changed (training differs from here on): {line}")
 
 
 # RNG state -------------------------------------------------------------------------------------------

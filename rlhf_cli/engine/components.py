@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from accelerate import PartialState
 from accelerate.utils import is_bf16_available, parse_flag_from_env
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rlhf_cli.config.engine_settings import check_engine_settings, engine_settings
 from rlhf_cli.config.launch import mixed_precision_of
@@ -99,6 +99,36 @@ def check_precision(cfg: DictConfig, device_type: str) -> None:
             f"ppo.precision=bf16 needs bfloat16 support, which this {device_type} device lacks (on NVIDIA: Ampere "
             "or newer). Use ppo.precision=fp32, optionally with ppo.mixed_precision=fp16."
         )
+
+
+def with_resolved_precision(
+    cfg: DictConfig, device_type: str, saved: Optional[DictConfig] = None, notify: Callable[[str], None] = print
+) -> DictConfig:
+    """``cfg`` with ``ppo.precision=auto`` resolved for ``device_type`` (or to the precision of the
+    checkpoint config ``saved``, when resuming); its one-line notice, if any, goes to ``notify``.
+    Called once, before any model loads: the run's config.yaml, its checkpoints and the engine see
+    only the resolved value. ConfigError when a resumed bf16 run meets a device that cannot run bf16."""
+    saved_precision = OmegaConf.select(saved, "ppo.precision") if saved is not None else None
+    precision, notice = precision_support.resolve_precision(str(cfg.ppo.precision), device_type, saved_precision)
+    if notice:
+        notify(notice)
+    if precision == cfg.ppo.precision:
+        return cfg
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    resolved.ppo.precision = precision
+    OmegaConf.set_readonly(resolved, True)
+    try:
+        check_precision(resolved, device_type)
+    except ConfigError:
+        if saved_precision is None:
+            raise
+        raise ConfigError(
+            f"ppo.precision=auto resumes with the checkpoint's precision, {precision} (its optimiser state holds "
+            f"float32 master weights), but this {device_type} cannot compute in bfloat16 at a useful speed. Resume "
+            "it on a machine with native bfloat16 (a CPU with AVX-512 BF16 or AMX, an Ampere or newer GPU), or "
+            "start a fresh run in another output_dir (with ppo.precision=auto it trains in fp32 here)."
+        ) from None
+    return resolved
 
 
 def _launcher_zero_stage() -> Optional[int]:

@@ -82,30 +82,14 @@ class RewardTrainingRun:
         for notice in notices:
             self.reporter.print(notice)
         if self.resume is not None:
-            self._check_resumable(self.resume)
+            ckpt.check_resumable(self.resume, self.cfg, self.state.num_processes, self.reporter.print,
+                                 breaking=BREAKING, harmless=HARMLESS)
         if continuing and self.state.is_main_process:
             kept, notice = self.run_dir.resumed_metrics(self.resume.step)
             if notice:
                 self.reporter.print(notice)
             return kept
         return []
-
-    def _check_resumable(self, point: ckpt.ResumePoint) -> None:
-        if int(point.state["num_processes"]) != self.state.num_processes:
-            raise ckpt.CheckpointError(
-                f"{point.path} was written by {point.state['num_processes']} process(es); resume it with the same "
-                f"number (this launch has {self.state.num_processes})."
-            )
-        changes = ckpt.compare_configs(point.config, self.cfg, breaking=BREAKING, harmless=HARMLESS)
-        if changes.breaking:
-            raise ckpt.CheckpointError(
-                f"Cannot resume from {point.path}: the config changes what the checkpoint was made for — "
-                + "; ".join(changes.breaking) + ". Resume with the checkpoint's values (its config.yaml), or start a "
-                "fresh run in another output_dir."
-            )
-        self.reporter.print(f"Resuming from [bold]{point.path}[/] (after step {point.state['step']}).")
-        for line in changes.harmless + changes.other:
-            self.reporter.print(f"  changed: {line}")
 
     def _build(self) -> None:
         cfg = self.cfg

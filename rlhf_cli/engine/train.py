@@ -1,11 +1,9 @@
 """The training loop behind ``rlhf train``: prompts → generation → reward → PPO step → logging.
 
-Stage numbers in comments follow docs/architecture.md ("One run, stage by stage"). :class:`TrainingRun` is built in named parts, in the
-order that writes nothing until the run has started (``_check_start``, ``_build_parts``,
-``_seed_rollouts``, the first rollout, ``_start``). Each step's scores are gathered once, by
-``PPOEngine.step`` (``trainer.gathered_scores``): ``env/reward_*``, the sample table and the
-trackers (through :func:`rlhf_cli.reporting.tracker_logs`) all read them. The held-out comparison
-and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlhf eval``.
+Stage numbers in comments follow docs/architecture.md ("One run, stage by stage"). :class:`TrainingRun`
+is built in named parts, in the order that writes nothing until the run has started. Each step's
+scores are gathered once, by ``PPOEngine.step`` (``trainer.gathered_scores``); the held-out
+comparison and report.md at the end are :mod:`rlhf_cli.engine.heldout`'s, shared with ``rlhf eval``.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine import sharded_state
 from rlhf_cli.engine.batches import PromptStream
-from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
+from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps, with_resolved_precision
 from rlhf_cli.engine.disk import guarded_write, truncate_to
 from rlhf_cli.engine.divergence import DivergenceWatch
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
@@ -127,8 +125,10 @@ class TrainingRun:
         )
         for notice in notices:  # after the refusal: "starting a fresh run" must not precede one
             self.reporter.print(notice)
+        # ppo.precision=auto becomes this device's precision (a resumed run's: its checkpoint's), once.
+        self.cfg = with_resolved_precision(cfg, self.state.device.type, self.resume and self.resume.config, self.reporter.print)
         if self.resume is not None:
-            ckpt.check_resumable(self.resume, self.cfg, self.state.num_processes, say=self.reporter.print)
+            ckpt.check_resumable(self.resume, self.cfg, self.state.num_processes, self.reporter.print)
         resumed_metrics: list[str] = []
         if continuing and self.state.is_main_process:
             resumed_metrics, notice = self.run_dir.resumed_metrics(self.resume.step)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf_cli.algo.names import PRECISIONS
+from rlhf_cli.algo.names import AUTO_PRECISION, PRECISIONS
 
 
 
@@ -31,6 +31,58 @@ def cpu_supports_bf16() -> bool:
     """Whether this CPU runs bfloat16 matmuls natively enough for oneDNN's bf16 kernels (AVX-512 or
     AMX); elsewhere PyTorch would emulate bfloat16 far slower than float32."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# /proc/cpuinfo flags of native bfloat16 arithmetic (AVX-512 BF16, AMX): with either, oneDNN's bf16
+# kernels beat float32; plain AVX-512 runs bfloat16 (cpu_supports_bf16) but no faster than float32.
+FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> Optional[set[str]]:
+    """The CPU's feature flags (Linux), or None where /proc/cpuinfo cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def bf16_is_fast(device_type: str) -> bool:
+    """Whether ``device_type`` computes bfloat16 faster than float32: a CUDA GPU with bfloat16
+    (Ampere or newer), a CPU with AVX-512 BF16 or AMX (without /proc/cpuinfo: oneDNN's own check)."""
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
+    flags = cpu_flags()
+    if flags is None:
+        return cpu_supports_bf16()
+    return any(flag in flags for flag in FAST_BF16_CPU_FLAGS)
+
+
+def resolve_precision(requested: str, device_type: str, saved: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """``ppo.precision`` as the run will use it, and a one-line notice (None when there is nothing to say).
+
+    ``auto`` becomes ``bf16`` where :func:`bf16_is_fast` and ``fp32`` elsewhere, with a notice. A
+    resumed run (``saved``: the precision its checkpoint's config records, already resolved) keeps
+    the checkpoint's precision, so a resumed run never silently changes precision with the machine;
+    the launch checks then refuse bf16 on a device that cannot run it. Any other value is returned as is.
+    """
+    if requested != AUTO_PRECISION:
+        return requested, None
+    machine = "bf16" if bf16_is_fast(device_type) else "fp32"
+    if saved is not None and saved != AUTO_PRECISION:
+        return saved, None if saved == machine else (
+            f"ppo.precision=auto: resuming in {saved}, the precision the checkpoint was trained in (a fresh run "
+            f"here would use {machine}).")
+    if machine == "bf16":
+        return "bf16", None
+    what = "CPU has no AVX-512 BF16 or AMX" if device_type == "cpu" else f"{device_type} device has no fast bfloat16"
+    return "fp32", (f"ppo.precision=auto: training in fp32, since this {what} (bf16 would be emulated, "
+                    "far slower); set ppo.precision=fp32 to silence this.")
 
 
 class MasterWeightOptimizer(torch.optim.Optimizer):

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from rlhf_cli.algo.names import estimator_named, estimators_without_groups
+from rlhf_cli.algo.names import AUTO_PRECISION, estimator_named, estimators_without_groups
 from rlhf_cli.ppo.settings import default_mini_batch_size, settings_fields
 
 # The group size suggested when an estimator needs groups (a common choice of GRPO/RLOO setups).
@@ -40,6 +40,8 @@ class Phrasing:
     subject: str = "PPOConfig."  # put before a field that starts a range refusal
     processes: int = 1  # sizes are split over this many processes (1: they are per process already)
     booleans: tuple[str, str] = ("False", "True")
+    # Whether the caller takes command-line-only values (ppo.precision=auto, resolved before the engine).
+    command_line: bool = False
     mixed_precision_key: str = "accelerator_kwargs['mixed_precision']"
     mixed_precision_source: str = ""  # where the mixed-precision mode was set (command line)
     peft: str = "a PEFT model (is_peft_model)"  # how the caller names a LoRA/PEFT policy
@@ -64,9 +66,17 @@ def command_line(processes: int, mixed_precision_source: str = "", sharding_sour
     another group), sizes global over ``processes``."""
     keys = {"samples_per_prompt": "generation.samples_per_prompt", "seed": "seed",
             "gradient_checkpointing": "model.gradient_checkpointing"}
-    return Phrasing(keys=keys, prefix="ppo.", subject="ppo.", processes=processes, booleans=("false", "true"),
+    return Phrasing(keys=keys, prefix="ppo.", subject="ppo.", processes=processes, booleans=("false", "true"), command_line=True,
                     mixed_precision_key="ppo.mixed_precision", mixed_precision_source=mixed_precision_source,
                     peft="model.lora.enabled=true", sharding_source=sharding_source)
+
+
+def command_line_limits(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A field's limits as the command line applies them: its ``command_line_choices`` (values the
+    command line resolves before building the engine, e.g. precision ``auto``) replace its ``choices``."""
+    if "command_line_choices" not in meta:
+        return meta
+    return {**{k: v for k, v in meta.items() if k != "command_line_choices"}, "choices": meta["command_line_choices"]}
 
 
 def out_of_range(value: Any, meta: Mapping[str, Any]) -> Optional[str]:
@@ -111,7 +121,7 @@ def _check_ranges(values: Mapping[str, Any], phrasing: Phrasing) -> None:
         value = values[f.name]
         if f.type in ("int", "Optional[int]") and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise SettingsError(f"{phrasing.subject}{f.name} must be an integer, got {value!r}.")
-        problem = out_of_range(value, f.metadata)
+        problem = out_of_range(value, command_line_limits(f.metadata) if phrasing.command_line else f.metadata)
         if problem is not None:
             raise SettingsError(f"{phrasing.subject}{f.name} {problem}, got {value!r}.")
 
@@ -198,15 +208,18 @@ def _example_batch(values: Mapping[str, Any], factor: int, phrasing: Phrasing) -
 
 
 def _check_precision(values: Mapping[str, Any], phrasing: Phrasing) -> None:
-    """bf16 weights already compute in bfloat16: Accelerate's autocast on top is refused."""
-    mode = values.get("mixed_precision")
-    if values["precision"] != "bf16" or mode in (None, "no"):
+    """bf16 weights already compute in bfloat16: Accelerate's autocast on top is refused, and so is
+    ``auto`` with it (auto picks bf16 wherever bfloat16 is fast, so the pair would clash there)."""
+    mode, precision = values.get("mixed_precision"), values["precision"]
+    if precision not in ("bf16", AUTO_PRECISION) or mode in (None, "no"):
         return
     key, mp = phrasing.key("precision"), phrasing.mixed_precision_key
     source = phrasing.mixed_precision_source or f"{mp}={mode}"
+    what = ("already computes in bfloat16 (bfloat16 weights, float32 master weights)" if precision == "bf16" else
+            "computes in bfloat16 (bfloat16 weights, float32 master weights) on a device with fast bfloat16")
     raise SettingsError(
-        f"{key}=bf16 already computes in bfloat16 (bfloat16 weights, float32 master weights), and {source} would "
-        f"add Accelerate's autocast on top. Use one of them: {key}=bf16 with {mp}=no, or {key}=fp32 with {mp}=bf16."
+        f"{key}={precision} {what}, and {source} would add Accelerate's autocast on top. Use one of them: "
+        f"{key}={precision} with {mp}=no, or {key}=fp32 with {mp}=bf16."
     )
 
 

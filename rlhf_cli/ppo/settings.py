@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
-from rlhf_cli.algo.names import ADVANTAGE_ESTIMATORS, KL_LOSS_ESTIMATORS, KL_PENALTY_MODES, PRECISIONS, SHARDINGS
+from rlhf_cli.algo.names import ADVANTAGE_ESTIMATORS, AUTO_PRECISION, KL_LOSS_ESTIMATORS, KL_PENALTY_MODES, PRECISIONS, SHARDINGS
 
 # The mini-batch size mini_batch_size=None stands for: the whole batch, up to this many (TRL: 128).
 DEFAULT_MINI_BATCH_SIZE = 128
@@ -92,7 +92,8 @@ class PPOSettings:
     adam_eps: float = knob(1e-8, gt=0)
     # "bf16" computes with bfloat16 weights and keeps float32 master weights and Adam moments in
     # the optimiser (see rlhf_cli.ppo.precision); "fp32" trains as legacy TRL does.
-    precision: str = knob("fp32", choices=PRECISIONS)
+    # The command line also takes "auto" (AUTO_PRECISION), resolved before the engine is built.
+    precision: str = knob("fp32", choices=PRECISIONS, command_line_choices=(*PRECISIONS, AUTO_PRECISION))
     # Ours: "fsdp2" shards policy, value head, reference and optimiser state over the processes with
     # FSDP2 (rlhf_cli.ppo.sharding); "none" keeps a whole copy per process (DDP).
     sharding: str = knob("none", choices=SHARDINGS)

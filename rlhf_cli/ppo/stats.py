@@ -108,7 +108,7 @@ def minibatch_stats(
     skipped = (ratio_mean > ratio_threshold).float()
     keep = 1.0 - skipped  # legacy TRL reports zero losses for a skipped mini-batch
     with torch.no_grad():
-        critic = _critic_stats(vl, keep, whole) if vl is not None else _absent_critic_stats(loss)
+        critic = _critic_stats(vl, keep, whole, token_count) if vl is not None else _absent_critic_stats(loss)
         return MiniBatchStats(
             policy_loss=pl.loss.detach() * keep,
             total_loss=loss.detach(),
@@ -130,16 +130,17 @@ def _nan(like: Tensor) -> Tensor:
     return torch.full((), float("nan"), device=like.device)
 
 
-def _critic_stats(vl: ValueLoss, keep: Tensor, whole: WholeMiniBatch) -> dict[str, Tensor]:
+def _critic_stats(vl: ValueLoss, keep: Tensor, whole: WholeMiniBatch, token_count: Tensor) -> dict[str, Tensor]:
+    """The value head's stats; ``token_count`` (``whole.mask``'s count) spares the variances a host sync each."""
     return dict(
         value_loss=vl.loss.detach() * keep,
         returns_mean=masked_mean(whole.returns, whole.mask),
-        returns_var=masked_var(whole.returns, whole.mask),
+        returns_var=masked_var(whole.returns, whole.mask, count=token_count),
         vpred=vl.vpred_mean,
         val_error=vl.error,
         val_clipfrac=vl.clipfrac,
         val_mean=masked_mean(whole.old_values, whole.mask),
-        val_var=masked_var(whole.old_values, whole.mask),
+        val_var=masked_var(whole.old_values, whole.mask, count=token_count),
     )
 
 

@@ -317,3 +317,37 @@ def test_bf16_precision_resumes_bit_exactly(workdir, tmp_path):
     wa, wb = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert wa["transformer.wte.weight"].dtype == torch.bfloat16  # final/ holds the bf16 weights
+
+
+def test_precision_auto_is_resolved_once_recorded_and_kept_on_resume(workdir, tmp_path):
+    """ppo.precision=auto: the run's config.yaml (and its checkpoints') record the precision it resolved
+    to on this machine, the fallback notice is printed once, and a resumed run (auto again) continues
+    in the recorded precision without a config change being reported."""
+    from omegaconf import OmegaConf
+
+    from rlhf_cli.ppo.precision import resolve_precision
+
+    expected, notice = resolve_precision("auto", "cpu")  # this machine's answer: fp32 here unless AVX-512 BF16/AMX
+    common = ["+recipe=smoke", "reward=vader", "ppo.precision=auto", "checkpoint.every=2", f"output_dir={tmp_path / 'run'}"]
+
+    def run(steps: int, *extra: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "rlhf_cli", "train", *common, f"steps={steps}", *extra]
+        result = subprocess.run(args, cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    first = run(2)
+    assert (first.stdout + first.stderr).count("ppo.precision=auto: training in fp32") == (1 if notice else 0)
+    recorded = OmegaConf.load(tmp_path / "run" / "config.yaml").ppo.precision
+    assert recorded == expected
+    assert OmegaConf.load(tmp_path / "run" / "checkpoints" / "step-2" / "config.yaml").ppo.precision == expected
+    resumed = run(3, "checkpoint.resume=auto")
+    assert "ppo.precision" not in resumed.stdout  # no "changed" line: the resolved value is the checkpoint's
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").ppo.precision == expected
+
+
+def test_cfg_job_shows_the_recipes_precision_setting(workdir):
+    result = subprocess.run([sys.executable, "-m", "rlhf_cli", "train", "+recipe=smollm2_imdb", "--cfg", "job"],
+                            cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "  precision: auto\n" in result.stdout and "  mixed_precision: null\n" in result.stdout
