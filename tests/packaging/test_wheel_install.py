@@ -73,7 +73,7 @@ def test_wheel_carries_every_config_and_recipe(wheel: Path) -> None:
     assert {"rlhf_cli/_configs/train.yaml", "rlhf_cli/_recipes/smoke.yaml", "rlhf_cli/__main__.py"} <= names
     packaged = {n for n in names if n.startswith(("rlhf_cli/_configs/", "rlhf_cli/_recipes/"))}
     in_checkout = {f"rlhf_cli/_configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
-    in_checkout |= {f"rlhf_cli/_recipes/{p.name}" for p in (REPO / "recipes").glob("*.yaml")}
+    in_checkout |= {f"rlhf_cli/_recipes/{p.relative_to(REPO / 'recipes')}" for p in (REPO / "recipes").rglob("*.yaml")}
     assert packaged == in_checkout
     assert "rlhf = rlhf_cli.cli:main" in entry_points
 
