@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rlhf_cli.data.preferences import render_chat
+from rlhf_cli.data.sources import prompt_table_features
 from rlhf_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def chat_prompt_data(train_raw: "datasets.Dataset", cfg: Any, tokenizer: "PreTra
 
     def table(rows: list[str]) -> "datasets.Dataset":
         ids = tokenizer(rows, add_special_tokens=False)["input_ids"] if rows else []
-        features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")), "query": datasets.Value("string")})
+        features = prompt_table_features()
         return datasets.Dataset.from_dict({"input_ids": ids, "query": rows}, features=features)
 
     return table(train_texts), table(heldout_texts)

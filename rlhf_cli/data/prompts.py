@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from rlhf_cli.data.chat_prompts import chat_prompt_data, is_conversational
-from rlhf_cli.data.sources import datasets_quiet, describe_source, load_text_dataset
+from rlhf_cli.data.sources import datasets_quiet, describe_source, load_text_dataset, prompt_table_features
 from rlhf_cli.data.text import clean_html_batch
 from rlhf_cli.errors import DataError
 
@@ -172,7 +172,7 @@ def _tokenized(
     """Stage 6: ``texts`` -> Dataset(input_ids, query), one prompt length drawn per row in row order."""
     import datasets
 
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")), "query": datasets.Value("string")})
+    features = prompt_table_features()
     if len(texts) == 0:  # map() skips empty datasets without applying `features`: build the empty table here
         return datasets.Dataset.from_dict({"input_ids": [], "query": []}, features=features)
     rng = np.random.default_rng([seed % _SEED_MODULUS, stream])

@@ -280,3 +280,12 @@ def _is_one_document(path: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def prompt_table_features() -> "datasets.Features":
+    """The columns of a prompt table (``input_ids``: token ids, ``query``: the prompt's text), written once.
+    ``datasets.List`` is 4.x's name for a list feature; 3.x (the supported floor) calls it ``Sequence``."""
+    import datasets
+
+    list_of = getattr(datasets, "List", None) or datasets.Sequence
+    return datasets.Features({"input_ids": list_of(datasets.Value("int64")), "query": datasets.Value("string")})
