@@ -26,10 +26,11 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 class HeadLogProbs(NamedTuple):
-    """logprobs [N] (differentiable), entropy [N] (a statistic: no gradient); float32, or float64 for float64 inputs."""
+    """logprobs [N] (differentiable), entropy [N] (a statistic: no gradient; None when not asked for);
+    float32, or float64 for float64 inputs."""
 
     logprobs: Tensor
-    entropy: Tensor
+    entropy: Optional[Tensor]
 
 
 def tokens_per_chunk(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
@@ -42,47 +43,72 @@ def _compute_dtype(weight: Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """The head over one chunk: [n, H] -> [n, V] in at least float32 (formed in the weight's dtype, then upcast)."""
-    return F.linear(hidden, weight, bias).to(_compute_dtype(weight))
+def _chunk_logits(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The head over one chunk, [n, H] -> [n, V], written into ``out`` (the call's reused float32 buffer):
+    formed in the weight's dtype, then upcast. Writing into one buffer matters on the CPU: a fresh
+    64 MiB tensor per chunk is fresh pages from the OS each time, and faulting them in cost as much as
+    every softmax pass together (measured: ``torch.exp`` into a new tensor 0.045 s, in place 0.02 s)."""
+    if weight.dtype != out.dtype:
+        return out.copy_(F.linear(hidden, weight, bias))
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _chunk_forward(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _chunk_forward(logits: Tensor, labels: Tensor, exps: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(logprob of the label, logsumexp, entropy) of float32 logits [n, V] with labels [n]: three [n].
 
-    Computed from the logits shifted by their maximum: the entropy lse − Σ p·l is then a difference of
-    small numbers, not of two large ones that cancel (logits of 1e4 would give a negative entropy).
+    Overwrites ``logits``. ``exps`` is a scratch [n, V] for the entropy, or None to skip the entropy
+    (None returned). Everything is taken from the logits shifted by their maximum s = l − max: the label's
+    log-probability s_y − log Σ e^s is then ≤ 0 exactly (s_y ≤ 0 and the sum holds e^0 = 1), and the
+    entropy log Σ e^s − Σ p·s is a difference of small numbers, not of two large ones that cancel.
     """
-    shifted = logits - logits.amax(dim=-1, keepdim=True)
-    shifted_lse = torch.logsumexp(shifted, dim=-1)
-    label_logprobs = shifted.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - shifted_lse
-    probs = torch.exp(shifted - shifted_lse.unsqueeze(-1))
-    # An impossible token (l = −inf, p = 0) contributes 0, not 0·(−inf) = NaN.
-    expected = (probs * torch.where(probs > 0, shifted, torch.zeros_like(shifted))).sum(dim=-1)
-    return label_logprobs, shifted_lse + (logits - shifted)[:, 0], shifted_lse - expected
+    maxes = logits.amax(dim=-1, keepdim=True)
+    shifted = logits.sub_(maxes)
+    label_shifted = shifted.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if exps is None:
+        log_sums = shifted.exp_().sum(dim=-1).log_()
+        return label_shifted - log_sums, log_sums + maxes.squeeze(-1), None
+    sums = torch.exp(shifted, out=exps).sum(dim=-1)
+    log_sums = sums.log()
+    # An impossible token (l = −inf, e^s = 0) must contribute 0 to Σ e^s·s, not 0·(−inf) = NaN.
+    shifted.clamp_(min=torch.finfo(shifted.dtype).min)
+    expected = torch.bmm(exps.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / sums
+    return label_shifted - log_sums, log_sums + maxes.squeeze(-1), log_sums - expected
 
 
 def _chunk_logit_grad(logits: Tensor, lse: Tensor, labels: Tensor, grad: Tensor) -> Tensor:
-    """d(Σ grad·logprob)/d logits for one chunk: grad·(onehot(label) − softmax), [n, V] float32."""
-    dlogits = torch.exp(logits - lse.unsqueeze(-1)).mul_(-grad.unsqueeze(-1))
+    """d(Σ grad·logprob)/d logits for one chunk, grad·(onehot(label) − softmax), in place of the float32 logits [n, V]."""
+    dlogits = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
     return dlogits.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1))
 
 
+def _logits_buffer(hidden: Tensor, weight: Tensor, chunk: int) -> Tensor:
+    """The one float32 (or wider) [chunk, V] buffer a call writes every chunk's logits into."""
+    return hidden.new_empty((min(chunk, hidden.shape[0]), weight.shape[0]), dtype=_compute_dtype(weight))
+
+
 class ChunkedHeadLogProbs(torch.autograd.Function):
-    """``(hidden [N, H], weight [V, H], bias [V] | None, labels [N], chunk) -> (logprobs [N], entropy [N])``.
+    """``(hidden [N, H], weight [V, H], bias [V] | None, labels [N], chunk, with_entropy) -> (logprobs [N], entropy)``,
+    entropy [N], or an empty tensor without ``with_entropy``.
 
     Forward and backward both loop over ``chunk`` tokens; only ``logprobs`` has a gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, chunk: int):  # type: ignore[override]
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, chunk: int, with_entropy: bool):  # type: ignore[override]
         n_tokens = hidden.shape[0]
         logprobs = hidden.new_empty(n_tokens, dtype=_compute_dtype(weight))
         lse = torch.empty_like(logprobs)
-        entropy = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if with_entropy else logprobs.new_empty(0)
+        buffer = _logits_buffer(hidden, weight, chunk)
+        exps = torch.empty_like(buffer) if with_entropy else None
         for start in range(0, n_tokens, chunk):
-            part = slice(start, start + chunk)
-            logprobs[part], lse[part], entropy[part] = _chunk_forward(_chunk_logits(hidden[part], weight, bias), labels[part])
+            part, n = slice(start, start + chunk), min(chunk, n_tokens - start)
+            logits = _chunk_logits(buffer[:n], hidden[part], weight, bias)
+            logprobs[part], lse[part], part_entropy = _chunk_forward(logits, labels[part], None if exps is None else exps[:n])
+            if part_entropy is not None:
+                entropy[part] = part_entropy
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(entropy)
@@ -98,37 +124,48 @@ class ChunkedHeadLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
         grad_logprobs = grad_logprobs.to(dtype)
+        buffer = _logits_buffer(hidden, weight, ctx.chunk)
         for start in range(0, hidden.shape[0], ctx.chunk):
-            part = slice(start, start + ctx.chunk)
-            logits = _chunk_logits(hidden[part], weight, bias)
+            part, n = slice(start, start + ctx.chunk), min(ctx.chunk, hidden.shape[0] - start)
+            logits = _chunk_logits(buffer[:n], hidden[part], weight, bias)
             dlogits = _chunk_logit_grad(logits, lse[part], labels[part], grad_logprobs[part])
-            del logits
             if grad_bias is not None:
                 grad_bias += dlogits.sum(dim=0)
             dlogits = dlogits.to(weight.dtype)  # as the straightforward path rounds the logits' gradient
             if grad_hidden is not None:
                 grad_hidden[part] = dlogits @ weight
             if grad_weight is not None:
-                grad_weight += (dlogits.t() @ hidden[part]).to(dtype)
+                _add_weight_grad(grad_weight, dlogits, hidden[part])
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
             None,
             None,
+            None,
         )
 
 
+def _add_weight_grad(grad_weight: Tensor, dlogits: Tensor, hidden: Tensor) -> None:
+    """grad_weight += dlogits.T @ hidden, in place where the dtypes allow (no [V, H] temporary per chunk)."""
+    if dlogits.dtype == hidden.dtype == grad_weight.dtype:
+        grad_weight.addmm_(dlogits.t(), hidden)
+    else:
+        grad_weight += (dlogits.t() @ hidden).to(grad_weight.dtype)
+
+
 def chunked_head_logprobs(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, chunk: Optional[int] = None
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, chunk: Optional[int] = None,
+    entropy: bool = True,
 ) -> HeadLogProbs:
     """log softmax(hidden @ weight.T + bias)[label] and the entropy of that softmax, per token.
 
-    hidden [N, H], weight [V, H], bias [V] or None, labels [N] -> HeadLogProbs([N], [N]), float32.
+    hidden [N, H], weight [V, H], bias [V] or None, labels [N] -> HeadLogProbs([N], [N] or None), float32.
     ``chunk`` tokens at a time (default: :func:`tokens_per_chunk` of V), in forward and backward.
+    ``entropy=False`` skips the entropy (two passes over each chunk's logits): ``HeadLogProbs.entropy`` is None.
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"chunked_head_logprobs wants hidden [N, H] and labels [N]; got {tuple(hidden.shape)}, {tuple(labels.shape)}.")
     chunk = chunk or tokens_per_chunk(weight.shape[0])
-    logprobs, entropy = ChunkedHeadLogProbs.apply(hidden, weight, bias, labels.long(), chunk)
-    return HeadLogProbs(logprobs=logprobs, entropy=entropy)
+    logprobs, entropies = ChunkedHeadLogProbs.apply(hidden, weight, bias, labels.long(), chunk, entropy)
+    return HeadLogProbs(logprobs=logprobs, entropy=entropies if entropy else None)

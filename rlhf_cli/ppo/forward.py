@@ -32,12 +32,16 @@ class ResponseOutputs(NamedTuple):
     entropy: Tensor | None = None
 
 
-def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = True, logits: bool = True) -> ResponseOutputs:
+def response_outputs(
+    model: nn.Module, batch: PackedBatch, *, values: bool = True, logits: bool = True, entropy: bool = True
+) -> ResponseOutputs:
     """One forward pass of ``model`` over ``batch``, sliced to the response positions.
 
     ``logits=False``: the caller needs no logits; where the model allows it (:func:`chunkable_lm_head`)
     the LM head and log-softmax then run in chunks of tokens and no [B, T, V] tensor is made
-    (``ResponseOutputs.logits`` None, ``entropy`` set); elsewhere the logits are computed as usual.
+    (``ResponseOutputs.logits`` None, ``entropy`` set unless ``entropy=False``: the no-gradient passes,
+    which read no entropy, skip its two passes over every chunk's logits); elsewhere the logits are
+    computed as usual.
 
     ``values=False`` skips the value head (a critic-free estimator; the reference, whose values
     nobody reads): ``ResponseOutputs.values`` is then None.
@@ -54,7 +58,7 @@ def response_outputs(model: nn.Module, batch: PackedBatch, *, values: bool = Tru
     batch = batch.to(_device_of(model, batch.input_ids.device))
     head = None if logits or batch.is_encoder_decoder else chunkable_lm_head(model)
     if head is not None:
-        chunked = chunked_response_outputs(model, head, batch, values=values)
+        chunked = chunked_response_outputs(model, head, batch, values=values, entropy=entropy)
         return ResponseOutputs(logits=None, logprobs=chunked.logprobs, values=chunked.values, entropy=chunked.entropy)
     width_t = batch.response_width
     with_values = {"with_values": False} if not values else {}  # the wrappers' default: values on
@@ -155,9 +159,9 @@ def score_rollout(
     for start in range(0, batch.batch_size, chunk_size):
         rows = list(range(start, min(start + chunk_size, batch.batch_size)))
         chunk = batch if len(rows) == batch.batch_size else batch.select(rows)
-        pol = response_outputs(policy, chunk, values=need_values, logits=logits)
+        pol = response_outputs(policy, chunk, values=need_values, logits=logits, entropy=False)
         with _as_context(reference) as ref_model:
-            ref = response_outputs(ref_model, chunk, values=False, logits=logits)
+            ref = response_outputs(ref_model, chunk, values=False, logits=logits, entropy=False)
         kl = full_kl(pol.logits, ref.logits) if need_full_kl else None
         parts.append(RolloutScores(pol.logprobs, pol.values, ref.logprobs, kl))
     width = batch.response_width

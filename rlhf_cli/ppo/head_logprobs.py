@@ -23,10 +23,11 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"
 
 
 class HeadOutputs(NamedTuple):
-    """Response-aligned [B, T] float32 log-probabilities, entropies and values (None without the value head); 0 at padding."""
+    """Response-aligned [B, T] float32 log-probabilities, entropies (None when not asked for) and values
+    (None without the value head); 0 at padding."""
 
     logprobs: Tensor
-    entropy: Tensor
+    entropy: Optional[Tensor]
     values: Optional[Tensor]
 
 
@@ -67,18 +68,22 @@ def _real_tokens(batch: PackedBatch) -> tuple[Tensor, Tensor, Tensor]:
     return keep, rows, cols
 
 
-def chunked_response_outputs(model: nn.Module, head: nn.Linear, batch: PackedBatch, *, values: bool) -> HeadOutputs:
+def chunked_response_outputs(model: nn.Module, head: nn.Linear, batch: PackedBatch, *, values: bool, entropy: bool) -> HeadOutputs:
     """One forward pass of the decoder-only ``model`` without its LM head, then the chunked head at the
-    real response tokens: [B, T] log-probabilities (with graph), entropies (without) and values."""
+    real response tokens: [B, T] log-probabilities (with graph), entropies (without; when ``entropy``) and values."""
     keep, rows, cols = _real_tokens(batch)
     hidden, _, value_out = model(**batch.model_inputs(), logits_to_keep=keep, with_values=values, lm_head=False)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [B, T, H] or already [N, H], row-major either way
     if value_out is not None:
         value_out = value_out.reshape(-1)
-    out = chunked_head_logprobs(hidden, head.weight, head.bias, batch.response_ids[rows, cols])
+    out = chunked_head_logprobs(hidden, head.weight, head.bias, batch.response_ids[rows, cols], entropy=entropy)
     shape = (batch.batch_size, batch.response_width)
 
     def scatter(flat: Tensor) -> Tensor:
         return flat.new_zeros(shape).index_put((rows, cols), flat)
 
-    return HeadOutputs(scatter(out.logprobs), scatter(out.entropy), None if value_out is None else scatter(value_out.float()))
+    return HeadOutputs(
+        scatter(out.logprobs),
+        None if out.entropy is None else scatter(out.entropy),
+        None if value_out is None else scatter(value_out.float()),
+    )

@@ -77,3 +77,28 @@ def test_tokens_per_chunk_and_shape_errors():
     hidden, weight, _, labels, _ = _inputs(torch.float32, bias=False)
     with pytest.raises(ValueError, match=r"hidden \[N, H\]"):
         chunked_head_logprobs(hidden.unsqueeze(0), weight, None, labels)
+
+
+def test_without_the_entropy_the_logprobs_and_gradients_are_the_same():
+    """The no-gradient passes skip the entropy (``entropy=False``): nothing else may change, to the bit."""
+    hidden, weight, b, labels, upstream = _inputs(torch.float32, bias=True)
+    full = chunked_head_logprobs(hidden, weight, b, labels, chunk=8)
+    bare = chunked_head_logprobs(hidden, weight, b, labels, chunk=8, entropy=False)
+    assert bare.entropy is None
+    assert torch.equal(bare.logprobs, full.logprobs)
+    for grad, expected in zip(_grads(bare.logprobs, upstream, (hidden, weight, b)), _grads(full.logprobs, upstream, (hidden, weight, b))):
+        assert torch.equal(grad, expected)
+
+
+def test_impossible_tokens_add_nothing_to_the_entropy():
+    """A token whose logit is −inf (p = 0) contributes 0·(−inf) := 0 to Σ p·log p, not NaN."""
+    hidden, weight, b, labels, _ = _inputs(torch.float32, bias=True)
+    banned = torch.zeros_like(b, dtype=torch.bool)
+    banned[1::3] = True
+    b = b.detach().masked_fill(banned, float("-inf"))
+    labels = torch.where(banned[labels], labels + 1, labels)  # the labels themselves are possible
+    out = chunked_head_logprobs(hidden, weight, b, labels, chunk=8)
+    allowed = torch.nn.functional.linear(hidden, weight, b).detach()[:, ~banned]
+    expected = -(allowed.softmax(-1) * allowed.log_softmax(-1)).sum(-1)
+    assert torch.isfinite(out.entropy).all() and torch.isfinite(out.logprobs).all()
+    torch.testing.assert_close(out.entropy, expected, atol=1e-4, rtol=1e-5)
