@@ -56,7 +56,7 @@ def _chunk_logits(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Te
 
 
 def _chunk_forward(logits: Tensor, labels: Tensor, exps: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(logprob of the label, logsumexp, entropy) of float32 logits [n, V] with labels [n]: three [n].
+    """(logprob of the label, logsumexp, entropy) of float32 logits [n, V] with labels [n]: three [n] (entropy None without ``exps``).
 
     Overwrites ``logits``. ``exps`` is a scratch [n, V] for the entropy, or None to skip the entropy
     (None returned). Everything is taken from the logits shifted by their maximum s = l − max: the label's
