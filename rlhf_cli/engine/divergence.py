@@ -10,6 +10,9 @@ spike the run survives. The run stops (exit 2, one paragraph) when it has diverg
 * generation met non-finite logits (the weights give no usable distribution), or
 * the weights themselves are not finite where a checkpoint or ``final/`` would be written (so
   neither is ever written from them).
+
+``rlhf reward`` runs the same guard (one optimiser step per step) and stops by the same count of
+steps in a row with a skipped update, and by the same weights check.
 """
 
 from __future__ import annotations
@@ -43,18 +46,25 @@ class DivergenceWatch:
     run_dir: Path
     is_main: bool = True  # every process finds the same divergence; the main one says so
     in_a_row: int = 0
+    reward_model: bool = False  # an ``rlhf reward`` run: its advice names optim.*, not ppo.*
 
     def after_step(self, step: int, stats: dict[str, Any]) -> None:
+        """``rlhf train``: the rule above, from a PPO step's ``ppo/nonfinite_*`` stats."""
         skipped, total = int(stats.get("ppo/nonfinite_minibatches", 0)), int(stats.get("ppo/minibatches", 1))
-        self.in_a_row = self.in_a_row + 1 if skipped else 0
         quantity = "loss" if stats.get("ppo/nonfinite_loss_minibatches", 0) else "gradient norm"
         if skipped and skipped == total:
             self.stop(step, f"the {quantity} was not finite in every one of its {total} mini-batches")
+        self.count(step, bool(skipped), f"the {quantity} was not finite in mini-batches of {STEPS_IN_A_ROW} steps in a row")
+
+    def count(self, step: int, skipped: bool, what: str) -> None:
+        """One step with (``skipped``) or without skipped updates; stops with ``what`` at STEPS_IN_A_ROW."""
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
         if self.in_a_row >= STEPS_IN_A_ROW:
-            self.stop(step, f"the {quantity} was not finite in mini-batches of {STEPS_IN_A_ROW} steps in a row")
+            self.stop(step, what)
 
     def stop(self, step: int, what: str) -> None:
-        error = DivergenceError(divergence_message(self.cfg, self.run_dir, step, what))
+        message = reward_divergence_message if self.reward_model else divergence_message
+        error = DivergenceError(message(self.cfg, self.run_dir, step, what))
         error.quiet = not self.is_main
         raise error
 
@@ -90,15 +100,31 @@ def is_nonfinite_sampling(err: BaseException) -> bool:
 
 
 def divergence_message(cfg: DictConfig, run_dir: Path, step: int, what: str) -> str:
+    """``rlhf train``'s paragraph: what diverged, what to change in ppo.*, where to resume from."""
     ppo = cfg.ppo
-    checkpoints = ckpt.list_checkpoints(run_dir)
-    last_good = (
-        f"The last checkpoint is {checkpoints[-1]}: resume from it with checkpoint.resume=auto and the changes above"
-        if checkpoints else "No checkpoint was written (checkpoint.every sets how often), so start again with the changes"
-    )
-    clip = f"ppo.max_grad_norm={ppo.max_grad_norm} lower" if ppo.max_grad_norm is not None else "ppo.max_grad_norm=1.0"
     return (
         f"Training diverged at step {step}: {what}. Try a lower ppo.learning_rate (now {ppo.learning_rate}), "
-        f"{clip}, or a smaller reward scale (ppo.use_score_scaling=true, ppo.score_clip). {last_good}. "
+        f"{_clip_advice('ppo', ppo.max_grad_norm)}, or a smaller reward scale (ppo.use_score_scaling=true, "
+        f"ppo.score_clip). {_last_good(run_dir)}. final/ was not written."
+    )
+
+
+def reward_divergence_message(cfg: DictConfig, run_dir: Path, step: int, what: str) -> str:
+    """``rlhf reward``'s paragraph, naming its optim.* settings."""
+    optim = cfg.optim
+    return (
+        f"Reward-model training diverged at step {step}: {what}. Try a lower optim.learning_rate (now "
+        f"{optim.learning_rate}) or {_clip_advice('optim', optim.max_grad_norm)}. {_last_good(run_dir)}. "
         f"final/ was not written."
     )
+
+
+def _clip_advice(group: str, max_grad_norm: Optional[float]) -> str:
+    return f"{group}.max_grad_norm={max_grad_norm} lower" if max_grad_norm is not None else f"{group}.max_grad_norm=1.0"
+
+
+def _last_good(run_dir: Path) -> str:
+    checkpoints = ckpt.list_checkpoints(run_dir)
+    if checkpoints:
+        return f"The last checkpoint is {checkpoints[-1]}: resume from it with checkpoint.resume=auto and the changes above"
+    return "No checkpoint was written (checkpoint.every sets how often), so start again with the changes"

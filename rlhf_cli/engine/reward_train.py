@@ -9,7 +9,6 @@ progress bar, ``final/`` (the reward model, loadable by ``reward=learned``), rep
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,14 @@ from omegaconf import DictConfig
 
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine.components import launch_state
+from rlhf_cli.engine.divergence import STEPS_IN_A_ROW, DivergenceWatch
 from rlhf_cli.engine.export import save_final
 from rlhf_cli.engine.report import plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
+from rlhf_cli.engine.run_lock import RunLock, job_lock
+from rlhf_cli.engine.saving import append_metrics, checkpoint_bytes, parameter_bytes, resume_advice, write_checkpoint, write_outputs
 from rlhf_cli.engine.signals import Preempted, StopRequest
+from rlhf_cli.engine.together import agree, agreed
 from rlhf_cli.errors import ConfigError, DataError
 from rlhf_cli.reporting import Reporter
 from rlhf_cli.reward_model.backbone import load_reward_backbone, save_sequence_classifier
@@ -58,12 +61,18 @@ class RewardTrainingRun:
         self.state = launch_state()
         transformers.utils.logging.disable_progress_bar()
         self.cfg = shared_resolved_config(cfg, self.state)
-        resumed_metrics = self._check_start()
-        self._build()
-        self.loop = ckpt.LoopState()
-        if self.resume is not None:
-            self._restore(self.resume)
-        self._start(resumed_metrics, on_start)
+        self.lock = RunLock(Path(self.cfg.output_dir))
+        self.log_error: Optional[BaseException] = None  # the main process's failed metrics write, until agreed on
+        try:
+            resumed_metrics = self._check_start()
+            self._build()
+            self.loop = ckpt.LoopState()
+            if self.resume is not None:
+                self._restore(self.resume)
+            self._start(resumed_metrics, on_start)
+        except BaseException:
+            self.lock.release()  # a failed start leaves no lock file (nor a directory it created)
+            raise
 
     def _check_start(self) -> list[str]:
         cfg = self.cfg
@@ -74,7 +83,11 @@ class RewardTrainingRun:
                 f"optim.batch_size={cfg.optim.batch_size} pairs must divide by the {self.state.num_processes} processes "
                 f"of this launch (each scores an equal share). Use a multiple of {self.state.num_processes}."
             )
+        # One writer per run directory, from before the checkpoint to resume from is even read.
+        self.lock = job_lock(Path(cfg.output_dir), is_main=self.state.is_main_process,
+                             num_processes=self.state.num_processes, command="rlhf reward")
         self.run_dir = RunDirectory(Path(cfg.output_dir), is_main=self.state.is_main_process)
+        self.watch = DivergenceWatch(cfg, self.run_dir.root, is_main=self.state.is_main_process, reward_model=True)
         self.reporter = Reporter(total_steps=0, enabled=self.state.is_main_process, progress=False)
         self.resume, notices = ckpt.find_resume_point(cfg.checkpoint.resume, self.run_dir.root, self.state.process_index)
         continuing = self.run_dir.check_start(resume_from=self.resume.path if self.resume else None,
@@ -142,41 +155,41 @@ class RewardTrainingRun:
         if self.loop.batch_in_epoch == self.trainer.batches_per_epoch:
             self.loop.epoch, self.loop.batch_in_epoch = self.loop.epoch + 1, 0
         if self.state.is_main_process:
-            self.metrics.write(self.loop.step, stats)
+            try:
+                append_metrics(self, self.loop.step, stats)
+            except Exception as err:  # main process only: raised on every process by stop_requested
+                self.log_error = err
             self.reporter.advance(self.loop.step, stats)
             if self.loop.step % int(self.cfg.logging.log_every) == 0:
                 self.reporter.stats_line(self.loop.step, stats)
+        what = f"the loss or gradient norm was not finite in {STEPS_IN_A_ROW} steps in a row (their updates were skipped)"
+        self.watch.count(self.loop.step, bool(stats["train/skipped_update"]), what)  # after the line that says so
         return stats
 
     def save_checkpoint(self) -> Path:
-        """``checkpoints/step-N`` (every rank writes its RNG state; rank 0 the rest)."""
-        accelerator = self.trainer.accelerator
-        tmp = ckpt.temporary_dir(self.run_dir.root, self.loop.step)
-        if self.state.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        # The pair order is a function of (seed, epoch): no data generator to save; the slot holds a placeholder.
-        ckpt.write_rng_file(tmp, self.state.process_index, np.random.default_rng(0))
-        accelerator.wait_for_everyone()
-        if self.state.is_main_process:
-            ckpt.write_main_files(tmp, model=self.trainer.unwrapped_model, trainer_state=self.trainer.state_dict(),
-                                  tokenizer=self.tokenizer, cfg=self.cfg, loop=self.loop, num_processes=self.state.num_processes)
-            ckpt.publish(tmp, self.loop.step, int(self.cfg.checkpoint.keep))
-        accelerator.wait_for_everyone()
-        return tmp.parent / f"step-{self.loop.step}"
+        """``checkpoints/step-N`` (every rank writes its RNG state; rank 0 the rest), written as
+        :func:`rlhf_cli.engine.saving.write_checkpoint` writes ``rlhf train``'s."""
+        model, state, step = self.trainer.unwrapped_model, self.state, self.loop.step
+        self.watch.check_weights(model, step, f"checkpoints/step-{step}")
+        return write_checkpoint(
+            state, self.run_dir.root, step, keep=int(self.cfg.checkpoint.keep), needed=checkpoint_bytes(self, model),
+            advice=resume_advice(self),
+            # The pair order is a function of (seed, epoch): no data generator to save; the slot holds a placeholder.
+            rank_files=lambda tmp: ckpt.write_rng_file(tmp, state.process_index, np.random.default_rng(0)),
+            main_files=lambda tmp: ckpt.write_main_files(
+                tmp, model=model, trainer_state=self.trainer.state_dict(), tokenizer=self.tokenizer, cfg=self.cfg,
+                loop=self.loop, num_processes=state.num_processes),
+        )
 
     def checkpoint_due(self) -> bool:
         every = int(self.cfg.checkpoint.every)
         return every > 0 and self.loop.step % every == 0
 
     def stop_requested(self, request: StopRequest) -> bool:
-        flag = request.received is not None
-        if self.state.num_processes == 1:
-            return flag
-        accelerator = self.trainer.accelerator
-        return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
+        """Whether any process received a stop signal; raises on every process if the main one could
+        not write this step's metrics line (one tiny all-reduce when distributed, for both)."""
+        failed, self.log_error = self.log_error, None
+        return agree(self.state, failed, request.received is not None)
 
     def _evaluate_model(self, name: str) -> PairScore:
         return score_model_on_pairs(name, self.trainer.unwrapped_model, self.tokenizer, self.data.heldout,
@@ -193,39 +206,52 @@ class RewardTrainingRun:
         return results
 
     def finish(self) -> RewardRunSummary:
-        """Save ``final/`` (model, tokenizer, scoring rule), evaluate on the held-out pairs, write the report."""
-        accelerator = self.trainer.accelerator
-        accelerator.wait_for_everyone()
-        results: list[PairScore] = []
-        if self.state.is_main_process:
-            model = self.trainer.unwrapped_model
-            save = save_final if self.head == VALUE_HEAD else save_sequence_classifier
-            save(model, self.tokenizer, self.run_dir.final_dir)
-            ScoringRule(max_length=int(self.cfg.data.max_length), head=self.head).save(self.run_dir.final_dir)
-            results = [self._evaluate_model("learned (this run)"), self.untrained, *self._baselines()]
-            self.run_dir.report_path.write_text(
-                report_markdown(results, steps=self.loop.step, pairs=len(self.data.train)), encoding="utf-8")
-            plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path, CURVES)
-            for result in results:
-                self.reporter.print(result.line())
-            self.reporter.print(f"run directory: [bold]{self.run_dir.root}[/]  (final/ is the reward model: "
-                                f"rlhf train reward=learned reward.model={self.run_dir.root})")
-        accelerator.wait_for_everyone()
-        return RewardRunSummary(self.run_dir.root, self.steps, results)
+        """Save ``final/`` (model, tokenizer, scoring rule), evaluate on the held-out pairs, write the
+        report (main process; agreed, so a failed write there stops every process)."""
+        results = agreed(self.state, lambda: self._write_final() if self.state.is_main_process else [])
+        return RewardRunSummary(self.run_dir.root, self.steps, results or [])
+
+    def _write_final(self) -> list[PairScore]:
+        model, final_dir = self.trainer.unwrapped_model, self.run_dir.final_dir
+        self.watch.check_weights(model, self.loop.step, "final/")
+        save = save_final if self.head == VALUE_HEAD else save_sequence_classifier
+
+        def write_final() -> None:
+            save(model, self.tokenizer, final_dir)
+            ScoringRule(max_length=int(self.cfg.data.max_length), head=self.head).save(final_dir)
+
+        write_outputs(final_dir, "final/", write_final, needed=parameter_bytes(model), advice=resume_advice(self))
+        results = [self._evaluate_model("learned (this run)"), self.untrained, *self._baselines()]
+        advice = "final/ is complete; free some space, then run the same command again to write them."
+        report = report_markdown(results, steps=self.loop.step, pairs=len(self.data.train))
+        write_outputs(self.run_dir.report_path, "report.md",
+                      lambda: self.run_dir.report_path.write_text(report, encoding="utf-8"), advice=advice)
+        write_outputs(self.run_dir.curves_path, "curves.png",
+                      lambda: plot_curves(self.run_dir.metrics_path, self.run_dir.curves_path, CURVES), advice=advice)
+        for result in results:
+            self.reporter.print(result.line())
+        self.reporter.print(f"run directory: [bold]{self.run_dir.root}[/]  (final/ is the reward model: "
+                            f"rlhf train reward=learned reward.model={self.run_dir.root})")
+        return results
 
 
 def run_reward_training(cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = None) -> RewardRunSummary:
     """Run (or continue) a ``rlhf reward`` job; SIGTERM/SIGINT checkpoint and raise :class:`Preempted`."""
     run = RewardTrainingRun(cfg, on_start)
-    with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
-        while run.loop.step < run.steps:
-            run.train_step()
-            saved = run.save_checkpoint() if run.checkpoint_due() else None
-            if run.stop_requested(stop):
-                saved = saved or run.save_checkpoint()
-                raise Preempted(
-                    f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of {run.steps} "
-                    f"and wrote the checkpoint {saved}. Continue it with the same command plus "
-                    f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
-                )
-    return run.finish()
+    try:
+        with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
+            while run.loop.step < run.steps:
+                run.train_step()
+                stopping = run.stop_requested(stop)  # before the checkpoint: none after a lost metrics line
+                saved = run.save_checkpoint() if run.checkpoint_due() or stopping else None
+                if stopping:
+                    error = Preempted(
+                        f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of "
+                        f"{run.steps} and wrote the checkpoint {saved}. Continue it with the same command plus "
+                        f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
+                    )
+                    error.quiet = not run.state.is_main_process  # every process stops; the main one says so
+                    raise error
+        return run.finish()
+    finally:
+        run.lock.release()

@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from rlhf_cli.data.preferences import PreferencePairs
+from rlhf_cli.ppo.guard import check_update, gradient_norm
 from rlhf_cli.reward_model.bradley_terry import bradley_terry_loss, pair_correct, pair_losses, pair_weights
 from rlhf_cli.reward_model.scoring import VALUE_HEAD, pad_id_of, padded_batch, sequence_scores
 
@@ -117,12 +118,17 @@ class RewardModelTrainer:
         loss = bradley_terry_loss(chosen, rejected, margin=margin, tie=tie, ties=self.ties,
                                   center_coefficient=self.center, normaliser=counted / self.accelerator.num_processes)
         self.accelerator.backward(loss)
-        grad_norm = float("nan")
-        if self.max_grad_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
-        self.optimizer.step()
+        # The divergence guard PPO uses: a non-finite loss or gradient norm skips the update (the
+        # weights and the optimiser state stay as they were); the stats say so.
+        norm = gradient_norm(self.accelerator, self.model, self.max_grad_norm)  # clipped to max_grad_norm if set
+        verdict = check_update(self.accelerator, loss, norm)
+        skipped = bool(verdict.skipped)
+        if not skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._stats(chosen.detach(), rejected.detach(), margin, tie, grad_norm)
+        stats = self._stats(chosen.detach(), rejected.detach(), margin, tie, float(norm) if norm is not None else float("nan"))
+        stats.update({"train/skipped_update": float(skipped), "train/nonfinite_loss": float(verdict.loss_nonfinite)})
+        return stats
 
     def _stats(self, chosen, rejected, margin, tie, grad_norm: float) -> dict[str, float]:
         gather = self.accelerator.gather
