@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from rlhf_cli.data.preferences import PreferencePairs, PreferenceRows
-from rlhf_cli.engine.report import standard_error
 from rlhf_cli.reward_model.scoring import VALUE_HEAD
+from rlhf_cli.summary_stats import standard_error
 
 
 @dataclass
