@@ -242,7 +242,7 @@ def heldout_rewards(bench: EngineBench, rows: int) -> dict[str, float]:
     policy before training) and of the trained policy, with the engine's evaluation path and seed; the
     gain's standard error is paired (same prompts, same sampling seed)."""
     from rlhf_cli.engine.heldout import compare_on_heldout, model_generation_settings
-    from rlhf_cli.engine.report import standard_error
+    from rlhf_cli.summary_stats import standard_error
 
     workload, trainer = bench.workload, bench.trainer
     policy = trainer.accelerator.unwrap_model(trainer.model)

@@ -19,7 +19,8 @@ Where each default is written (one rule: a value is written once, by its owner)
 * The offline default (a bare ``rlhf train`` that finishes in minutes on a CPU) is the one named place
   for deviations from TRL's values: the "Offline default" block at the end of configs/train.yaml.
   Recipes are deltas on top of it and set back only what that block changed.
-* Each enumeration (KL modes, trackers, ...) is declared once, here or by its owner, and imported.
+* Each enumeration (KL modes, trackers, ...) is declared once, here or by its owner, and imported:
+  the math's in ``rlhf_cli.algo.names``, those the model and reward builders read in ``rlhf_cli.choices``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from rlhf_cli.algo.names import KL_PENALTY_MODES
+from rlhf_cli.choices import DTYPES, REWARD_SOURCE_TYPES, REWARD_TYPES
 from rlhf_cli.ppo.rules import command_line_limits
 from rlhf_cli.ppo.settings import PPOSettings, ppo_group_fields
 
@@ -64,12 +66,7 @@ def _engine_field(name: str) -> Any:
 
 MODEL_SOURCES = ("pretrained", "review_gpt2", "tiny_gpt2")
 MODEL_KINDS = ("causal", "seq2seq")
-# Weights a model loads in: torch dtype names, or "auto" (the checkpoint's); models.builder maps them.
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 PADDING_SIDES = ("left", "right")
-# The reward sources rlhf_cli.rewards.factory builds (it imports these names).
-REWARD_SOURCE_TYPES = ("vader", "classifier", "callable", "learned")
-REWARD_TYPES = REWARD_SOURCE_TYPES + ("weighted_sum",)
 REWARD_TEXTS = ("response", "full")
 REWARD_OUTPUTS = ("logit", "probability")
 DATASET_SOURCES = ("imdb_local", "hub", "files")

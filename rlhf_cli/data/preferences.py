@@ -13,7 +13,7 @@ Three formats (``data.format=auto`` tells them apart by the columns and their ty
 Optional columns: ``margin`` (float, a minimum score difference for the pair) and ``tie`` (bool);
 other columns are ignored. Column names are configurable (``data.*_column``). Rows whose chosen and
 rejected texts are identical are dropped with a notice; texts longer than ``data.max_length`` tokens
-are truncated (keeping their end, see ``rlhf_cli.reward_model.scoring``) and counted.
+are truncated (keeping their end, see ``rlhf_cli.models.reward_scoring``) and counted.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf_cli.engine.report import MONITOR_PREFIX, Comparison, standard_error
+from rlhf_cli.engine.report import MONITOR_PREFIX, Comparison
 from rlhf_cli.rewards import RewardFunction, score_responses
+from rlhf_cli.summary_stats import standard_error
 
 
 def build_monitors(sources: Sequence[Any]) -> dict[str, RewardFunction]:

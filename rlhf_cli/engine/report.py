@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from rlhf_cli.rewards import RewardFunction, score_responses
 from rlhf_cli.rollout.generation import generate_responses
+from rlhf_cli.summary_stats import standard_error
 
 
 @dataclass
@@ -63,15 +64,6 @@ class Comparison:
             f"{self.se_after:.3f} after (change {self.mean_change:+.3f} ± {self.se_change:.3f}; ± one standard error, "
             f"{len(self.prompts)} prompts, one sample each)"
         )
-
-
-def standard_error(values: list[float]) -> float:
-    """Standard error of the mean of ``values``: sample standard deviation (n - 1) / sqrt(n); 0 for n < 2."""
-    count = len(values)
-    if count < 2:
-        return 0.0
-    mean = sum(values) / count
-    return math.sqrt(sum((value - mean) ** 2 for value in values) / (count - 1) / count)
 
 
 def _respond(model: nn.Module, prompt_ids: list[Tensor], *, seed: int, tokenizer, generation: dict, device) -> list[str]:

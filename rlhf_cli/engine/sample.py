@@ -17,7 +17,6 @@ What ``RUN_DIR_OR_CHECKPOINT`` may be:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.errors import RlhfError
+from rlhf_cli.summary_stats import standard_error
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,7 @@ class Samples:
     @property
     def standard_error(self) -> float:
         """Sample standard deviation (ddof 1) / √N; 0 for a single sample."""
-        count = len(self.rewards)
-        if count < 2:
-            return 0.0
-        variance = sum((r - self.mean) ** 2 for r in self.rewards) / (count - 1)
-        return math.sqrt(variance / count)
+        return standard_error(self.rewards)
 
     def summary(self) -> str:
         """The one-line result, e.g. ``mean reward +0.231 ± 0.041 (standard error) over 128 samples (32 prompts × 4)``."""

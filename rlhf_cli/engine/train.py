@@ -22,20 +22,21 @@ from rlhf_cli.data.prompts import build_prompt_data
 from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine import sharded_state
 from rlhf_cli.engine.batches import PromptStream
-from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps, with_resolved_precision
+from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
 from rlhf_cli.engine.disk import guarded_write, truncate_to
-from rlhf_cli.engine.divergence import DivergenceWatch
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.monitor import build_monitors, heldout_monitor_lines, monitor_scores, monitor_stats
 from rlhf_cli.engine.report import Comparison, plot_curves, summary_lines
-from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
+from rlhf_cli.engine.run_dir import shared_resolved_config
 from rlhf_cli.engine.run_lock import RunLock, job_lock
 from rlhf_cli.engine.saving import restore_checkpoint, resume_advice, save_checkpoint, save_final_model, write_outputs
 from rlhf_cli.engine.signals import Preempted, StopRequest
+from rlhf_cli.engine.start_checks import check_run_start
+from rlhf_cli.engine.step_metrics import log_to_trackers, show_step, throughput
 from rlhf_cli.engine.together import agree, agreed, quiet_when_peer_died
-from rlhf_cli.reporting import Reporter, metrics_line, tracker_logs
+from rlhf_cli.reporting import Reporter, metrics_line
 from rlhf_cli.models import load_policy_and_tokenizer
-from rlhf_cli.ppo.stats import reward_stats, scalar_stats
+from rlhf_cli.ppo.stats import reward_stats
 from rlhf_cli.ppo.timing import PhaseTimer
 from rlhf_cli.ppo.engine import PPOEngine
 from rlhf_cli.rewards import build_reward, score_responses
@@ -100,41 +101,18 @@ class TrainingRun:
 
     # Construction, in order ----------------------------------------------------------------------
     def _check_start(self) -> list[str]:
-        """Launch, run-directory and checkpoint checks, before any model loads; returns the metrics
-        lines a continued run keeps."""
+        """Launch, run-directory and checkpoint checks (engine/start_checks.py), before any model loads;
+        returns the metrics lines a continued run keeps."""
         cfg = self.cfg
         agreed(self.state, lambda: check_launch(cfg, self.state))  # sizes, precision, LoRA, sharding: before any model loads
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         # One writer per run directory, from before the checkpoint to resume from is even read.
         self.lock = job_lock(Path(cfg.output_dir), is_main=self.state.is_main_process, num_processes=self.state.num_processes)
-        return agreed(self.state, self._check_run_dir)
-
-    def _check_run_dir(self) -> list[str]:
-        cfg = self.cfg
-        self.run_dir = RunDirectory(Path(cfg.output_dir), is_main=self.state.is_main_process)
-        self.watch = DivergenceWatch(cfg, self.run_dir.root, is_main=self.state.is_main_process)
+        start = agreed(self.state, lambda: check_run_start(cfg, self.state))
+        self.cfg, self.run_dir, self.watch, self.reporter, self.resume = start.cfg, start.run_dir, start.watch, start.reporter, start.resume
         self.log_error: Optional[BaseException] = None  # the main process's failed metrics write, until agreed on
-        self.reporter = Reporter(total_steps=0, enabled=self.state.is_main_process, progress=False)
-        # The checkpoint is read (trainer state included) and checked before any model loads.
-        self.resume, notices = ckpt.find_resume_point(cfg.checkpoint.resume, self.run_dir.root, self.state.process_index)
-        continuing = self.run_dir.check_start(
-            resume_from=self.resume.path if self.resume else None,
-            resume=cfg.checkpoint.resume,
-            overwrite=bool(cfg.overwrite),
-        )
-        for notice in notices:  # after the refusal: "starting a fresh run" must not precede one
-            self.reporter.print(notice)
-        # ppo.precision=auto becomes this device's precision (a resumed run's: its checkpoint's), once.
-        self.cfg = with_resolved_precision(cfg, self.state.device.type, self.resume and self.resume.config, self.reporter.print)
-        if self.resume is not None:
-            ckpt.check_resumable(self.resume, self.cfg, self.state.num_processes, self.reporter.print)
-        resumed_metrics: list[str] = []
-        if continuing and self.state.is_main_process:
-            resumed_metrics, notice = self.run_dir.resumed_metrics(self.resume.step)
-            if notice:
-                self.reporter.print(notice)
-        return resumed_metrics
+        return start.resumed_metrics
 
     def _build_parts(self) -> None:
         """Policy and tokenizer, prompts, reward, trainer, prompt stream and step count."""
@@ -268,7 +246,7 @@ class TrainingRun:
         # 5. Logging. The step gathered every process's scores once; env/reward_* come from them.
         all_scores = self.trainer.gathered_scores
         stats.update(reward_stats(all_scores))
-        stats.update(self._throughput(rollout, timer.seconds["ppo_step"], all_scores.numel()))
+        stats.update(throughput(self.trainer.accelerator, rollout, timer.seconds["ppo_step"], all_scores.numel()))
         # Monitors score this process's responses (agreed: one failing stops all), then gather them.
         scores = agreed(self.state, lambda: monitor_scores(self.monitors, rollout.batch.queries, rollout.texts))
         stats.update(monitor_stats(scores, self.trainer.accelerator))
@@ -282,37 +260,15 @@ class TrainingRun:
         self.watch.after_step(step, stats)  # the line is written first: it says what went wrong
         return stats
 
-    def _throughput(self, rollout: Rollout, ppo_seconds: float, samples: int) -> dict[str, float]:
-        """time/* and perf/* of a step (new tokens summed over the processes)."""
-        accelerator = self.trainer.accelerator
-        new_tokens = accelerator.gather(torch.tensor([sum(len(r) for r in rollout.responses)], device=accelerator.device)).sum()
-        elapsed = rollout.generation_seconds + rollout.reward_seconds + ppo_seconds
-        return {
-            "time/generation": rollout.generation_seconds,
-            "time/reward": rollout.reward_seconds,
-            "time/ppo_step": ppo_seconds,
-            "time/step": elapsed,
-            "perf/tokens_per_s": float(new_tokens) / elapsed,
-            "perf/samples_per_s": samples / elapsed,
-        }
-
     def _log(self, step: int, stats: dict[str, Any], queries: list[str], texts: list[str], all_scores: torch.Tensor) -> None:
-        """metrics.jsonl, the console and the trackers (through rlhf_cli.reporting); main process only."""
-        log = self.cfg.logging
+        """The trackers, metrics.jsonl and the console (engine/step_metrics.py); main process only."""
         if not self.state.is_main_process:
             return
         # This process's own responses come first in rank order (queries repeat each prompt per response).
         rewards = all_scores[: len(texts)].tolist()
-        if self.trainer.launch.log_with:
-            logs = tracker_logs(scalar_stats(stats), {"query": queries, "response": texts}, rewards)
-            self.trainer.accelerator.log(logs, step=self.trainer.current_step)
+        log_to_trackers(self.trainer, stats, queries, texts, rewards)
         self._write_metrics(step, stats)
-        self.reporter.advance(step, stats)
-        if log.log_every and step % int(log.log_every) == 0:
-            self.reporter.stats_line(step, stats)
-        if log.sample_every and step % int(log.sample_every) == 0:
-            rows = int(log.sample_rows)
-            self.reporter.sample_table(f"samples at step {step}", queries[:rows], texts[:rows], rewards[:rows])
+        show_step(self.reporter, self.cfg.logging, step, stats, queries, texts, rewards)
 
     def _write_metrics(self, step: int, stats: dict[str, Any]) -> None:
         path = self.run_dir.metrics_path

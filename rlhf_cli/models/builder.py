@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from rlhf_cli.choices import DTYPES
 from rlhf_cli.errors import ConfigError, ModelLoadError
 from rlhf_cli.hub import check_loadable, hub_failure_message
 from rlhf_cli.models.dropout import disable_dropout as disable_dropout_in
@@ -27,8 +28,6 @@ from rlhf_cli.models.value_head import (
     check_model_source,
     is_seq2seq_config,
 )
-
-from rlhf_cli.config.schema import DTYPES
 
 if TYPE_CHECKING:
     from rlhf_cli.config.schema import ModelConfig

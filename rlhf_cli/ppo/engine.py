@@ -24,25 +24,19 @@ from torch import Tensor, nn
 from rlhf_cli.algo.advantages import ESTIMATE, settings_from
 from rlhf_cli.algo.functional import Advantages, per_token_rewards, process_scores, ratio_guard
 from rlhf_cli.algo.kl import full_kl, kl_penalty
-from rlhf_cli.algo.kl_control import make_kl_controller
-from rlhf_cli.algo.names import estimator_named
-from rlhf_cli.algo.running_moments import RunningMoments
 from rlhf_cli.models import PreTrainedModelWrapper
-from rlhf_cli.ppo.distributed import gather_rows, gather_samples, own_share, sum_across_processes, sum_shares
+from rlhf_cli.ppo.distributed import gather_rows, gather_samples, own_share, sum_across_processes
 from rlhf_cli.ppo.forward import RolloutScores, response_entropy, response_outputs, score_rollout
 from rlhf_cli.ppo.guard import GuardVerdict, guard_update, nonfinite_warning
 from rlhf_cli.ppo.inputs import as_score_tensor, check_prompt_groups, check_step_inputs, token_ids
 from rlhf_cli.ppo.minibatch import Rows, minibatch_losses, ratio_threshold_warning
 from rlhf_cli.ppo.settings import Launch, PPOSettings
-from rlhf_cli.ppo.sharding import sharding_wanted
-from rlhf_cli.ppo.state import engine_state, restore_engine_state
-from rlhf_cli.ppo.setup import (check_engine_arguments, check_model_arguments, check_sharding, freeze_value_head,
-                                 make_accelerator, prepare_parts, reference_model, shared_layers, training_optimizer)
-from rlhf_cli.ppo.stats import (SHARE_FIELDS, MiniBatchStats, StepStats, WholeMiniBatch, assemble_step_stats,
-                                minibatch_stats, record_final_timings, rollout_stats)
+from rlhf_cli.ppo.setup import build_parts
+from rlhf_cli.ppo.state import engine_state, init_engine_state, restore_engine_state
+from rlhf_cli.ppo.stats import (MiniBatchStats, StepStats, WholeMiniBatch, assemble_step_stats, minibatch_stats,
+                                record_final_timings, rollout_stats, sum_minibatch_shares)
 from rlhf_cli.ppo.timing import PhaseTimer
 from rlhf_cli.rollout.packing import PackedBatch, pack_batch
-from rlhf_cli.seeding import set_seed
 
 
 class PPOEngine:
@@ -69,32 +63,22 @@ class PPOEngine:
         dataloader: Optional[torch.utils.data.DataLoader] = None,
         launch: Optional[Launch] = None,
     ) -> None:
-        """Built in this order: arguments checked, accelerator and sizes, reference model, optimiser,
-        everything prepared by Accelerate (``dataloader`` too, when given), PPO state (KL controller,
-        score moments, shuffling), trackers."""
-        check_model_arguments(model, ref_model)
-        self.launch = launch if launch is not None else Launch()
-        check_engine_arguments(settings, self.launch, model)
+        """Built in this order (:func:`rlhf_cli.ppo.setup.build_parts`): arguments checked, accelerator and
+        sizes, reference model, optimiser, everything prepared by Accelerate (``dataloader`` too, when
+        given); then the PPO state (KL controller, score moments, shuffling: :func:`rlhf_cli.ppo.state.init_engine_state`)
+        and the trackers."""
         self.settings = settings
-        num_shared_layers = shared_layers(ref_model, num_shared_layers)
-        self.estimator = estimator_named(settings.advantage_estimator)
-        self.accelerator = make_accelerator(self.launch, settings.gradient_accumulation_steps)
-        self.sizes = settings.sizes(self.accelerator.num_processes)
-        check_sharding(self.accelerator, model, ref_model)
-        set_seed(settings.seed)
+        self.launch = launch if launch is not None else Launch()
+        parts = build_parts(settings, self.launch, model, ref_model, optimizer=optimizer, num_shared_layers=num_shared_layers,
+                            lr_scheduler=lr_scheduler, dataloader=dataloader)
+        self.estimator, self.accelerator, self.sizes, self.sharded = parts.estimator, parts.accelerator, parts.sizes, parts.sharded
+        self.model, self.optimizer, self.dataloader, self.lr_scheduler, self.ref_model = parts.prepared
         self.tokenizer = tokenizer
         self.is_encoder_decoder = model.is_encoder_decoder
         self.is_peft_model = model.is_peft_model
-        ref_model = reference_model(model, ref_model, num_shared_layers, disable_dropout=settings.disable_dropout)
-        if not self.estimator.needs_critic:
-            freeze_value_head(model)
-        self.sharded = sharding_wanted(settings, self.accelerator)
-        optimizer = training_optimizer(self.accelerator, settings, self.sharded, model, ref_model, optimizer)
-        if settings.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        self.model, self.optimizer, self.dataloader, self.lr_scheduler, self.ref_model = prepare_parts(
-            self.accelerator, self.sharded, model, optimizer, ref_model, dataloader, lr_scheduler)
-        self._init_ppo_state()
+        init_engine_state(self)
+        # The raw scores of the last step's global batch (all processes, rank order), gathered once.
+        self.gathered_scores: Optional[Tensor] = None
         if self.start_trackers_on_init:
             self.start_trackers()
 
@@ -111,18 +95,6 @@ class PPOEngine:
     def _tracker_config(self) -> dict[str, Any]:
         """The hyper-parameters the trackers record."""
         return self.settings.to_dict()
-
-    def _init_ppo_state(self) -> None:
-        """KL controller, score moments, mini-batch shuffling, the step counter (what :meth:`state_dict` saves)."""
-        s = self.settings
-        self.kl_ctl = make_kl_controller(s.adap_kl_ctrl, s.init_kl_coef, s.target, s.horizon)
-        self.running = RunningMoments() if s.use_score_scaling else None
-        # Mini-batch order comes from the trainer's own seeded generator, not the global RNG, so
-        # generation sampling and shuffling do not perturb each other.
-        self.shuffle_generator = torch.Generator().manual_seed(s.seed)
-        self.current_step = 0
-        # The raw scores of the last step's global batch (all processes, rank order), gathered once.
-        self.gathered_scores: Optional[Tensor] = None
 
     # Token ids and the reference ---------------------------------------------------------------
     @property
@@ -306,7 +278,7 @@ class PPOEngine:
                 epoch_policykl.append(stats.policykl)
             if s.early_stopping and self._should_stop_early(torch.stack(epoch_policykl).mean()):
                 break
-        return self._sum_shares(collected)
+        return sum_minibatch_shares(self.accelerator, collected)
 
     def _train_minibatch(
         self, batch: PackedBatch, rows: Tensor, rollout: RolloutScores, advantages: Advantages
@@ -314,7 +286,7 @@ class PPOEngine:
         """One optimisation mini-batch: ``rows`` are its global rows; this process trains on its share.
 
         Fields named in ``stats.SHARE_FIELDS`` are this process's share of a mean over the global
-        mini-batch (summed over processes in :meth:`_sum_shares`); the others are already global.
+        mini-batch (summed over processes by :func:`~rlhf_cli.ppo.stats.sum_minibatch_shares`); the others are already global.
         """
         processes = self.accelerator.num_processes
         own_rows = rows if processes == 1 else own_share(rows, self.accelerator.process_index, processes)
@@ -355,12 +327,6 @@ class PPOEngine:
 
     def _sum_across_processes(self, value: Tensor) -> Tensor:
         return sum_across_processes(self.accelerator, value)
-
-    def _sum_shares(self, collected: list[MiniBatchStats]) -> list[MiniBatchStats]:
-        """Add up the processes' shares of every mini-batch's means (one collective per step)."""
-        columns = [MiniBatchStats._fields.index(name) for name in SHARE_FIELDS]
-        return collected if self.accelerator.num_processes == 1 else [
-            MiniBatchStats(*row.unbind()) for row in sum_shares(self.accelerator, collected, columns)]
 
     # (f) Stats, the KL controller and the scheduler ------------------------------------------------
     def _step_stats(self, batch: PackedBatch, rollout: RolloutScores, kl: Tensor, non_score: Tensor, scores: Tensor,

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_cli.algo.chunked_logprobs import chunked_head_logprobs
-from rlhf_cli.ppo.sharding import is_sharded
 from rlhf_cli.rollout.packing import PackedBatch, real_token_index
+from rlhf_cli.rollout.unwrap import is_sharded
 
 # Architectures whose logits are exactly ``lm_head(last hidden state)`` (no soft-capping, logit
 # scale or other transform after the head): others keep the straightforward path.

@@ -2,29 +2,31 @@
 default optimiser (sharded or with float32 masters as the settings ask), the value head's freezing for
 a critic-free estimator, and the parts prepared by Accelerate.
 
-Pure construction (no PPO math, no step state): the trainer calls these in the order its
-``__init__`` documents.
+Pure construction (no PPO math, no step state): the trainer checks its arguments, then
+:func:`build_parts` builds the rest in the order the trainer's ``__init__`` documents.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
+from rlhf_cli.algo.names import AdvantageEstimator, estimator_named
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import PreTrainedModelWrapper, create_reference_model
 from rlhf_cli.models import disable_dropout as switch_off_dropout
 from rlhf_cli.ppo.distributed import cpu_process_group_needed
 from rlhf_cli.ppo.precision import apply_precision
 from rlhf_cli.ppo.rules import ENGINE, check_settings
-from rlhf_cli.ppo.settings import Launch, PPOSettings, sharding_of_launch
-from rlhf_cli.ppo.sharding import shard_for_training
+from rlhf_cli.ppo.settings import Launch, PPOSettings, Sizes, sharding_of_launch
+from rlhf_cli.ppo.sharding import shard_for_training, sharding_wanted
 from rlhf_cli.rollout.unwrap import zero_stage
+from rlhf_cli.seeding import set_seed
 
 
 def make_accelerator(launch: Launch, gradient_accumulation_steps: int) -> Accelerator:
@@ -170,3 +172,38 @@ def prepare_parts(accelerator: Accelerator, sharded: bool, model: PreTrainedMode
     lr_scheduler = prepared.pop(0) if lr_scheduler is not None else None
     ref_model = ref_model.to(accelerator.device) if ref_model is not None else None
     return model, optimizer, dataloader, lr_scheduler, ref_model
+
+
+class EngineParts(NamedTuple):
+    """What :func:`build_parts` hands the engine."""
+
+    estimator: AdvantageEstimator
+    accelerator: Accelerator
+    sizes: Sizes
+    sharded: bool  # FSDP2: the trainer shards its models itself (rlhf_cli.ppo.sharding)
+    prepared: tuple[Any, ...]  # (model, optimiser, dataloader, scheduler, reference), as prepare_parts returns them
+
+
+def build_parts(settings: PPOSettings, launch: Launch, model: PreTrainedModelWrapper, ref_model: PreTrainedModelWrapper | None,
+                *, optimizer: torch.optim.Optimizer | None, num_shared_layers: int | None, lr_scheduler: Any,
+                dataloader: Any) -> EngineParts:
+    """The arguments checked, then in this order: accelerator and sizes, the seed, the reference model,
+    the value head frozen when no critic is trained, the optimiser, gradient checkpointing, and
+    everything prepared by Accelerate."""
+    check_model_arguments(model, ref_model)
+    check_engine_arguments(settings, launch, model)
+    num_shared_layers = shared_layers(ref_model, num_shared_layers)
+    estimator = estimator_named(settings.advantage_estimator)
+    accelerator = make_accelerator(launch, settings.gradient_accumulation_steps)
+    sizes = settings.sizes(accelerator.num_processes)
+    check_sharding(accelerator, model, ref_model)
+    set_seed(settings.seed)
+    ref_model = reference_model(model, ref_model, num_shared_layers, disable_dropout=settings.disable_dropout)
+    if not estimator.needs_critic:
+        freeze_value_head(model)
+    sharded = sharding_wanted(settings, accelerator)
+    optimizer = training_optimizer(accelerator, settings, sharded, model, ref_model, optimizer)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    prepared = prepare_parts(accelerator, sharded, model, optimizer, ref_model, dataloader, lr_scheduler)
+    return EngineParts(estimator, accelerator, sizes, sharded, prepared)

@@ -15,7 +15,7 @@ leaves it as it is.
   :mod:`rlhf_cli.ppo.precision`'s master-weight optimiser is not used).
 * **Reference**: a frozen copy sharded the same way (no optimiser state); its forward is a
   collective like the policy's.
-* **Generation**: :func:`unsharded_root` gathers the root's own parameters for the duration of
+* **Generation**: ``unsharded_root`` (in :mod:`rlhf_cli.rollout.unwrap`, below the engine) gathers the root's own parameters for the duration of
   ``generate`` (which bypasses the root's forward); blocks gather theirs in their forward, so every
   process must run the same number of forward passes: ``synced_gpus=True``.
 * **State**: :func:`full_model_state` / :func:`full_optimizer_state` gather full (unsharded) state
@@ -25,27 +25,20 @@ leaves it as it is.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from rlhf_cli.errors import ConfigError
+from rlhf_cli.rollout.unwrap import is_sharded, unsharded_root  # noqa: F401 (generation's FSDP2 facts, re-exported)
 
 # FSDP2 warns about every module output that is a view (the value head's squeeze, the logits slice):
 # an in-place op on one would skip a gather. rlhf_cli's losses are out of place, and the 2-process
 # equivalence tests check the gradients. Set here, at import: the engine builds the trainer inside
 # warnings.catch_warnings(), which would drop a filter set while sharding.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` was sharded by :func:`shard_model`."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -118,16 +111,6 @@ def repoint_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str
     new = dict(model.named_parameters())
     for group in optimizer.param_groups:
         group["params"] = [new[old_names[id(p)]] if id(p) in old_names else p for p in group["params"]]
-
-
-@contextlib.contextmanager
-def unsharded_root(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with its root's own parameters gathered (embeddings, head), for ``generate``."""
-    model.unshard()
-    try:
-        yield model
-    finally:
-        model.reshard()
 
 
 def _full(value: Any) -> Any:

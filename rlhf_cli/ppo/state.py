@@ -1,4 +1,5 @@
-"""What a checkpoint saves of a PPO engine besides the model weights, and how it is restored.
+"""A PPO engine's training state besides the model weights: how it starts, what a checkpoint saves of
+it, and how it is restored.
 
 Optimizer and scheduler state, the KL coefficient, the running score moments, the mini-batch
 shuffling generator and the step counter: everything an exact continuation needs.
@@ -8,6 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from rlhf_cli.algo.kl_control import make_kl_controller
+from rlhf_cli.algo.running_moments import RunningMoments
 from rlhf_cli.ppo.sharding import full_optimizer_state, load_full_optimizer_state
 
 if TYPE_CHECKING:
@@ -16,6 +21,18 @@ if TYPE_CHECKING:
 
 def _state_or_none(part: Any) -> Any:
     return part.state_dict() if part is not None else None
+
+
+def init_engine_state(engine: PPOEngine) -> None:
+    """A new engine's KL controller, score moments, mini-batch shuffling and step counter (what
+    :func:`engine_state` saves besides the optimiser and scheduler), from its settings."""
+    s = engine.settings
+    engine.kl_ctl = make_kl_controller(s.adap_kl_ctrl, s.init_kl_coef, s.target, s.horizon)
+    engine.running = RunningMoments() if s.use_score_scaling else None
+    # Mini-batch order comes from the trainer's own seeded generator, not the global RNG, so
+    # generation sampling and shuffling do not perturb each other.
+    engine.shuffle_generator = torch.Generator().manual_seed(s.seed)
+    engine.current_step = 0
 
 
 def engine_state(engine: "PPOEngine") -> dict[str, Any]:

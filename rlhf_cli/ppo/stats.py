@@ -8,15 +8,19 @@ arrays for histograms) with the typed values the step's control flow reads.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from rlhf_cli.algo.functional import PolicyLoss, ValueLoss, masked_mean, masked_var
+from rlhf_cli.ppo.distributed import sum_shares
 from rlhf_cli.ppo.guard import GuardVerdict
 from rlhf_cli.ppo.timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class MiniBatchStats(NamedTuple):
@@ -76,6 +80,15 @@ SHARE_FIELDS = (
     "policy_loss", "value_loss", "total_loss", "entropy", "approxkl", "policykl", "clipfrac",
     "vpred", "val_error", "val_clipfrac", "kl_loss", "nonfinite_loss",
 )
+
+
+def sum_minibatch_shares(accelerator: Accelerator, collected: list[MiniBatchStats]) -> list[MiniBatchStats]:
+    """Every mini-batch's stats with the processes' shares (:data:`SHARE_FIELDS`) added up: one
+    collective per step; the collected stats themselves on one process."""
+    if accelerator.num_processes == 1:
+        return collected
+    columns = [MiniBatchStats._fields.index(name) for name in SHARE_FIELDS]
+    return [MiniBatchStats(*row.unbind()) for row in sum_shares(accelerator, collected, columns)]
 
 
 class WholeMiniBatch(NamedTuple):

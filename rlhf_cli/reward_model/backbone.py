@@ -6,7 +6,7 @@ model.name_or_path=DIR`` needs no extra key: a checkpoint whose ``config.json`` 
 model type with a sequence-classification class and no causal LM (DistilBERT), loads as
 ``AutoModelForSequenceClassification`` with one label; everything else (the review GPT-2, tiny GPT-2,
 causal LMs, GGUF files) is the language model with a scalar value head on its last token. The scoring
-rule of each (padding side, special tokens, which score is read) is ``reward_model.scoring.HEAD_RULES``.
+rule of each (padding side, special tokens, which score is read) is ``models.reward_scoring.HEAD_RULES``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rlhf_cli.errors import ConfigError, ModelLoadError
-from rlhf_cli.reward_model.scoring import SEQUENCE_CLASSIFICATION, VALUE_HEAD
+from rlhf_cli.models.reward_scoring import SEQUENCE_CLASSIFICATION, VALUE_HEAD
 
 _ENCODER_PRETRAINING = ("ForMaskedLM", "ForPreTraining")
 _COMPOSED_TANH_GELU = ("gelu_new", "gelu_fast")
@@ -185,14 +185,3 @@ def save_sequence_classifier(model: torch.nn.Module, tokenizer: Any, out_dir: Pa
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def load_saved_reward_model(path: Path, head: str) -> torch.nn.Module:
-    """A reward model's ``final/`` directory as ``head`` says, in float32 (load errors are the caller's to word)."""
-    if head == VALUE_HEAD:
-        from rlhf_cli.models import AutoModelForCausalLMWithValueHead
-
-        return AutoModelForCausalLMWithValueHead.from_pretrained(str(path), dtype=torch.float32)
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)

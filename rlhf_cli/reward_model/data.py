@@ -15,7 +15,7 @@ from rlhf_cli.data.preferences import (
     read_preference_table,
 )
 from rlhf_cli.errors import DataError
-from rlhf_cli.reward_model.scoring import VALUE_HEAD, encode_texts
+from rlhf_cli.models.reward_scoring import VALUE_HEAD, encode_texts
 
 
 @dataclass
@@ -88,7 +88,7 @@ def build_preference_data(cfg: Any, tokenizer: Any, seed: int, head: str = VALUE
 
 
 def tokenize_pairs(rows: PreferenceRows, tokenizer: Any, max_length: int, head: str = VALUE_HEAD) -> PreferencePairs:
-    """Token ids of both sides under the scoring rule of a ``head`` backbone (``rlhf_cli.reward_model.scoring``),
+    """Token ids of both sides under the scoring rule of a ``head`` backbone (``rlhf_cli.models.reward_scoring``),
     counting the pairs that had a side truncated."""
     chosen_ids, chosen_cut = encode_texts(tokenizer, rows.chosen_texts, max_length, head)
     rejected_ids, rejected_cut = encode_texts(tokenizer, rows.rejected_texts, max_length, head)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from rlhf_cli.data.preferences import PreferencePairs, PreferenceRows
-from rlhf_cli.engine.report import standard_error
-from rlhf_cli.reward_model.scoring import VALUE_HEAD
+from rlhf_cli.models.reward_scoring import VALUE_HEAD
+from rlhf_cli.summary_stats import standard_error
 
 
 @dataclass
@@ -44,7 +44,7 @@ def pair_score(name: str, chosen: Sequence[float], rejected: Sequence[float], ti
 def score_model_on_pairs(name: str, model: Any, tokenizer: Any, pairs: PreferencePairs, *, batch_size: int, device: Any,
                          head: str = VALUE_HEAD) -> PairScore:
     """A reward model's result on tokenised pairs (eval mode, no gradients); ``head`` as in ``scoring``."""
-    from rlhf_cli.reward_model.scoring import pad_id_of, score_ids
+    from rlhf_cli.models.reward_scoring import pad_id_of, score_ids
 
     was_training = model.training
     model.eval()

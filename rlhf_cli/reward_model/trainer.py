@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from rlhf_cli.data.preferences import PreferencePairs
 from rlhf_cli.ppo.guard import check_update, gradient_norm
 from rlhf_cli.reward_model.bradley_terry import bradley_terry_loss, pair_correct, pair_losses, pair_weights
-from rlhf_cli.reward_model.scoring import VALUE_HEAD, pad_id_of, padded_batch, sequence_scores
+from rlhf_cli.models.reward_scoring import VALUE_HEAD, pad_id_of, padded_batch, sequence_scores
 
 _ORDER_STREAM = 4  # NumPy stream of the pair order (independent of every other seeded draw)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rlhf_cli.config.schema import REWARD_SOURCE_TYPES as SOURCE_TYPES
-from rlhf_cli.config.schema import REWARD_TYPES
+from rlhf_cli.choices import REWARD_SOURCE_TYPES as SOURCE_TYPES
+from rlhf_cli.choices import REWARD_TYPES
 from rlhf_cli.errors import RewardError
 from rlhf_cli.rewards.base import RewardFunction, describe
 

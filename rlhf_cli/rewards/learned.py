@@ -1,6 +1,6 @@
 """A reward model written by ``rlhf reward`` as a reward source (``reward=learned reward.model=RUN``).
 
-It scores (prompt, response) exactly as it was trained to (``rlhf_cli.reward_model.scoring``: the same
+It scores (prompt, response) exactly as it was trained to (``rlhf_cli.models.reward_scoring``: the same
 text template and truncation, read from the model's ``reward_model.json``), and also answers the
 question a labelling tool asks, the Bradley–Terry probability that one response beats another.
 """
@@ -20,7 +20,7 @@ FINAL_DIR = "final"
 def reward_model_dir(path: str | Path) -> Path:
     """The ``final/`` directory of a ``rlhf reward`` run given the run directory or that ``final/``
     directory itself; a RewardError (one paragraph) for anything else."""
-    from rlhf_cli.reward_model.scoring import RULE_FILE
+    from rlhf_cli.models.reward_scoring import RULE_FILE
 
     given = Path(path).expanduser()
     for candidate in (given, given / FINAL_DIR):
@@ -49,8 +49,11 @@ class LearnedReward:
         import torch
         from transformers import AutoTokenizer
 
-        from rlhf_cli.reward_model.backbone import load_saved_reward_model
-        from rlhf_cli.reward_model.scoring import SEQUENCE_CLASSIFICATION, ScoringRule
+        from rlhf_cli.models.reward_scoring import (
+            SEQUENCE_CLASSIFICATION,
+            ScoringRule,
+            load_saved_reward_model,
+        )
 
         self.path = reward_model_dir(path)
         self.batch_size = int(batch_size)
@@ -75,7 +78,7 @@ class LearnedReward:
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Scores of whole texts (prompt + response already joined, or rendered by a chat template)."""
-        from rlhf_cli.reward_model.scoring import score_texts
+        from rlhf_cli.models.reward_scoring import score_texts
 
         return score_texts(self.model, self.tokenizer, texts, self.rule, batch_size=self.batch_size, device=self.device)
 

@@ -32,7 +32,24 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from rlhf_cli.errors import ConfigError
-from rlhf_cli.ppo.sharding import is_sharded, unsharded_root
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module (``rlhf_cli.ppo.sharding.shard_model`` makes them). Here, below
+    the engine, because generation asks it too."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def unsharded_root(model: nn.Module) -> Iterator[nn.Module]:
+    """An FSDP2 ``model`` with its root's own parameters gathered (embeddings, head), for ``generate``."""
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def zero_stage(accelerator: Accelerator) -> Optional[int]:

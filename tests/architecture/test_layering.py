@@ -1,6 +1,7 @@
 """The layering of rlhf_cli, read from the source: every arrow points one way.
 
-algo/ (pure math) <- ppo/ (the engine) <- trl/ (legacy TRL's surface) and the command line on top.
+algo/ (pure math) <- ppo/ (the engine) <- trl/ (legacy TRL's surface) and the command line on top;
+between packages, every import points down :data:`PACKAGE_ORDER` (docs/architecture.md draws it).
 Imports are collected from the syntax tree of every module, those inside functions included (a
 lazy import is still a dependency), except under ``if TYPE_CHECKING:``.
 """
@@ -121,8 +122,8 @@ def test_the_math_imports_nothing_of_rlhf_cli_but_itself():
     assert {m: d for m, d in outside.items() if d} == {}
 
 
-def test_the_names_module_and_the_settings_are_torch_free():
-    for module in ("rlhf_cli.algo.names", "rlhf_cli.ppo.settings"):
+def test_the_names_modules_and_the_settings_are_torch_free():
+    for module in ("rlhf_cli.algo.names", "rlhf_cli.choices", "rlhf_cli.ppo.settings"):
         assert GRAPH[module] <= {"rlhf_cli.algo.names"}, module
         imports = _imported_names(ast.parse(MODULES[module].read_text()), module, False)
         assert not any(name.split(".")[0] in {"torch", "transformers", "accelerate", "numpy"} for name in imports)
@@ -134,6 +135,62 @@ def test_the_math_and_the_engine_import_nothing_above_them(layer):
     above = ("rlhf_cli.trl", "rlhf_cli.core", "rlhf_cli.cli", "rlhf_cli.config", "rlhf_cli.engine")
     offending = {m: sorted(d for d in deps if any(_in(d, a) for a in above)) for m, deps in GRAPH.items() if _in(m, layer)}
     assert {m: d for m, d in offending.items() if d} == {}
+
+
+# The packages and top-level modules of rlhf_cli, bottom to top: each may import only those before it
+# (and itself). docs/architecture.md, "The layers", explains the order.
+PACKAGE_ORDER = (
+    # foundations: import nothing of rlhf_cli but each other
+    "rlhf_cli",  # the package's __init__: __version__; its public names are imported lazily, by name
+    "algo", "errors", "choices", "summary_stats", "seeding", "reporting", "hub", "assets",
+    # data and models, below the engine and the rewards alike
+    "data", "models", "rollout",
+    # the engine, then legacy TRL's surface on it
+    "ppo", "trl", "core",
+    # reward sources, then reward models trained from preferences (rlhf reward's library)
+    "rewards", "reward_model",
+    # the command line
+    "config", "engine", "label", "tools", "console", "cli_train", "cli", "__main__",
+)
+
+
+def _package(module: str) -> str:
+    """``rlhf_cli.ppo.engine`` -> ``ppo``; ``rlhf_cli.cli`` -> ``cli``; ``rlhf_cli`` -> ``rlhf_cli``."""
+    return module.split(".")[1] if "." in module else module
+
+
+def _back_arrows(graph: dict[str, set[str]]) -> list[str]:
+    """One line per import that points up (or sideways to an unplaced package) in PACKAGE_ORDER."""
+    rank = {name: i for i, name in enumerate(PACKAGE_ORDER)}
+    problems = []
+    for module, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            here, there = _package(module), _package(dep)
+            if here != there and rank.get(there, len(rank)) >= rank.get(here, -1):
+                problems.append(
+                    f"{module} imports {dep}, but {there} is not below {here} in PACKAGE_ORDER: move what it "
+                    f"needs down into {here} or a lower package (a re-export from the lower home keeps the old "
+                    f"import path), or, if {here} really sits above {there}, change PACKAGE_ORDER and "
+                    f"docs/architecture.md together"
+                )
+    return problems
+
+
+def test_every_package_has_a_place_in_the_order():
+    """A new package or top-level module must be placed in PACKAGE_ORDER (and the layers picture)."""
+    assert sorted({_package(m) for m in MODULES} - set(PACKAGE_ORDER)) == []
+    assert sorted(set(PACKAGE_ORDER) - {_package(m) for m in MODULES}) == []
+
+
+def test_between_packages_every_import_points_down():
+    """No package imports one above it: the package graph follows PACKAGE_ORDER, so it has no cycle."""
+    assert _back_arrows(GRAPH) == [], "\n".join(_back_arrows(GRAPH))
+
+
+def test_a_back_arrow_is_named_with_its_module_and_import():
+    """The check would catch an engine import in rollout/ (the arrow this order removed) and say where."""
+    (problem,) = _back_arrows({"rlhf_cli.rollout.unwrap": {"rlhf_cli.ppo.sharding", "rlhf_cli.errors"}})
+    assert problem.startswith("rlhf_cli.rollout.unwrap imports rlhf_cli.ppo.sharding, but ppo is not below rollout")
 
 
 def _modules_loaded_by(argv: list[str], cwd: Path) -> tuple[int, set[str]]:
