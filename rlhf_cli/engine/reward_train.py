@@ -35,7 +35,7 @@ from rlhf_cli.reporting import Reporter
 from rlhf_cli.reward_model.backbone import load_reward_backbone, save_sequence_classifier
 from rlhf_cli.reward_model.data import build_preference_data
 from rlhf_cli.reward_model.evaluate import PairScore, report_markdown, score_model_on_pairs, score_reward_on_pairs
-from rlhf_cli.reward_model.scoring import VALUE_HEAD, ScoringRule
+from rlhf_cli.models.reward_scoring import VALUE_HEAD, ScoringRule
 from rlhf_cli.reward_model.trainer import RewardModelTrainer
 from rlhf_cli.seeding import set_seed
 

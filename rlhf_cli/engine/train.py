@@ -23,18 +23,17 @@ from rlhf_cli.engine import checkpoint as ckpt
 from rlhf_cli.engine import sharded_state
 from rlhf_cli.engine.batches import PromptStream
 from rlhf_cli.engine.components import check_launch, launch_state, prompts_per_step, settings_and_launch, total_steps
-from rlhf_cli.engine.disk import guarded_write, truncate_to
 from rlhf_cli.engine.heldout import compare_on_heldout, generation_settings, write_report
 from rlhf_cli.engine.monitor import build_monitors, heldout_monitor_lines, monitor_scores, monitor_stats
 from rlhf_cli.engine.report import Comparison, plot_curves, summary_lines
 from rlhf_cli.engine.run_dir import shared_resolved_config
 from rlhf_cli.engine.run_lock import RunLock, job_lock
-from rlhf_cli.engine.saving import restore_checkpoint, resume_advice, save_checkpoint, save_final_model, write_outputs
+from rlhf_cli.engine.saving import append_metrics, restore_checkpoint, save_checkpoint, save_final_model, write_outputs
 from rlhf_cli.engine.signals import Preempted, StopRequest
 from rlhf_cli.engine.start_checks import check_run_start
 from rlhf_cli.engine.step_metrics import log_to_trackers, show_step, throughput
 from rlhf_cli.engine.together import agree, agreed, quiet_when_peer_died
-from rlhf_cli.reporting import Reporter, metrics_line
+from rlhf_cli.reporting import Reporter
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.stats import reward_stats
 from rlhf_cli.ppo.timing import PhaseTimer
@@ -267,16 +266,8 @@ class TrainingRun:
         # This process's own responses come first in rank order (queries repeat each prompt per response).
         rewards = all_scores[: len(texts)].tolist()
         log_to_trackers(self.trainer, stats, queries, texts, rewards)
-        self._write_metrics(step, stats)
+        append_metrics(self, step, stats)
         show_step(self.reporter, self.cfg.logging, step, stats, queries, texts, rewards)
-
-    def _write_metrics(self, step: int, stats: dict[str, Any]) -> None:
-        path = self.run_dir.metrics_path
-        line = metrics_line(step, stats)
-        size = path.stat().st_size if path.exists() else 0
-        with guarded_write(path, "metrics.jsonl", needed=len(line.encode()), undo=truncate_to(path, size),
-                           advice=lambda: resume_advice(self)):
-            self.metrics.append(line)
 
     def finish(self) -> RunSummary:
         """Save ``final/``, print the before/after table, write report.md and curves.png (main process)."""
