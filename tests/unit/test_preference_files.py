@@ -101,3 +101,19 @@ def test_conversational_rows_from_parquet_and_json(tmp_path, tokenizer, suffix):
     assert _as_tuple(got) == _as_tuple(expected)
     chosen = sorted(expected.train.chosen_ids + expected.heldout.chosen_ids)
     assert chosen == sorted(_ids(tokenizer, f"user : {r['prompt']} . assistant : {r['chosen'].strip()} .") for r in EXPLICIT)
+
+
+def test_csv_texts_stay_text_when_they_look_like_numbers_or_missing_values(tmp_path, tokenizer):
+    """A csv reader left to itself turns '' and 'NA' / 'None' / 'null' into missing values and ' 10' into
+    the number 10 (its space gone); a preference text is text whatever it holds. An empty margin or tie
+    cell is still 'no value', as a null in jsonl."""
+    rows = [
+        {"prompt": "", "chosen": "good", "rejected": "bad", "margin": "", "tie": ""},
+        {"prompt": "rate it", "chosen": " 10", "rejected": " 1", "margin": 1.5, "tie": True},
+        {"prompt": "None", "chosen": " NA", "rejected": " null", "margin": "", "tie": False},
+    ]
+    as_json = [{k: (None if v == "" and k in ("margin", "tie") else v) for k, v in row.items()} for row in rows]
+    expected = _data(_write(tmp_path / "pairs.jsonl", as_json), tokenizer)
+    got = _data(_write(tmp_path / "pairs.csv", rows), tokenizer)
+    assert _as_tuple(got) == _as_tuple(expected)
+    assert sorted(got.train.margins + got.heldout.margins) == [0.0, 0.0, 1.5]
