@@ -113,13 +113,23 @@ def _read_files(cfg: Any) -> "datasets.Dataset":
 
     key = f"{DATA_KEY}.data_files"
     wanted = [c for c in (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column, cfg.margin_column, cfg.tie_column) if c]
-    tables = [read_data_files([path], key=key) for path in _expand_data_files(list(cfg.data_files), key)]
+    csv_options = _csv_options(cfg)
+    tables = [read_data_files([path], key=key, csv_options=csv_options) for path in _expand_data_files(list(cfg.data_files), key)]
     if len(tables) == 1:
         return tables[0]
     present = [c for c in dict.fromkeys(c for t in tables for c in t.column_names)]
     columns = [c for c in present if c in wanted] or present  # no pair column at all: keep all, to name them
     rows = [{c: row.get(c) for c in columns} for table in tables for row in table]
     return datasets.Dataset.from_list(rows)
+
+
+def _csv_options(cfg: Any) -> dict:
+    """pandas ``read_csv`` settings that keep the text columns text: left to itself it reads '', 'NA',
+    'None', 'null' as missing values and ' 10' as the number 10 (space lost), and a pair would then be
+    refused, or scored on other text. Only an empty margin or tie cell is a missing value."""
+    texts = [c for c in (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column) if c]
+    optional = [c for c in (cfg.margin_column, cfg.tie_column) if c]
+    return {"converters": {c: str for c in texts}, "keep_default_na": False, "na_values": {c: [""] for c in optional}}
 
 
 def _require_column(table: "datasets.Dataset", column: str, key: str) -> None:

@@ -214,15 +214,17 @@ def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
     return read_data_files(list(cfg.data_files))
 
 
-def read_data_files(patterns: list[str], key: str = "dataset.data_files") -> "datasets.Dataset":
+def read_data_files(patterns: list[str], key: str = "dataset.data_files", *, csv_options: dict | None = None) -> "datasets.Dataset":
     """The rows of every file ``patterns`` names (one format), as one Dataset; ``key`` is the config key
-    the messages name. Missing, empty, mixed-format and malformed files are a DataError."""
+    the messages name. ``csv_options``: extra pandas ``read_csv`` settings, used when the files are csv.
+    Missing, empty, mixed-format and malformed files are a DataError."""
     import datasets
 
     paths, builder = checked_data_files(patterns, key)
+    options = dict(csv_options or {}) if builder == "csv" else {}
     try:
         with datasets_quiet(errors=True):  # no "Generating train split" bar for a local read
-            return datasets.load_dataset(builder, data_files=paths, split="train")
+            return datasets.load_dataset(builder, data_files=paths, split="train", **options)
     except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
         bad_line = _first_bad_json_line(paths) if builder == "json" else None
         if bad_line is not None:
