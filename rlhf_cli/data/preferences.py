@@ -124,12 +124,11 @@ def _read_files(cfg: Any) -> "datasets.Dataset":
 
 
 def _csv_options(cfg: Any) -> dict:
-    """pandas ``read_csv`` settings that keep the text columns text: left to itself it reads '', 'NA',
-    'None', 'null' as missing values and ' 10' as the number 10 (space lost), and a pair would then be
-    refused, or scored on other text. Only an empty margin or tie cell is a missing value."""
+    """A pair's text columns read as text; only an empty margin or tie cell is a missing value."""
+    from rlhf_cli.data.sources import text_csv_options
+
     texts = [c for c in (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column) if c]
-    optional = [c for c in (cfg.margin_column, cfg.tie_column) if c]
-    return {"converters": {c: str for c in texts}, "keep_default_na": False, "na_values": {c: [""] for c in optional}}
+    return text_csv_options(texts, optional=[c for c in (cfg.margin_column, cfg.tie_column) if c])
 
 
 def _require_column(table: "datasets.Dataset", column: str, key: str) -> None:

@@ -211,7 +211,15 @@ def _load_files(cfg: Any, split: str) -> "datasets.Dataset":
             f"'{split}'. Leave dataset.split=train and dataset.eval_split=null; held-out prompts are "
             f"then split off with dataset.eval_size."
         )
-    return read_data_files(list(cfg.data_files))
+    return read_data_files(list(cfg.data_files), csv_options=text_csv_options([cfg.text_column]))
+
+
+def text_csv_options(texts: list[str], optional: tuple[str, ...] | list[str] = ()) -> dict:
+    """pandas ``read_csv`` settings that keep the ``texts`` columns text: left to itself it reads '',
+    'NA', 'None', 'null' as missing values and ' 10' as the number 10 (space lost), so a prompt or a
+    pair would be dropped, refused, or scored on other text. Only an empty cell of an ``optional``
+    (numeric) column is a missing value."""
+    return {"converters": {c: str for c in texts}, "keep_default_na": False, "na_values": {c: [""] for c in optional}}
 
 
 def read_data_files(patterns: list[str], key: str = "dataset.data_files", *, csv_options: dict | None = None) -> "datasets.Dataset":

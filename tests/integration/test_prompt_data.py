@@ -308,3 +308,16 @@ def test_empty_after_filtering_says_where_rows_went(tmp_path, numbered_tokenizer
 def test_bad_prompt_length_range(low, high):
     with pytest.raises(DataError, match=rf"dataset\.prompt_min_tokens={low} and dataset\.prompt_max_tokens={high} must satisfy 1 <="):
         build_prompt_data(dataset_cfg(prompt_min_tokens=low, prompt_max_tokens=high), None, seed=0)
+
+
+def test_csv_prompts_are_read_as_text(tmp_path):
+    """A csv prompt that pandas would take for a missing value ('NA', 'None', 'null') or a number
+    (' 10 out of' stays text only beside other text; '2001' alone would be an int) is kept as written."""
+    from types import SimpleNamespace
+
+    from rlhf_cli.data.sources import load_text_dataset
+
+    path = tmp_path / "p.csv"
+    path.write_text("text,n\nNA,1\nNone,2\nnull,3\n 2001,4\n")
+    rows = load_text_dataset(SimpleNamespace(source="files", data_files=[str(path)], text_column="text", split="train"))["text"]
+    assert rows == ["NA", "None", "null", " 2001"]
