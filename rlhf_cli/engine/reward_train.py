@@ -27,9 +27,9 @@ from rlhf_cli.engine.export import save_final
 from rlhf_cli.engine.report import plot_curves
 from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.run_lock import RunLock, job_lock
+from rlhf_cli.engine.run_loop import LoopControl, drive
 from rlhf_cli.engine.saving import append_metrics, checkpoint_bytes, parameter_bytes, resume_advice, write_checkpoint, write_outputs
-from rlhf_cli.engine.signals import Preempted, StopRequest
-from rlhf_cli.engine.together import agree, agreed
+from rlhf_cli.engine.together import agreed
 from rlhf_cli.errors import ConfigError, DataError
 from rlhf_cli.reporting import Reporter
 from rlhf_cli.reward_model.backbone import load_reward_backbone, save_sequence_classifier
@@ -54,7 +54,7 @@ class RewardRunSummary:
     results: list[PairScore] = field(default_factory=list)
 
 
-class RewardTrainingRun:
+class RewardTrainingRun(LoopControl):
     """One ``rlhf reward`` run, built in an order that writes nothing until it has started."""
 
     def __init__(self, cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = None) -> None:
@@ -181,16 +181,6 @@ class RewardTrainingRun:
                 loop=self.loop, num_processes=state.num_processes),
         )
 
-    def checkpoint_due(self) -> bool:
-        every = int(self.cfg.checkpoint.every)
-        return every > 0 and self.loop.step % every == 0
-
-    def stop_requested(self, request: StopRequest) -> bool:
-        """Whether any process received a stop signal; raises on every process if the main one could
-        not write this step's metrics line (one tiny all-reduce when distributed, for both)."""
-        failed, self.log_error = self.log_error, None
-        return agree(self.state, failed, request.received is not None)
-
     def _evaluate_model(self, name: str) -> PairScore:
         return score_model_on_pairs(name, self.trainer.unwrapped_model, self.tokenizer, self.data.heldout,
                                     batch_size=int(self.cfg.eval.batch_size), device=self.trainer.accelerator.device,
@@ -237,21 +227,4 @@ class RewardTrainingRun:
 
 def run_reward_training(cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = None) -> RewardRunSummary:
     """Run (or continue) a ``rlhf reward`` job; SIGTERM/SIGINT checkpoint and raise :class:`Preempted`."""
-    run = RewardTrainingRun(cfg, on_start)
-    try:
-        with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
-            while run.loop.step < run.steps:
-                run.train_step()
-                stopping = run.stop_requested(stop)  # before the checkpoint: none after a lost metrics line
-                saved = run.save_checkpoint() if run.checkpoint_due() or stopping else None
-                if stopping:
-                    error = Preempted(
-                        f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of "
-                        f"{run.steps} and wrote the checkpoint {saved}. Continue it with the same command plus "
-                        f"`checkpoint.resume=auto output_dir={run.run_dir.root}`."
-                    )
-                    error.quiet = not run.state.is_main_process  # every process stops; the main one says so
-                    raise error
-        return run.finish()
-    finally:
-        run.lock.release()
+    return drive(RewardTrainingRun(cfg, on_start))

@@ -28,11 +28,11 @@ from rlhf_cli.engine.monitor import build_monitors, heldout_monitor_lines, monit
 from rlhf_cli.engine.report import Comparison, plot_curves, summary_lines
 from rlhf_cli.engine.run_dir import shared_resolved_config
 from rlhf_cli.engine.run_lock import RunLock, job_lock
+from rlhf_cli.engine.run_loop import LoopControl, drive
 from rlhf_cli.engine.saving import append_metrics, restore_checkpoint, save_checkpoint, save_final_model, write_outputs
-from rlhf_cli.engine.signals import Preempted, StopRequest
 from rlhf_cli.engine.start_checks import check_run_start
 from rlhf_cli.engine.step_metrics import log_to_trackers, show_step, throughput
-from rlhf_cli.engine.together import agree, agreed, quiet_when_peer_died
+from rlhf_cli.engine.together import agreed, quiet_when_peer_died
 from rlhf_cli.reporting import Reporter
 from rlhf_cli.models import load_policy_and_tokenizer
 from rlhf_cli.ppo.stats import reward_stats
@@ -72,7 +72,7 @@ class _EngineTrainer(PPOEngine):
     start_trackers_on_init = False
 
 
-class TrainingRun:
+class TrainingRun(LoopControl):
     """One run: its parts are built once, then :meth:`train_step` is called ``steps`` times."""
 
     def __init__(self, cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = None) -> None:
@@ -180,16 +180,6 @@ class TrainingRun:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` (see :func:`rlhf_cli.engine.saving.save_checkpoint`)."""
         return save_checkpoint(self)
-
-    def checkpoint_due(self) -> bool:
-        every = int(self.cfg.checkpoint.every)
-        return every > 0 and self.loop.step % every == 0
-
-    def stop_requested(self, request: StopRequest) -> bool:
-        """Whether any process received a stop signal; raises on every process if the main one could
-        not write this step's metrics line (one tiny all-reduce when distributed, for both)."""
-        failed, self.log_error = self.log_error, None
-        return agree(self.state, failed, request.received is not None)
 
     def _budgets(self, n: int) -> list[int]:
         """``n`` response-length budgets, uniform in [response_min_tokens, response_max_tokens]."""
@@ -324,24 +314,4 @@ def run_training(cfg: DictConfig, on_start: Optional[Callable[[Path], None]] = N
     ``on_start(run_dir)`` is called once the run has really started (see :class:`TrainingRun`).
     SIGTERM/SIGINT finish the current step, write a checkpoint and raise :class:`Preempted`.
     """
-    run = TrainingRun(cfg, on_start)
-    try:
-        with run.reporter, StopRequest(announce=run.state.is_main_process) as stop:
-            while run.loop.step < run.steps:
-                run.train_step()
-                stopping = run.stop_requested(stop)  # before the checkpoint: none after a lost metrics line
-                saved = run.save_checkpoint() if run.checkpoint_due() or stopping else None
-                if stopping:
-                    raise _preempted(run, stop, saved)
-        return run.finish()
-    finally:
-        run.lock.release()
-
-
-def _preempted(run: TrainingRun, stop: StopRequest, saved: Optional[Path]) -> Preempted:
-    error = Preempted(
-        f"{stop.name or 'a stop signal'} received; the run stopped after step {run.loop.step} of {run.steps} and wrote "
-        f"the checkpoint {saved}. Continue it with the same command plus `checkpoint.resume=auto output_dir={run.run_dir.root}`."
-    )
-    error.quiet = not run.state.is_main_process  # every process stops; the main one says so
-    return error
+    return drive(TrainingRun(cfg, on_start))
