@@ -29,7 +29,7 @@ from rlhf_cli.engine.run_dir import RunDirectory, shared_resolved_config
 from rlhf_cli.engine.run_lock import RunLock, job_lock
 from rlhf_cli.engine.run_loop import LoopControl, drive
 from rlhf_cli.engine.saving import append_metrics, checkpoint_bytes, parameter_bytes, resume_advice, write_checkpoint, write_outputs
-from rlhf_cli.engine.together import agreed
+from rlhf_cli.engine.together import agreed, quiet_when_peer_died
 from rlhf_cli.errors import ConfigError, DataError
 from rlhf_cli.reporting import Reporter
 from rlhf_cli.reward_model.backbone import load_reward_backbone, save_sequence_classifier
@@ -147,7 +147,8 @@ class RewardTrainingRun(LoopControl):
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
-        stats = self.trainer.step(self.loop.epoch, self.loop.batch_in_epoch)
+        # A peer that died inside the step's collectives: this process stops quietly (the peer says why).
+        stats = quiet_when_peer_died(self.state, lambda: self.trainer.step(self.loop.epoch, self.loop.batch_in_epoch))
         seconds = time.perf_counter() - started
         stats.update({"time/step": seconds, "perf/pairs_per_s": int(self.cfg.optim.batch_size) / seconds})
         self.loop.step += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,3 +158,23 @@ def test_two_processes_match_one(tmp_path):
                        rtol=ADAM_RTOL, what="1 vs 2 processes")
     losses = [[row["train/loss"] for row in _metrics(tmp_path / name)] for name in ("one", "two")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # the logged loss covers both processes' pairs
+
+
+def test_a_failure_on_rank_0_at_the_end_stops_both_processes_with_one_message(tmp_path):
+    """The main process alone scores the baselines at the end; one that raises there stops the other
+    process too (the end is agreed on), with the message printed once and no rank left at a barrier."""
+    (tmp_path / "judge_25.py").write_text("def score(prompts, responses):\n    raise ValueError('the judge broke')\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(tmp_path)) if p)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    done = subprocess.run([str(accelerate), *LAUNCH, "-m", "rlhf_cli", "reward", "+recipe=rm_smoke", "output_dir=run",
+                           "optim.steps=2", "eval.baselines=[{type: callable, function: judge_25:score}]"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # a hang would time out
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert output.count("the judge broke") == 1, output[-4000:]
+    # No traceback from our code on either rank (the launcher prints its own summary of the exit codes).
+    assert "rlhf_cli/" not in output and "Connection closed by peer" not in output, output[-4000:]
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)
+    assert codes and set(codes) <= {"2", "-15"} and "2" in codes, codes  # a usage error, never 1 (unhandled)
+    assert not (tmp_path / "run" / ".rlhf.lock").exists() and (tmp_path / "run" / "final").is_dir()
