@@ -21,6 +21,7 @@ from rlhf_cli.errors import ConfigError, ModelLoadError
 from rlhf_cli.hub import check_loadable, hub_failure_message
 from rlhf_cli.models.dropout import disable_dropout as disable_dropout_in
 from rlhf_cli.models.gguf import resolve_gguf
+from rlhf_cli.models.model_facts import dtype_kwargs
 from rlhf_cli.models.value_head import (
     AutoModelForCausalLMWithValueHead,
     AutoModelForSeq2SeqLMWithValueHead,
@@ -204,7 +205,7 @@ def _load_pretrained_policy(model_cfg: "ModelConfig") -> PreTrainedModelWrapper:
             f"Set model.kind={actual_kind}."
         )
     policy_class = _POLICY_CLASSES[model_cfg.kind]
-    return policy_class.from_pretrained(name, config=config, dtype=_DTYPES[model_cfg.dtype], **hub_kwargs)
+    return policy_class.from_pretrained(name, config=config, **dtype_kwargs(_DTYPES[model_cfg.dtype]), **hub_kwargs)
 
 
 def _load_review_gpt2(model_cfg: "ModelConfig") -> PreTrainedModelWrapper:
@@ -219,7 +220,7 @@ def _load_review_gpt2(model_cfg: "ModelConfig") -> PreTrainedModelWrapper:
     # every run and on every rank, and the run's global generator is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return AutoModelForCausalLMWithValueHead.from_pretrained(str(review_gpt2_dir()), dtype=_DTYPES[model_cfg.dtype])
+        return AutoModelForCausalLMWithValueHead.from_pretrained(str(review_gpt2_dir()), **dtype_kwargs(_DTYPES[model_cfg.dtype]))
 
 
 def _build_tiny_gpt2(model_cfg: "ModelConfig", tokenizer: PreTrainedTokenizerBase) -> PreTrainedModelWrapper:

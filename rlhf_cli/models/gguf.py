@@ -167,6 +167,7 @@ def convert_gguf(path: Path, dtype: str, target: Path, *, sha256: str) -> None:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from rlhf_cli.models.model_facts import dtype_kwargs
     from rlhf_cli.models.value_head import is_seq2seq_config
 
     stored = conversion_dtype(dtype)
@@ -176,7 +177,7 @@ def convert_gguf(path: Path, dtype: str, target: Path, *, sha256: str) -> None:
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
         model_class = AutoModelForSeq2SeqLM if is_seq2seq_config(config) else AutoModelForCausalLM
         model = model_class.from_pretrained(
-            directory, gguf_file=name, config=config, dtype=getattr(torch, stored), **_dense_loading_kwargs()
+            directory, gguf_file=name, config=config, **dtype_kwargs(getattr(torch, stored)), **_dense_loading_kwargs()
         )
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as err:  # an architecture or tokenizer the reader rejects

@@ -15,6 +15,15 @@ from rlhf_cli.errors import ModelLoadError
 from rlhf_cli.hub import check_loadable
 
 
+def dtype_kwargs(dtype: torch.dtype | str) -> dict[str, torch.dtype | str]:
+    """``from_pretrained``'s keyword for the weights' dtype: ``dtype`` since transformers 4.56 (which
+    warns on the old name), ``torch_dtype`` before it (transformers 4.46 is our floor)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 def is_seq2seq_config(config: PretrainedConfig) -> bool:
     """Whether ``config`` describes an encoder-decoder model (T5, BART) rather than a decoder-only one."""
     return bool(config.is_encoder_decoder)

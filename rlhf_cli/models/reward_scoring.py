@@ -189,10 +189,12 @@ def pad_id_of(tokenizer: Any) -> int:
 
 def load_saved_reward_model(path: Path, head: str) -> torch.nn.Module:
     """A reward model's ``final/`` directory as ``head`` says, in float32 (load errors are the caller's to word)."""
+    from rlhf_cli.models.model_facts import dtype_kwargs
+
     if head == VALUE_HEAD:
         from rlhf_cli.models.value_head import AutoModelForCausalLMWithValueHead
 
-        return AutoModelForCausalLMWithValueHead.from_pretrained(str(path), dtype=torch.float32)
+        return AutoModelForCausalLMWithValueHead.from_pretrained(str(path), **dtype_kwargs(torch.float32))
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(str(path), **dtype_kwargs(torch.float32))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rlhf_cli.errors import ConfigError, ModelLoadError
+from rlhf_cli.models.model_facts import dtype_kwargs
 from rlhf_cli.models.reward_scoring import SEQUENCE_CLASSIFICATION, VALUE_HEAD
 
 _ENCODER_PRETRAINING = ("ForMaskedLM", "ForPreTraining")
@@ -116,13 +117,16 @@ def fuse_tanh_gelu(model: torch.nn.Module) -> None:
     fused op keeps its input only: on the review GPT-2 at 32 texts x 20 tokens, ~60 MiB less peak memory
     per step and a faster step. The two agree to float rounding (~1e-7 relative).
     """
-    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, activations
+    from transformers.activations import FastGELUActivation, NewGELUActivation
+
+    # The fused op's class: GELUTanh since transformers 4.48, PytorchGELUTanh before (4.46 is our floor).
+    fused_gelu = getattr(activations, "GELUTanh", None) or activations.PytorchGELUTanh
 
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, (NewGELUActivation, FastGELUActivation)):
-                setattr(module, name, GELUTanh())
+                setattr(module, name, fused_gelu())
         config = getattr(module, "config", None)
         if isinstance(config, PretrainedConfig):
             for key in ("activation_function", "hidden_act"):
@@ -150,7 +154,7 @@ def _load_classifier(model_cfg: Any, config: Any, tokenizer: Any) -> tuple[torch
     transformers_logging.set_verbosity_error()  # its table of new head weights: the notice above says it in a line
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_cfg.name_or_path), config=config, dtype=dtype, revision=model_cfg.revision,
+            str(model_cfg.name_or_path), config=config, **dtype_kwargs(dtype), revision=model_cfg.revision,
             trust_remote_code=model_cfg.trust_remote_code, ignore_mismatched_sizes=bool(notices),
         )
     finally:

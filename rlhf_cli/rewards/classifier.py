@@ -101,11 +101,13 @@ def _load(name: str, prefix: str) -> tuple:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from rlhf_cli.models.model_facts import dtype_kwargs
+
     config_key = f"{prefix}.model"
     check_loadable(name, what="reward classifier", config_key=config_key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(name, **dtype_kwargs(torch.float32))
     except (OSError, ValueError) as err:
         raise ModelLoadError(hub_failure_message(name, what="reward classifier", config_key=config_key, error=err)) from err
     if tokenizer.pad_token is None:

@@ -222,6 +222,10 @@ def _save(model, tokenizer, out: Path, summary: dict) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.half().save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    # transformers 5 names its fast-tokenizer class TokenizersBackend, which 4.x (our floor) lacks; the
+    # old name loads the same tokenizer under both.
+    tokenizer_config = out / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
